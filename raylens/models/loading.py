@@ -1,0 +1,133 @@
+"""Load a Hugging Face model and tokenizer from a built-in name, a local folder or a hub id."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from raylens.models.builtins import BUILTIN_MODELS, builtin_model_path
+
+log = logging.getLogger(__name__)
+
+Task = Literal["causal_lm", "sequence_classification", "base"]
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model, its tokenizer and its task.
+
+    Attributes:
+        model: the ``transformers`` model, in eval mode, gradients off for its parameters.
+        tokenizer: its (fast) tokenizer; has a pad token.
+        task: ``"causal_lm"`` (next-token logits ``(n_samples, n_tokens, vocab)``),
+            ``"sequence_classification"`` (class logits ``(n_samples, n_classes)``) or ``"base"``
+            (an encoder or decoder without a head: no output to explain).
+        source: the name, folder or hub id it was loaded from.
+    """
+
+    model: Any
+    tokenizer: Any
+    task: Task
+    source: str
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the input embeddings (where inputs must go)."""
+        return self.model.get_input_embeddings().weight.device
+
+
+def resolve_model_source(name_or_path: str) -> str:
+    """Map a built-in name to its cached folder; leave folders and hub ids as they are."""
+    if name_or_path in BUILTIN_MODELS:
+        return str(builtin_model_path(name_or_path))
+    return name_or_path
+
+
+def detect_task(config: Any) -> Task:
+    """The task of a model from its config: the ``architectures`` head it was saved with."""
+    archs = list(getattr(config, "architectures", None) or [])
+    if any(a.endswith("ForCausalLM") for a in archs):
+        return "causal_lm"
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        return "sequence_classification"
+    return "base"
+
+
+def load_model(
+    name_or_path: str,
+    *,
+    task: Task | None = None,
+    dtype: str = "float32",
+    device: str | None = None,
+    device_map: str | dict | None = None,
+) -> LoadedModel:
+    """Load a model and tokenizer for explanation.
+
+    Args:
+        name_or_path: a built-in name (see :data:`raylens.models.builtins.BUILTIN_MODELS`, e.g.
+            ``"smollm2-135m"``), a local folder in Hugging Face layout, or a hub id.
+        task: force the task; by default it is read from the config's ``architectures``.
+        dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"`` (weights and activations).
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; default CUDA when available. Ignored
+            when ``device_map`` is given.
+        device_map: passed to ``from_pretrained`` (e.g. ``"auto"``) to shard one model over
+            several GPUs with accelerate.
+
+    Returns:
+        A :class:`LoadedModel` in eval mode with frozen parameters.
+
+    Raises:
+        ValueError: unknown ``dtype`` or ``task``.
+        FileNotFoundError: the model is neither a built-in, a local folder, nor reachable on the hub.
+    """
+    from transformers import (
+        AutoConfig,
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    source = resolve_model_source(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        where = "local folder" if Path(source).exists() else "Hugging Face hub id"
+        raise FileNotFoundError(
+            f"cannot load model {name_or_path!r}: not a built-in ({sorted(BUILTIN_MODELS)}), "
+            f"and loading it as a {where} failed: {exc}"
+        ) from exc
+    task = task or detect_task(config)
+    classes = {
+        "causal_lm": AutoModelForCausalLM,
+        "sequence_classification": AutoModelForSequenceClassification,
+        "base": AutoModel,
+    }
+    if task not in classes:
+        raise ValueError(f"task must be one of {sorted(classes)}, got {task!r}")
+    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype]}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    model = classes[task].from_pretrained(source, **kwargs)
+    if device_map is None:
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    log.info("loaded %s (%s, task=%s, dtype=%s)", name_or_path, type(model).__name__, task, dtype)
+    return LoadedModel(model=model, tokenizer=tokenizer, task=task, source=name_or_path)

@@ -1,0 +1,152 @@
+"""One output URI per job: named shards, atomic writes, ``_SUCCESS`` markers, resume.
+
+Layout under the output URI (a local path or any pyarrow filesystem URI such as ``s3://``)::
+
+    config.json                     the resolved job config
+    documents/shard-00000.parquet   corpus rows (doc_id, text, label) of shard 0
+    activations/shard-00000.parquet activations of shard 0 (schema in raylens.io.schemas)
+    activations/_success/shard-00000.json   marker: written last, holds the row count
+    concept_model/                  model.safetensors + config.json
+    concepts/*.parquet              per-concept tables; report.html
+
+A shard file is written to a temporary name and moved into place, then its marker is
+written; a reader trusts only marked shards, and a rerun skips them, so a crash or a
+killed worker never leaves a half shard or a duplicate row. pyarrow's dataset readers
+ignore names starting with ``_`` or ``.``, so markers and temporaries never leak into reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+
+def shard_name(index: int) -> str:
+    """Deterministic shard id: ``shard-00042``."""
+    return f"shard-{index:05d}"
+
+
+class OutputStore:
+    """Reads and writes a job's artifacts under one output URI.
+
+    Args:
+        uri: a local folder (created if missing) or a pyarrow filesystem URI.
+    """
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        if "://" in uri:
+            self.fs, self.root = pafs.FileSystem.from_uri(uri)
+        else:
+            self.fs, self.root = pafs.LocalFileSystem(), os.path.abspath(uri)
+        self.fs.create_dir(self.root, recursive=True)
+
+    def __reduce__(self):  # picklable for Ray: rebuild from the URI
+        return (OutputStore, (self.uri,))
+
+    def path(self, *parts: str) -> str:
+        """Filesystem path of ``parts`` under the root."""
+        return posixpath.join(self.root, *parts)
+
+    def local_path(self, *parts: str) -> Path | None:
+        """A local ``Path`` when the store is on the local filesystem, else ``None``."""
+        return Path(self.path(*parts)) if isinstance(self.fs, pafs.LocalFileSystem) else None
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
+
+    # ---- tables -----------------------------------------------------------------
+    def write_table(self, rel: str, table: pa.Table, *, compression: str = "zstd") -> None:
+        """Write ``table`` to ``rel`` atomically (temporary name, then move)."""
+        final = self.path(rel)
+        self.fs.create_dir(posixpath.dirname(final), recursive=True)
+        tmp = posixpath.join(posixpath.dirname(final), f".tmp-{uuid.uuid4().hex}-{posixpath.basename(final)}")
+        pq.write_table(table, tmp, filesystem=self.fs, compression=compression)
+        self.fs.move(tmp, final)
+
+    def read_table(self, rel: str, columns: list[str] | None = None) -> pa.Table:
+        return pq.read_table(self.path(rel), filesystem=self.fs, columns=columns)
+
+    # ---- json / text ------------------------------------------------------------
+    def write_json(self, rel: str, obj) -> None:
+        self.write_bytes(rel, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+    def read_json(self, rel: str):
+        with self.fs.open_input_stream(self.path(rel)) as fh:
+            return json.loads(fh.read().decode())
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        final = self.path(rel)
+        self.fs.create_dir(posixpath.dirname(final), recursive=True)
+        tmp = posixpath.join(posixpath.dirname(final), f".tmp-{uuid.uuid4().hex}")
+        with self.fs.open_output_stream(tmp) as fh:
+            fh.write(data)
+        self.fs.move(tmp, final)
+
+    # ---- shards -----------------------------------------------------------------
+    def marker(self, kind: str, shard: str) -> str:
+        return posixpath.join(kind, "_success", f"{shard}.json")
+
+    def is_done(self, kind: str, shard: str) -> bool:
+        """True when ``kind/shard`` was fully written (its marker exists)."""
+        return self.exists(self.marker(kind, shard))
+
+    def write_shard(self, kind: str, shard: str, table: pa.Table, meta: dict | None = None) -> None:
+        """Write one shard atomically, then its ``_SUCCESS`` marker (with ``n_rows`` and ``meta``)."""
+        self.write_table(posixpath.join(kind, f"{shard}.parquet"), table)
+        self.write_json(self.marker(kind, shard), {"n_rows": table.num_rows, **(meta or {})})
+
+    def done_shards(self, kind: str) -> list[str]:
+        """Sorted ids of the marked (finished) shards of ``kind``."""
+        sel = pafs.FileSelector(self.path(kind, "_success"), allow_not_found=True)
+        names = [posixpath.basename(i.path) for i in self.fs.get_file_info(sel)]
+        return sorted(n[: -len(".json")] for n in names if n.endswith(".json") and not n.startswith("."))
+
+    def shard_meta(self, kind: str, shard: str) -> dict:
+        return self.read_json(self.marker(kind, shard))
+
+    def shard_paths(self, kind: str) -> list[str]:
+        """Filesystem paths of the finished shard files of ``kind`` (unfinished ones excluded)."""
+        return [self.path(kind, f"{s}.parquet") for s in self.done_shards(kind)]
+
+    def iter_shard_batches(
+        self, kind: str, *, columns: list[str] | None = None, batch_rows: int = 4096
+    ) -> Iterator[pa.RecordBatch]:
+        """Stream record batches over the finished shards of ``kind``, in shard order."""
+        for p in self.shard_paths(kind):
+            pf = pq.ParquetFile(p, filesystem=self.fs)
+            yield from pf.iter_batches(batch_size=batch_rows, columns=columns)
+
+    # ---- folders (concept model) ------------------------------------------------
+    def upload_dir(self, local: str | os.PathLike, rel: str) -> None:
+        """Copy a local folder to ``rel`` (replacing files of the same name)."""
+        dest = self.path(rel)
+        self.fs.create_dir(dest, recursive=True)
+        pafs.copy_files(str(local), dest, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
+
+    def download_dir(self, rel: str) -> Path:
+        """A local folder with the content of ``rel`` (the folder itself when local)."""
+        local = self.local_path(rel)
+        if local is not None:
+            return local
+        tmp = Path(tempfile.mkdtemp(prefix="raylens-"))
+        pafs.copy_files(self.path(rel), str(tmp), source_filesystem=self.fs,
+                        destination_filesystem=pafs.LocalFileSystem())
+        return tmp
+
+    def remove(self, rel: str) -> None:
+        info = self.fs.get_file_info(self.path(rel))
+        if info.type == pafs.FileType.Directory:
+            self.fs.delete_dir(self.path(rel))
+        elif info.type == pafs.FileType.File:
+            self.fs.delete_file(self.path(rel))
+

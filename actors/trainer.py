@@ -1,0 +1,79 @@
+"""The concept-trainer actor: fits the concept model from the activation shards (streamed,
+never all in RAM), saves it, measures it, and finds each concept's top activating inputs.
+
+A thin shell around ``raylens.concepts``; runs on a GPU when one is given to it.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+
+import pyarrow as pa
+import torch
+
+from raylens.concepts.interpret import top_activating, top_examples_table
+from raylens.concepts.metrics import reconstruction_metrics
+from raylens.concepts.models import build_concept_model, load_concept_model
+from raylens.config import ConceptJobConfig
+from raylens.io.readers import ActivationStream
+from raylens.io.store import OutputStore
+
+log = logging.getLogger(__name__)
+
+
+class ConceptTrainer:
+    """Args: config: the job config as a dict."""
+
+    def __init__(self, config: dict):
+        self.cfg = ConceptJobConfig.model_validate(config)
+        self.store = OutputStore(self.cfg.output_uri)
+        self.device = "cuda" if self.cfg.resources.trainer_gpus > 0 and torch.cuda.is_available() else "cpu"
+        torch.set_num_threads(max(1, int(self.cfg.resources.cpus_per_worker)))
+
+    def _stream(self, split: str, shuffle: bool) -> ActivationStream:
+        c = self.cfg.concepts
+        return ActivationStream(self.store, split=split, heldout_fraction=c.heldout_fraction,
+                                batch_rows=c.batch_rows, shuffle_buffer=16 * c.batch_rows if shuffle else 0,
+                                seed=self.cfg.seed)
+
+    def fit(self, d_model: int) -> dict:
+        """Fit, save to ``concept_model/`` and write ``concepts/metrics.parquet``; returns the metrics."""
+        c = self.cfg.concepts
+        params = {"seed": self.cfg.seed, "device": self.device, **c.params}
+        model = build_concept_model(c.method, nb_concepts=c.nb_concepts, d_model=d_model, **params)
+        if not model.streaming:
+            log.info("%s needs its rows in memory: fitting on a seeded sample of at most %d rows",
+                     c.method, model.max_fit_rows)
+        t0 = time.perf_counter()
+        model.fit_stream(self._stream("train", shuffle=True), progress=False)
+        fit_s = time.perf_counter() - t0
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save(tmp)
+            self.store.upload_dir(tmp, "concept_model")
+        rows = []
+        for split in ("train", "heldout"):
+            m = reconstruction_metrics(model, self._stream(split, shuffle=False))
+            rows.append({"model": "fitted", "split": split, **m})
+        for r in rows:
+            r["fit_seconds"] = fit_s
+        self.store.write_table("concepts/metrics.parquet", pa.Table.from_pylist(rows))
+        return {"fit_seconds": fit_s, "metrics": rows, "n_fit_rows": model.n_fit_rows}
+
+    def top_examples(self) -> list[float]:
+        """Write ``concepts/top_examples.parquet``; returns each concept's firing frequency."""
+        model = load_concept_model(self.store.download_dir("concept_model"))
+        interp = self.cfg.interpretation
+        batches = self.store.iter_shard_batches(
+            "activations", columns=["doc_id", "unit", "char_start", "char_end", "activation"])
+        best, freq, n_rows = top_activating(model, batches, k=interp.top_k_examples, device=self.device)
+        wanted = set(int(d) for d in best["doc_id"].flatten().tolist() if d >= 0)
+        docs: dict[int, str] = {}
+        for rb in self.store.iter_shard_batches("documents", columns=["doc_id", "text"]):
+            for d, t in zip(rb.column("doc_id").to_pylist(), rb.column("text").to_pylist()):
+                if d in wanted:
+                    docs[d] = t
+        table = top_examples_table(best, docs, context_chars=interp.context_chars)
+        self.store.write_table("concepts/top_examples.parquet", table)
+        return freq.tolist()

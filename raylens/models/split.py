@@ -263,7 +263,7 @@ class SplitModel:
         issues: list[dict] = []
         texts = [t if isinstance(t, str) else "" for t in texts]
         encoded = self.encode(texts, max_tokens) if texts else []
-        units = [self.units(t, e, granularity) for t, e in zip(texts, encoded)]
+        units = [self.units(t, e, granularity) if t.strip() else [] for t, e in zip(texts, encoded)]
         for doc, t, e, u in zip(doc_ids, texts, encoded, units):
             if not t.strip() or not u:
                 issues.append({"doc_id": int(doc), "stage": "extract", "error": "empty text: no tokens, skipped"})

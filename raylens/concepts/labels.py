@@ -1,0 +1,624 @@
+"""LLM labels for concepts, through any OpenAI-compatible chat-completions endpoint.
+
+Labelling a unit of a network by showing an LLM the inputs that activate it most
+follows Bills et al. 2023, "Language models can explain neurons in language models"
+(OpenAI): the explainer model sees top-activating text excerpts with the activating
+tokens marked and answers with a short natural-language explanation. raylens asks for
+a label of a few words (not a simulation-scored explanation), one request per concept.
+
+Entry points:
+
+- `LabelerConfig`: where the endpoint is and how to call it.
+- `build_label_prompt`: examples (+ top tokens) -> chat messages, activating spans
+  marked with ``<<`` ``>>``.
+- `label_concepts`: concept id -> ``{"label", "error", "prompt_hash", "cached"}``,
+  concurrent, retried, cached on disk, never raising for an endpoint problem.
+- `check_endpoint`: fail fast (``ConnectionError``) when the endpoint is unreachable.
+- `parse_label`: raw model reply -> clean one-line label.
+
+Any OpenAI-compatible server works (vLLM, TGI, llama.cpp, the OpenAI API). Offline,
+`raylens.concepts.serve.LocalLLMServer` runs ``transformers serve`` on loopback with
+the built-in SmolLM2-135M-Instruct. Labels are plain text: nothing is HTML-escaped here
+(the report does that), but control characters are stripped from prompts and labels.
+This module does not import ray.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import tempfile
+import threading
+import time
+import unicodedata
+from collections.abc import Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "MARK_CLOSE",
+    "MARK_OPEN",
+    "PROMPT_VERSION",
+    "LabelerConfig",
+    "build_label_prompt",
+    "check_endpoint",
+    "label_concepts",
+    "mark_spans",
+    "parse_label",
+]
+
+MARK_OPEN = "<<"
+MARK_CLOSE = ">>"
+#: Bumped whenever the prompt wording changes (it is part of every prompt hash).
+PROMPT_VERSION = 1
+#: Longest label kept by `parse_label` (characters).
+MAX_LABEL_CHARS = 80
+#: Longest excerpt shown to the model (characters, before marking).
+MAX_EXCERPT_CHARS = 400
+#: How many top tokens the prompt lists at most.
+MAX_TOP_TOKENS = 12
+
+_CACHE_FORMAT = 1
+_FLUSH_EVERY_S = 2.0
+
+_SYSTEM = (
+    "You explain features of a language model. A feature fires on the tokens marked with "
+    f"{MARK_OPEN} {MARK_CLOSE} in the text excerpts. Reply with a short label (a few words) naming "
+    "what the feature detects. Reply with the label only."
+)
+# One worked example. Measured with SmolLM2-135M-Instruct: one shot gives varied, on-topic
+# labels; two shots make the small model copy the last answer.
+_SHOT_EXAMPLES = [
+    {"text": "the sky was blue and clear", "spans": [[12, 16]]},
+    {"text": "she wore a red dress", "spans": [[11, 14]]},
+    {"text": "paint it green", "spans": [[9, 14]]},
+]
+_SHOT_TOP_TOKENS = ["blue", "red", "green", "yellow"]
+_SHOT_ANSWER = "color adjectives"
+
+
+# ---------------------------------------------------------------------------- config
+@dataclass
+class LabelerConfig:
+    """How `label_concepts` reaches its OpenAI-compatible endpoint.
+
+    Attributes:
+        base_url: the API root, e.g. ``"http://127.0.0.1:8765/v1"``
+            (`raylens.concepts.serve.LocalLLMServer.base_url`).
+        model: model id sent with each request (for ``transformers serve`` with a local
+            folder: that folder path, `LocalLLMServer.model_name`).
+        api_key: sent as a bearer token; local servers ignore it.
+        max_concurrency: requests in flight at once.
+        max_retries: extra attempts after a connection error, timeout, HTTP 429 or 5xx
+            (exponential backoff from 0.5 s, capped at 8 s). Other HTTP errors are not retried.
+        timeout_s: per-request timeout.
+        max_tokens: generation budget of a label.
+        temperature: sampling temperature (0 = greedy, reproducible).
+        n_examples: how many top-activating examples per concept go into the prompt.
+        cache_path: JSON file caching labels by (model, prompt hash); ``None`` disables it.
+
+    Raises:
+        ValueError: a field is out of range (the message names it).
+    """
+
+    base_url: str
+    model: str
+    api_key: str = "EMPTY"
+    max_concurrency: int = 4
+    max_retries: int = 3
+    timeout_s: float = 60
+    max_tokens: int = 24
+    temperature: float = 0.0
+    n_examples: int = 8
+    cache_path: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.base_url, str) or not re.match(r"^https?://", self.base_url):
+            raise ValueError(f"LabelerConfig.base_url must be an http(s) URL, got {self.base_url!r}")
+        self.base_url = self.base_url.rstrip("/")
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError(f"LabelerConfig.model must be a non-empty string, got {self.model!r}")
+        for name, lo in (("max_concurrency", 1), ("max_retries", 0), ("max_tokens", 1), ("n_examples", 1)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise ValueError(f"LabelerConfig.{name} must be an integer >= {lo}, got {v!r}")
+        if not self.timeout_s > 0:
+            raise ValueError(f"LabelerConfig.timeout_s must be > 0, got {self.timeout_s!r}")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise ValueError(f"LabelerConfig.temperature must be in [0, 2], got {self.temperature!r}")
+        if self.cache_path is not None:
+            self.cache_path = os.fspath(self.cache_path)
+
+
+# ---------------------------------------------------------------------------- text helpers
+_WS = re.compile(r"\s+")
+
+
+# Invisible characters that reorder or hide text (bidi overrides/isolates, BOM): removed.
+_INVISIBLE = dict.fromkeys([0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A), 0xFEFF])
+
+
+def _clean(text: str) -> str:
+    """Control characters and line/paragraph separators -> spaces, bidi controls removed, whitespace collapsed."""
+    out = "".join(" " if unicodedata.category(c) in ("Cc", "Zl", "Zp") else c for c in text.translate(_INVISIBLE))
+    return _WS.sub(" ", out).strip()
+
+
+def _norm_spans(spans: Any, n: int) -> list[tuple[int, int]]:
+    """Validate ``[[start, end], ...]`` against a text of length ``n``; sort, merge overlaps and touching spans."""
+    if spans is None:
+        return []
+    out: list[tuple[int, int]] = []
+    for sp in spans:
+        if not isinstance(sp, Sequence) or isinstance(sp, str) or len(sp) != 2:
+            raise ValueError(f"span must be a [start, end] pair, got {sp!r}")
+        s, e = sp
+        if isinstance(s, bool) or isinstance(e, bool) or not all(isinstance(x, int) or hasattr(x, "__index__") for x in (s, e)):
+            raise ValueError(f"span offsets must be integers, got {sp!r}")
+        s, e = int(s), int(e)
+        if not 0 <= s <= e <= n:
+            raise ValueError(f"span {[s, e]} is outside the text (length {n}) or reversed")
+        if e > s:
+            out.append((s, e))
+    out.sort()
+    merged: list[tuple[int, int]] = []
+    for s, e in out:
+        if merged and s <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], e))
+        else:
+            merged.append((s, e))
+    return merged
+
+
+def mark_spans(
+    text: str, spans: Sequence[Sequence[int]] | None, *, max_chars: int | None = MAX_EXCERPT_CHARS
+) -> str:
+    """Wrap each ``[start, end)`` character span of ``text`` in ``<<`` ``>>`` and clean the result.
+
+    Overlapping or touching spans are merged into one marked run. Texts longer than
+    ``max_chars`` are cut to a window around the first span (``…`` marks a cut). Control
+    characters (newlines included) become spaces and whitespace is collapsed, so the
+    result is one line. Nothing is escaped: a text that already contains ``<<`` keeps it.
+
+    Raises:
+        ValueError: a span is malformed, reversed, or outside the text.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"example text must be a string, got {type(text).__name__}")
+    merged = _norm_spans(spans, len(text))
+    lo, hi = 0, len(text)
+    if max_chars is not None and max_chars > 0 and len(text) > max_chars:
+        anchor_s, anchor_e = merged[0] if merged else (0, 0)
+        if anchor_e - anchor_s >= max_chars:
+            lo, hi = anchor_s, anchor_e  # never cut a marked run
+        else:
+            room = max_chars - (anchor_e - anchor_s)
+            lo = max(0, anchor_s - room // 2)
+            hi = min(len(text), lo + max_chars)
+            lo = max(0, hi - max_chars)
+    parts: list[str] = ["…" if lo > 0 else ""]
+    pos = lo
+    for s, e in merged:
+        s, e = max(s, lo), min(e, hi)
+        if e <= s:
+            continue
+        parts += [text[pos:s], MARK_OPEN, text[s:e], MARK_CLOSE]
+        pos = e
+    parts += [text[pos:hi], "…" if hi < len(text) else ""]
+    return _clean("".join(parts))
+
+
+def _select_examples(examples: Sequence[Mapping[str, Any]], n: int | None) -> list[Mapping[str, Any]]:
+    """Top ``n`` examples by activation (stable: ties keep their order); all when ``n`` is None."""
+    def act(ex: Any) -> float:
+        try:
+            a = float(ex.get("activation", 0.0) or 0.0)
+        except (AttributeError, TypeError, ValueError):
+            return float("-inf")
+        return a if a == a else float("-inf")  # NaN last
+
+    indexed = list(enumerate(examples))
+    indexed.sort(key=lambda ie: (-act(ie[1]), ie[0]))
+    chosen = [ex for _, ex in indexed]
+    return chosen if n is None else chosen[:n]
+
+
+def _user_message(lines: list[str], top_tokens: Sequence[str] | None) -> str:
+    body = f"Excerpts (activating tokens marked with {MARK_OPEN} {MARK_CLOSE}):\n"
+    body += "\n".join(f"{i + 1}. {line}" for i, line in enumerate(lines))
+    toks = [t for t in (_clean(str(t)) for t in ([] if top_tokens is None else top_tokens)) if t][:MAX_TOP_TOKENS]
+    if toks:
+        body += "\nTop tokens: " + ", ".join(toks)
+    return body + "\nLabel:"
+
+
+def build_label_prompt(
+    examples: list[dict],
+    top_tokens: list[str] | None = None,
+    *,
+    max_examples: int | None = None,
+) -> list[dict]:
+    """Chat messages asking an LLM for a short label of one concept.
+
+    Args:
+        examples: ``[{"text": str, "spans": [[start, end], ...], "activation": float}, ...]``;
+            ``spans`` are character offsets into ``text`` of the activating token(s)
+            (end exclusive), marked in the prompt as ``<<token>>``. Examples are listed
+            by decreasing ``activation`` (missing: 0); ties keep their order.
+        top_tokens: optional tokens most associated with the concept (e.g. vocabulary
+            projection), listed after the excerpts (at most 12).
+        max_examples: keep only this many top examples (``None``: all).
+
+    Returns:
+        OpenAI chat messages: a system instruction, one worked example (user/assistant),
+        and the user turn for this concept, ending in ``"Label:"``.
+
+    Raises:
+        ValueError: no examples, or an example's text or spans are malformed.
+    """
+    if not examples:
+        raise ValueError("cannot build a label prompt without examples")
+    chosen = _select_examples(examples, max_examples)
+    lines = []
+    for i, ex in enumerate(chosen):
+        if not isinstance(ex, Mapping) or "text" not in ex:
+            raise ValueError(f"example {i} must be a dict with 'text' and 'spans', got {ex!r:.80}")
+        lines.append(mark_spans(ex["text"], ex.get("spans")))
+    shot = [mark_spans(e["text"], e["spans"]) for e in _SHOT_EXAMPLES]
+    return [
+        {"role": "system", "content": _SYSTEM},
+        {"role": "user", "content": _user_message(shot, _SHOT_TOP_TOKENS)},
+        {"role": "assistant", "content": _SHOT_ANSWER},
+        {"role": "user", "content": _user_message(lines, top_tokens)},
+    ]
+
+
+_PREFIX = re.compile(
+    r"^\s*(?:\*\*)?(?:the\s+)?(?:short\s+)?(?:label|answer|concept|feature|theme|topic|explanation|"
+    r"this\s+feature\s+detects|the\s+feature\s+detects|detects)\s*(?:\*\*)?\s*[:\-–—=]\s*(?:\*\*)?",
+    re.IGNORECASE,
+)
+_QUOTES = "\"'`“”‘’«»*_"
+
+
+def parse_label(reply: str | None, max_chars: int = MAX_LABEL_CHARS) -> str | None:
+    """Turn a raw model reply into a clean one-line label, or ``None`` if nothing is left.
+
+    Takes the first non-empty line, drops prefixes such as ``Label:`` / ``Answer:``,
+    surrounding quotes, backticks and markdown emphasis, list bullets, the ``<< >>``
+    markers, control characters and a trailing period; collapses whitespace; cuts to
+    ``max_chars`` at a word boundary.
+    """
+    if not reply:
+        return None
+    line = ""
+    for raw in str(reply).replace("\r", "\n").split("\n"):
+        cand = _clean(raw)
+        cand_stripped = _PREFIX.sub("", cand).strip()
+        if cand_stripped.strip(_QUOTES + " .:-"):
+            line = cand
+            break
+    if not line:
+        return None
+    for _ in range(3):  # nested decorations, e.g. **Label:** "x"
+        before = line
+        line = re.sub(r"^(?:[-*•]|\d+[.)])\s+", "", line)
+        line = _PREFIX.sub("", line).strip()
+        line = line.strip(_QUOTES).strip()
+        if line == before:
+            break
+    line = line.replace(MARK_OPEN, "").replace(MARK_CLOSE, "")
+    line = _WS.sub(" ", line).strip().rstrip(".").strip().strip(_QUOTES).strip()
+    if len(line) > max_chars:
+        cut = line[:max_chars]
+        sp = cut.rfind(" ")
+        line = (cut[:sp] if sp >= max_chars // 2 else cut).rstrip(" ,;:-")
+    return line or None
+
+
+# ---------------------------------------------------------------------------- hashing / cache
+def _prompt_hash(messages: list[dict], config: LabelerConfig) -> str:
+    """sha256 over the messages and the settings that shape the reply (not the model: it keys separately)."""
+    payload = {
+        "v": PROMPT_VERSION,
+        "messages": messages,
+        "max_tokens": config.max_tokens,
+        "temperature": float(config.temperature),
+    }
+    blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def _cache_key(model: str, prompt_hash: str) -> str:
+    return f"{model}\x1f{prompt_hash}"
+
+
+class _LabelCache:
+    """JSON file of ``{"format": 1, "entries": {model + "\\x1f" + prompt_hash: {...}}}``.
+
+    Written atomically (temp file + ``os.replace``), merged with what is on disk at each
+    flush so several labelers may share a file without dropping each other's entries.
+    """
+
+    def __init__(self, path: str | None) -> None:
+        self.path = Path(path) if path else None
+        self.entries: dict[str, dict] = {}
+        self.dirty = False
+        self.lock = threading.Lock()
+        self._last_flush = time.monotonic()
+        if self.path is not None:
+            self.entries = self._read()
+
+    def _read(self) -> dict[str, dict]:
+        assert self.path is not None
+        if not self.path.exists():
+            return {}
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            entries = data["entries"]
+            if not isinstance(entries, dict):
+                raise TypeError("entries is not an object")
+            return {k: v for k, v in entries.items() if isinstance(v, dict) and isinstance(v.get("label"), str)}
+        except Exception as e:  # corrupt or foreign file: keep it aside, start afresh
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
+            log.warning("label cache %s unreadable (%s); moved to %s", self.path, e, aside)
+            try:
+                os.replace(self.path, aside)
+            except OSError:
+                pass
+            return {}
+
+    def get(self, key: str) -> dict | None:
+        with self.lock:
+            return self.entries.get(key)
+
+    def put(self, key: str, entry: dict) -> None:
+        with self.lock:
+            self.entries[key] = entry
+            self.dirty = True
+        if time.monotonic() - self._last_flush >= _FLUSH_EVERY_S:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.path is None:
+            return
+        with self.lock:
+            if not self.dirty:
+                return
+            merged = self._read() if self.path.exists() else {}
+            merged.update(self.entries)
+            self.entries = merged
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    json.dump({"format": _CACHE_FORMAT, "entries": merged}, f, ensure_ascii=False, indent=0)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.path)
+            except BaseException:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+                raise
+            self.dirty = False
+            self._last_flush = time.monotonic()
+
+
+# ---------------------------------------------------------------------------- endpoint
+def _client(config: LabelerConfig, *, timeout_s: float | None = None) -> Any:
+    import openai
+
+    # Retries are ours (see _request), so the client's own are off.
+    return openai.OpenAI(
+        base_url=config.base_url,
+        api_key=config.api_key,
+        timeout=config.timeout_s if timeout_s is None else timeout_s,
+        max_retries=0,
+    )
+
+
+def check_endpoint(config: LabelerConfig, timeout_s: float = 5.0) -> None:
+    """Raise ``ConnectionError`` unless the endpoint at ``config.base_url`` answers HTTP.
+
+    Sends one ``GET {base_url}/models`` through the ``openai`` client, without retries.
+    Any HTTP answer counts as reachable (``transformers serve`` answers that route with
+    HTTP 500 on a machine without a hub cache), except 401/403, which also raise since
+    no label request would succeed. Returns ``None`` when reachable. Takes at most
+    about ``timeout_s`` seconds; a closed port fails at once.
+
+    Raises:
+        ConnectionError: unreachable, timed out, or the API key was rejected; the message
+            names ``config.base_url``.
+    """
+    import openai
+
+    client = _client(config, timeout_s=min(float(timeout_s), float(config.timeout_s)))
+    try:
+        client.models.list()
+    except openai.APIStatusError as e:
+        if e.status_code in (401, 403):
+            raise ConnectionError(
+                f"LLM endpoint {config.base_url} rejected the API key (HTTP {e.status_code})"
+            ) from e
+        return  # it answered: reachable
+    except openai.APITimeoutError as e:
+        raise ConnectionError(f"LLM endpoint {config.base_url} did not answer within {timeout_s:.0f} s") from e
+    except openai.APIConnectionError as e:
+        raise ConnectionError(f"LLM endpoint {config.base_url} is unreachable: {_root_cause(e)}") from e
+    finally:
+        client.close()
+
+
+def _root_cause(e: BaseException) -> str:
+    """The innermost exception message (e.g. 'Connection refused'), not openai's generic wrapper text."""
+    seen = set()
+    cur: BaseException | None = e
+    last = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        last = cur
+        cur = cur.__cause__ or cur.__context__
+    msg = str(last).strip() or type(last).__name__
+    return _clean(msg)[:300]
+
+
+class _EndpointDown(Exception):
+    pass
+
+
+def _request(client: Any, config: LabelerConfig, messages: list[dict], down: threading.Event) -> str | None:
+    """One chat completion with retries. Returns the reply text; raises with a message naming base_url."""
+    import openai
+
+    url = config.base_url
+    attempt = 0
+    while True:
+        if down.is_set():
+            raise _EndpointDown(f"LLM endpoint {url} is unreachable (an earlier request gave up); not sent")
+        try:
+            resp = client.chat.completions.create(
+                model=config.model,
+                messages=messages,
+                max_tokens=config.max_tokens,
+                temperature=config.temperature,
+            )
+            if not resp.choices:
+                raise RuntimeError(f"LLM endpoint {url} answered with no choices")
+            return resp.choices[0].message.content
+        except openai.APITimeoutError as e:
+            err, retry, fatal = f"LLM endpoint {url} timed out after {config.timeout_s:g} s", True, False
+            cause: BaseException = e
+        except openai.APIConnectionError as e:
+            err, retry, fatal = f"LLM endpoint {url} is unreachable: {_root_cause(e)}", True, True
+            cause = e
+        except openai.APIStatusError as e:
+            detail = _clean(str(getattr(e, "message", "") or e))[:300]
+            err = f"LLM endpoint {url} returned HTTP {e.status_code}: {detail}"
+            retry, fatal, cause = e.status_code == 429 or e.status_code >= 500, False, e
+        if not retry or attempt >= config.max_retries:
+            if fatal:
+                down.set()  # circuit breaker: the rest fail fast instead of retrying each
+            raise RuntimeError(err + (f" (after {attempt + 1} attempts)" if attempt else "")) from cause
+        delay = min(8.0, 0.5 * 2**attempt) * (0.75 + 0.5 * random.random())
+        log.debug("%s; retry %d/%d in %.1f s", err, attempt + 1, config.max_retries, delay)
+        attempt += 1
+        time.sleep(delay)
+
+
+# ---------------------------------------------------------------------------- main entry
+def label_concepts(
+    concepts: Mapping[int, Mapping[str, Any]],
+    config: LabelerConfig,
+    *,
+    progress: bool = True,
+) -> dict[int, dict]:
+    """Ask an LLM for a short label of each concept (Bills et al. 2023 style).
+
+    Args:
+        concepts: concept id -> ``{"examples": [{"text", "spans", "activation"}, ...],
+            "top_tokens": [str, ...]}`` (see `build_label_prompt`; ``top_tokens`` optional).
+            The ``config.n_examples`` highest-activation examples go into the prompt.
+        config: the endpoint and request settings.
+        progress: show a tqdm bar on stderr.
+
+    Returns:
+        concept id -> ``{"label": str | None, "error": str | None, "prompt_hash": str,
+        "cached": bool}``, in the input order. Exactly one of ``label`` / ``error`` is set.
+        ``prompt_hash`` is the sha256 of the prompt and sampling settings (``""`` when no
+        prompt could be built); ``cached`` is True when the label came from
+        ``config.cache_path`` without a request. Concepts with identical prompts share one
+        request.
+
+    Never raises for an endpoint problem: an unreachable endpoint, timeouts or HTTP
+    errors end up in each affected concept's ``error`` (naming ``config.base_url``);
+    after the first request that gives up on a connection error, the remaining concepts
+    fail at once instead of retrying. Malformed examples give that concept an error.
+    Successful labels are cached by (model, prompt hash) in ``config.cache_path``
+    (written atomically at most every 2 s while labelling and at the end, also on
+    interruption), so a rerun only requests what is missing; errors are not cached.
+
+    Raises:
+        TypeError: ``config`` is not a `LabelerConfig`.
+    """
+    if not isinstance(config, LabelerConfig):
+        raise TypeError(f"config must be a LabelerConfig, got {type(config).__name__}")
+    results: dict[int, dict] = {}
+    cache = _LabelCache(config.cache_path)
+    pending: dict[str, tuple[list[dict], list[int]]] = {}  # cache key -> (messages, concept ids)
+
+    for cid, concept in concepts.items():
+        try:
+            if not isinstance(concept, Mapping):
+                raise ValueError(f"concept must be a dict, got {type(concept).__name__}")
+            examples = concept.get("examples")
+            messages = build_label_prompt([] if examples is None else list(examples), concept.get("top_tokens"), max_examples=config.n_examples)
+        except Exception as e:
+            results[cid] = {"label": None, "error": f"bad concept {cid!r}: {e}", "prompt_hash": "", "cached": False}
+            continue
+        ph = _prompt_hash(messages, config)
+        key = _cache_key(config.model, ph)
+        results[cid] = {"label": None, "error": None, "prompt_hash": ph, "cached": False}
+        hit = cache.get(key)
+        if hit is not None:
+            results[cid].update(label=hit["label"], cached=True)
+        elif key in pending:
+            pending[key][1].append(cid)
+        else:
+            pending[key] = (messages, [cid])
+
+    if pending:
+        down = threading.Event()
+        client = _client(config)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=sum(len(ids) for _, ids in pending.values()), desc="labelling concepts", unit="concept")
+
+        def work(key: str, messages: list[dict]) -> tuple[str | None, str | None]:
+            try:
+                reply = _request(client, config, messages, down)
+            except (RuntimeError, _EndpointDown) as e:
+                return None, str(e)
+            except Exception as e:  # an unexpected client failure stays with its concept
+                return None, f"LLM request to {config.base_url} failed: {type(e).__name__}: {_clean(str(e))[:300]}"
+            label = parse_label(reply)
+            if label is None:
+                return None, f"LLM endpoint {config.base_url} gave no usable label (reply: {_clean(str(reply))[:80]!r})"
+            cache.put(key, {"label": label, "raw": reply, "model": config.model, "time": time.time()})
+            return label, None
+
+        ex = ThreadPoolExecutor(max_workers=config.max_concurrency, thread_name_prefix="raylens-labeler")
+        futures: dict[Future, str] = {}
+        try:
+            futures = {ex.submit(work, key, msgs): key for key, (msgs, _) in pending.items()}
+            not_done = set(futures)
+            while not_done:
+                done, not_done = wait(not_done, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    label, err = fut.result()
+                    for cid in pending[futures[fut]][1]:
+                        results[cid]["label"], results[cid]["error"] = label, err
+                    if bar is not None:
+                        bar.update(len(pending[futures[fut]][1]))
+        finally:
+            ex.shutdown(wait=True, cancel_futures=True)
+            cache.flush()
+            client.close()
+            if bar is not None:
+                bar.close()
+        n_err = sum(1 for r in results.values() if r["error"])
+        if n_err:
+            first = next(r["error"] for r in results.values() if r["error"])
+            log.warning("%d of %d concepts have no label; first error: %s", n_err, len(results), first)
+    return {cid: results[cid] for cid in concepts}

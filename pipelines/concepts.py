@@ -46,8 +46,8 @@ def check_config(store: OutputStore, cfg: ConceptJobConfig) -> None:
 
 def write_documents(store: OutputStore, cfg: ConceptJobConfig) -> list[str]:
     """Stream the corpus into ``documents/`` shards of ``shard_size`` rows (once)."""
-    if store.exists("documents", "_success", "_ALL.json"):
-        return store.read_json("documents/_success/_ALL.json")["shards"]
+    if store.exists("documents", "_manifest.json"):
+        return store.read_json("documents/_manifest.json")["shards"]
     c = cfg.corpus
     size = cfg.extraction.shard_size
     shards, buf, n = [], [], 0
@@ -71,7 +71,7 @@ def write_documents(store: OutputStore, cfg: ConceptJobConfig) -> list[str]:
         flush(buf)
     if not shards:
         raise ConfigError(f"corpus.source {c.source!r} produced no documents")
-    store.write_json("documents/_success/_ALL.json", {"shards": shards})
+    store.write_json("documents/_manifest.json", {"shards": shards})
     return shards
 
 
@@ -91,7 +91,6 @@ def extract(store: OutputStore, cfg: ConceptJobConfig, shards: list[str]) -> dic
         compute=ray.data.ActorPoolStrategy(size=min(res.num_workers, len(pending))),
         num_gpus=res.gpus_per_worker,
         num_cpus=res.cpus_per_worker,
-        max_task_retries=3,
     )
     rows = ds.take_all()
     seconds = time.perf_counter() - t0

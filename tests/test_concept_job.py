@@ -199,3 +199,24 @@ def test_job_cli_rejects_bad_config_before_ray(tmp_path):
     assert proc.returncode == 2
     assert "extraction.granularity" in proc.stderr
     assert "ray" not in proc.stdout.lower()
+
+
+def test_trainer_fits_semi_nmf_on_a_bounded_sample(job, tmp_path):
+    """The matrix-factorisation path of the trainer: Semi-NMF on a seeded sample of the same shards."""
+    import shutil
+
+    from actors.trainer import ConceptTrainer
+
+    cfg, _, store = job
+    out = tmp_path / "copy"
+    shutil.copytree(store.root, out)
+    nmf_cfg = _config(out, **{"concepts.method": "semi_nmf", "concepts.nb_concepts": 16,
+                              "concepts.params": {"max_fit_rows": 2000, "max_iter": 100}})
+    trainer = ConceptTrainer(nmf_cfg.model_dump())  # the actor class, called in-process
+    fit = trainer.fit(576)
+    assert fit["n_fit_rows"] == 2000
+    held = next(m for m in fit["metrics"] if m["split"] == "heldout")
+    print(f"semi_nmf held-out explained variance {held['explained_variance']:.3f}")
+    assert held["explained_variance"] >= EV_FLOOR
+    reloaded = load_concept_model(out / "concept_model")
+    assert reloaded.method == "semi_nmf" and reloaded.dictionary.shape == (16, 576)

@@ -83,3 +83,14 @@ def test_bad_split_point_is_named(smollm):
         resolve_split_point(smollm.model, 30)
     with pytest.raises(ValueError, match="model.layer.3"):
         resolve_split_point(smollm.model, "model.layer.3")
+
+
+def test_exclude_first_tokens_drops_the_attention_sink(smollm):
+    split = SplitModel(smollm, 15)
+    full, _ = split.extract(REVIEWS[:3], [0, 1, 2], dtype="float32")
+    cut, _ = split.extract(REVIEWS[:3], [0, 1, 2], dtype="float32", exclude_first_tokens=1)
+    assert 0 in full["token_start"].to_pylist() and 0 not in cut["token_start"].to_pylist()
+    assert full.num_rows - cut.num_rows == 3
+    norms = np.linalg.norm(tensor_column_to_numpy(full["activation"]), axis=1)
+    first = full["token_start"].to_numpy() == 0
+    assert norms[first].min() > 10 * np.median(norms[~first])  # why it is excluded by default

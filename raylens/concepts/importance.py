@@ -35,6 +35,7 @@ def concept_gradients(
     *,
     batch_size: int = 8,
     max_tokens: int = 128,
+    exclude_first_tokens: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-document concept gradients and concept x gradient for the model's own prediction.
 
@@ -42,6 +43,8 @@ def concept_gradients(
         split: the split model (task ``causal_lm`` or ``sequence_classification``).
         concept_model: fitted concept model on that split point (``encode``/``decode``).
         texts: ``n_docs`` non-empty strings.
+        exclude_first_tokens: positions below this do not count in the sums (match the
+            extraction setting the concept model was trained with).
 
     Returns:
         ``(gradient, concept_x_gradient, target_ids)``: float tensors ``(n_docs, nb_concepts)``
@@ -84,7 +87,9 @@ def concept_gradients(
             (g,) = torch.autograd.grad(y, captured["z"])
         z = captured["z"].detach()
         n, t = ids.shape
-        m = mask.reshape(n, t, 1).to(g.dtype)
+        m = mask.clone()
+        m[:, :exclude_first_tokens] = 0
+        m = m.reshape(n, t, 1).to(g.dtype)
         g = g.reshape(n, t, -1) * m
         grads.append(g.sum(1).cpu())
         cxg.append((g * z.reshape(n, t, -1)).sum(1).cpu())

@@ -203,7 +203,7 @@ def run_concept_job(cfg: ConceptJobConfig, *, on_stage: Callable[[str], None] | 
         "concept_x_gradient": pa.array(cxg_mean, pa.float32()), "n_samples": pa.array([n_imp] * C, pa.int32())}))
 
     top = store.read_table("concepts/top_examples.parquet")
-    order = sorted(range(C), key=lambda c: -abs(float(np.nan_to_num(cxg_mean[c], nan=grad_mean[c]))))
+    order = sorted(range(C), key=lambda c: -abs(float(grad_mean[c])))  # the report's order
     _say("labels: " + ("LLM labels for the most important concepts" if cfg.interpretation.labels.enabled
                        else "disabled"))
     labels = _label(cfg, top, vocab, order)

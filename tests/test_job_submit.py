@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 import sys
 from pathlib import Path
 
@@ -58,22 +59,34 @@ def test_ray_job_submit_against_ray_start_head(tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{venv_bin}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
     port, dash = _free_port(), _free_port()
+    # Every per-node port explicit: the session's own Ray (other tests) holds the defaults,
+    # and a second node's dashboard agent on a taken port never comes up.
+    ports = [f"--{name}={_free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "runtime-env-agent-port", "node-manager-port", "object-manager-port", "ray-client-server-port")]
     temp_dir = Path(tempfile.mkdtemp(prefix="rl-", dir="/tmp"))  # Unix socket paths must stay short
     start = subprocess.run(
         [ray_cli, "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         "--num-cpus=8", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+         "--num-cpus=8", f"--temp-dir={temp_dir}", "--disable-usage-stats", *ports],
         capture_output=True, text=True, env=env, timeout=180)
     assert start.returncode == 0, start.stderr[-2000:]
     out = tmp_path / "out"
     try:
-        submit = subprocess.run(
+        cmd = (
             [ray_cli, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", str(ROOT),
              "--", "python", "-m", "jobs.concepts", "--config", "configs/default.yaml",
              "--set", f"output_uri={out}", "--set", "corpus.limit=12", "--set", "extraction.shard_size=6",
              "--set", "extraction.split_point=3", "--set", "concepts.nb_concepts=16",
              "--set", "concepts.params={top_k: 2, epochs: 2}", "--set", "importance.n_samples=4",
-             "--set", "interpretation.labels.enabled=false", "--set", "resources.cpus_per_worker=1"],
-            capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+             "--set", "interpretation.labels.enabled=false", "--set", "resources.cpus_per_worker=1"]
+        )
+        # Right after `ray start` the dashboard may not have a job agent yet: retry that case only.
+        deadline = time.time() + 120
+        while True:
+            submit = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+            if "No available agent" not in submit.stderr or time.time() > deadline:
+                break
+            time.sleep(3)
         assert submit.returncode == 0, (submit.stdout[-3000:], submit.stderr[-2000:])
         assert "succeeded" in (submit.stdout + submit.stderr).lower()
     finally:

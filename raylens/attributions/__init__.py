@@ -1,0 +1,1 @@
+"""Attributions: which input elements drive a prediction or a generated token."""

@@ -20,6 +20,20 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   pip uninstall -y -q torchvision 2>/dev/null || true
   echo "$want" > "$stamp"
 fi
+# Headless Chromium for the HTML attribution view's browser test: Debian's chromium and
+# chromium-driver, installed only when missing, as root, where apt-get exists. Elsewhere
+# nothing happens and that test skips, saying why.
+if ! { command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; } \
+   && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  echo "[setup] installing chromium and chromium-driver (apt-get)"
+  apt_log=$(mktemp)
+  if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } \
+       >"$apt_log" 2>&1; then
+    echo "[setup] warning: could not install chromium; the browser test will skip. apt-get said:" >&2
+    tail -n 5 "$apt_log" >&2
+  fi
+  rm -f "$apt_log"
+fi
 python -c "import raylens, ray, transformers, nnsight; from raylens._compat import import_overcomplete; import_overcomplete()" \
   || { echo "[setup] import check failed" >&2; exit 1; }
 echo "[setup] ok: .venv ready"

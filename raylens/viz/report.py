@@ -34,13 +34,23 @@ block embedded for scripting escapes ``<``, ``>`` and ``&`` so it cannot termina
 from __future__ import annotations
 
 import datetime as _dt
-import html
 import json
 import math
 import os
 import pathlib
-import re
 from typing import Any, Iterable, Sequence
+
+from raylens.viz._html import CSP as _CSP
+from raylens.viz._html import PALETTE_DARK as _PALETTE_DARK
+from raylens.viz._html import PALETTE_LIGHT as _PALETTE_LIGHT
+from raylens.viz._html import esc as _esc
+from raylens.viz._html import finite as _finite
+from raylens.viz._html import fmt_num as _fmt_num
+from raylens.viz._html import json_for_script as _json_for_script
+from raylens.viz._html import json_num as _json_num
+from raylens.viz._html import readable_token as _readable_token
+from raylens.viz._html import to_float as _to_float
+from raylens.viz._html import token_html as _token_html
 
 __all__ = ["render_concept_report"]
 
@@ -51,37 +61,6 @@ DEFAULT_VISIBLE_EXAMPLES = 3
 # --------------------------------------------------------------------------------------
 # small value helpers
 # --------------------------------------------------------------------------------------
-
-
-def _esc(value: Any) -> str:
-    """HTML-escape ``str(value)`` for both text and (double- or single-quoted) attributes."""
-    return html.escape("" if value is None else str(value), quote=True)
-
-
-def _to_float(value: Any) -> float | None:
-    """Coerce numbers (incl. numpy / torch scalars) to ``float``; ``None`` if impossible."""
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def _finite(x: float | None) -> bool:
-    return x is not None and math.isfinite(x)
-
-
-def _fmt_num(x: float | None, *, signed: bool = False) -> str:
-    """Compact human formatting of a float; ``—`` for missing, ``NaN``/``±inf`` as such."""
-    if x is None:
-        return "\u2014"
-    if math.isnan(x):
-        return "NaN"
-    if math.isinf(x):
-        return "+inf" if x > 0 else "\u2212inf"
-    s = f"{x:+.3g}" if signed else f"{x:.3g}"
-    return s.replace("-", "\u2212")
 
 
 def _fmt_freq(x: float | None) -> str:
@@ -106,87 +85,9 @@ def _fmt_summary_value(v: Any) -> str:
     return str(v)
 
 
-def _json_for_script(obj: Any) -> str:
-    """JSON safe to place inside ``<script>``: no ``</``, ``<!--`` or ``]]>`` can appear."""
-    s = json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-    return (
-        s.replace("<", "\\u003c")
-        .replace(">", "\\u003e")
-        .replace("&", "\\u0026")
-        .replace("\u2028", "\\u2028")
-        .replace("\u2029", "\\u2029")
-    )
-
-
-def _json_num(x: float | None) -> float | None:
-    return x if _finite(x) else None
-
-
 # --------------------------------------------------------------------------------------
 # token display
 # --------------------------------------------------------------------------------------
-
-
-def _byte_level_decoder() -> dict[str, int]:
-    """Inverse of GPT-2's ``bytes_to_unicode`` (the "Ġ"/"Ċ" byte-level BPE alphabet)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    bs += list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
-
-
-_BYTE_DECODER = _byte_level_decoder()
-_SP_BYTE_RE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
-
-
-def _readable_token(tok: str) -> str:
-    """Best-effort readable form of a vocabulary token (still raw text, not escaped).
-
-    * GPT-2-style byte-level BPE tokens ("Ġthe", "Ċ", "Ã©") are decoded back to text when
-      they are valid UTF-8; a token holding only part of a multi-byte character is shown
-      with ``\\xNN`` escapes for the dangling bytes.
-    * SentencePiece "▁" word-boundary markers become spaces, ``<0x0A>`` byte tokens
-      become their character.
-    Whitespace is made visible later, by :func:`_token_html`.
-    """
-    m = _SP_BYTE_RE.match(tok)
-    if m:
-        b = int(m.group(1), 16)
-        return chr(b) if b < 0x80 else tok
-    if tok and all(c in _BYTE_DECODER for c in tok):
-        raw = bytes(_BYTE_DECODER[c] for c in tok)
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            # Only force the byte-level reading when the token is unmistakably byte-level.
-            if any(ord(c) >= 256 for c in tok):
-                return raw.decode("utf-8", errors="backslashreplace")
-    return tok.replace("\u2581", " ")
-
-
-_WS_GLYPHS = {" ": "\u2423", "\n": "\u21b5", "\t": "\u21e5", "\r": "\u240d"}
-
-
-def _token_html(tok: Any) -> str:
-    """HTML for one token chip body: escaped, with whitespace / control chars made visible."""
-    text = _readable_token("" if tok is None else str(tok))
-    if text == "":
-        return '<span class="ws">\u2205</span>'
-    out: list[str] = []
-    for ch in text:
-        if ch in _WS_GLYPHS:
-            out.append(f'<span class="ws">{_WS_GLYPHS[ch]}</span>')
-        elif ch.isspace() or not ch.isprintable():
-            out.append(f'<span class="ws">{_esc(ascii(ch)[1:-1])}</span>')
-        else:
-            out.append(_esc(ch))
-    return "".join(out)
 
 
 def _chips(tokens: Iterable[Any] | None, cls: str) -> str:
@@ -396,17 +297,9 @@ def _summary_html(summary: dict | None, derived: dict[str, Any]) -> str:
 # page
 # --------------------------------------------------------------------------------------
 
-_CSP = (
-    "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
-    "img-src data:; base-uri 'none'; form-action 'none'"
-)
-
-_CSS = """
-:root{--bg:#f6f7f9;--card:#fff;--fg:#1d2330;--muted:#6b7280;--line:#e3e6eb;
---pos:#16a34a;--neg:#dc2626;--posbg:#dcfce7;--negbg:#fee2e2;--hl:255,176,0;--chip:#f1f3f6}
-@media (prefers-color-scheme:dark){:root{--bg:#14171c;--card:#1c2027;--fg:#e5e7eb;--muted:#9aa3af;
---line:#2d333d;--pos:#4ade80;--neg:#f87171;--posbg:#12351f;--negbg:#3d1818;--hl:245,158,11;--chip:#262b34}}
-*{box-sizing:border-box}
+_CSS = (
+    "\n:root{" + _PALETTE_LIGHT + "}\n@media (prefers-color-scheme:dark){:root{" + _PALETTE_DARK + "}}\n"
+) + """*{box-sizing:border-box}
 body{margin:0;background:var(--bg);color:var(--fg);
 font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif}
 .wrap{max-width:1100px;margin:0 auto;padding:20px 16px 60px}

@@ -137,19 +137,20 @@ def _label(cfg: ConceptJobConfig, top: pa.Table, vocab: pa.Table, order: list[in
     }
     import os
 
-    def run(base_url: str, model: str) -> dict[int, dict]:
+    def run(base_url: str, model: str, concurrency: int) -> dict[int, dict]:
         lc = LabelerConfig(base_url=base_url, model=model, api_key=os.environ.get(lab.api_key_env, "EMPTY"),
-                           max_concurrency=lab.max_concurrency, n_examples=lab.n_examples,
+                           max_concurrency=concurrency, timeout_s=lab.timeout_s, n_examples=lab.n_examples,
                            max_tokens=lab.max_tokens, cache_path=_label_cache(cfg))
         return label_concepts(concepts, lc, progress=True)
 
     if lab.base_url:
-        return run(lab.base_url, lab.model or lab.serve_model)
+        return run(lab.base_url, lab.model or lab.serve_model, lab.max_concurrency)
     from raylens.concepts.serve import LocalLLMServer
 
     _say(f"labels: starting a local OpenAI-compatible server with {lab.serve_model} on loopback")
     with LocalLLMServer(lab.serve_model) as server:
-        return run(server.base_url, lab.model or server.model_name)
+        # `transformers serve` generates one request at a time: queued requests would only time out.
+        return run(server.base_url, lab.model or server.model_name, 1)
 
 
 def _label_cache(cfg: ConceptJobConfig) -> str | None:
@@ -202,6 +203,8 @@ def run_concept_job(cfg: ConceptJobConfig, *, on_stage: Callable[[str], None] | 
         "concept": pa.array(np.arange(C), pa.int32()), "gradient": pa.array(grad_mean, pa.float32()),
         "concept_x_gradient": pa.array(cxg_mean, pa.float32()), "n_samples": pa.array([n_imp] * C, pa.int32())}))
 
+    for actor in (worker, trainer):  # free their memory before the labels (a local LLM may start)
+        ray.kill(actor)
     top = store.read_table("concepts/top_examples.parquet")
     order = sorted(range(C), key=lambda c: -abs(float(grad_mean[c])))  # the report's order
     _say("labels: " + ("LLM labels for the most important concepts" if cfg.interpretation.labels.enabled

@@ -87,7 +87,8 @@ class LabelsConfig(_Section):
     model: str | None = Field(None, description="model name sent to the endpoint (default: the served one)")
     api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the API key")
     max_concepts: int = Field(32, ge=0, description="label the most important N concepts")
-    max_concurrency: int = Field(4, gt=0)
+    max_concurrency: int = Field(4, gt=0, description="requests in flight (the local server uses 1)")
+    timeout_s: float = Field(120.0, gt=0, description="per-request timeout in seconds")
     n_examples: int = Field(8, gt=0)
     max_tokens: int = Field(24, gt=0)
 

@@ -220,3 +220,50 @@ def test_trainer_fits_semi_nmf_on_a_bounded_sample(job, tmp_path):
     assert held["explained_variance"] >= EV_FLOOR
     reloaded = load_concept_model(out / "concept_model")
     assert reloaded.method == "semi_nmf" and reloaded.dictionary.shape == (16, 576)
+
+
+def test_killed_worker_leaves_exactly_one_row_per_unit(job, tmp_path, ray_session):
+    """SIGKILL one model-worker process mid-extraction: Ray restarts it, the shard is redone,
+    and the activation table has exactly the rows of an undisturbed run, none twice."""
+    import signal
+    import threading
+    import time
+
+    from pipelines.concepts import check_config, extract, write_documents
+
+    cfg, _, ref_store = job
+    reference = _activations(ref_store)
+    cfg2 = _config(tmp_path / "killed")
+    store = OutputStore(cfg2.output_uri)
+    check_config(store, cfg2)
+    shards = write_documents(store, cfg2)
+    result: dict = {}
+    runner = threading.Thread(target=lambda: result.update(extract(store, cfg2, shards)))
+    runner.start()
+
+    def worker_pids() -> list[int]:
+        pids = []
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit():
+                try:
+                    if b"ModelWorker" in (d / "cmdline").read_bytes():
+                        pids.append(int(d.name))
+                except OSError:
+                    pass
+        return pids
+
+    killed = None
+    deadline = time.time() + 300
+    while killed is None and time.time() < deadline and runner.is_alive():
+        if store.done_shards("activations") and worker_pids():  # mid-run: one shard done, more to do
+            killed = worker_pids()[0]
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.2)
+    runner.join(timeout=600)
+    assert killed is not None, "no worker was killed mid-run"
+    assert store.done_shards("activations") == shards
+    after = _activations(store)
+    assert after.num_rows == reference.num_rows
+    keys = collections.Counter(zip(after["doc_id"].to_pylist(), after["unit"].to_pylist()))
+    assert max(keys.values()) == 1
+    assert set(keys) == set(zip(reference["doc_id"].to_pylist(), reference["unit"].to_pylist()))

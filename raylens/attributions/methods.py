@@ -1,0 +1,265 @@
+"""The ten attribution methods: four perturbation methods and six gradient methods.
+
+Every class is built as ``Method(model, tokenizer=None, **options)`` and called as
+``method(inputs, targets=None) -> list[AttributionOutput]``. The options common to all
+(``granularity``, ``batch_size``, ``max_batch_tokens``, ``inference_mode``, ``replace_token_id``,
+``include_special_tokens``, ``max_length``, ``max_new_tokens``, ``task``, ``seed``, ``progress``) are
+those of :class:`~raylens.attributions.base.AttributionExplainer`.
+
+**Perturbation methods** mask whole elements in token-id space (every token of a masked element is
+replaced by ``replace_token_id``: the mask token, else the pad token), so their scores are per
+element at every granularity.
+
+**Gradient methods** differentiate the target score with respect to the input embeddings (the
+output of the model's input embedding layer), compute token scores and **sum the token scores of
+each element** at word and sentence granularity. Scores are signed gradient x input by default
+(``input_x_gradient=True``: ``g . x`` summed over the embedding axis, in the units of the target
+score); ``input_x_gradient=False`` gives the unsigned L2 norm of the gradient per token instead.
+Unlike Interpreto (``abs().mean()`` over the embedding axis) nothing is made unsigned unless the
+method is (SquareGrad, VarGrad, Sobol), and IG is the textbook one (``x - baseline``, not the
+interpolated input).
+
+Noise for SmoothGrad, SquareGrad, VarGrad and GradientSHAP is Gaussian in embedding space, scaled
+per token to the embedding's norm: per-coordinate standard deviation
+``noise_std * ||x_t|| / sqrt(d_model)``, so ``||noise_t|| ~= noise_std * ||x_t||``; only element
+tokens are moved.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from raylens.attributions.aggregators import (
+    GradientShapAggregator,
+    IntegratedGradientsAggregator,
+    KernelShapAggregator,
+    LimeAggregator,
+    OcclusionAggregator,
+    SaliencyAggregator,
+    SmoothGradAggregator,
+    SobolAggregator,
+    SquareGradAggregator,
+    VarGradAggregator,
+)
+from raylens.attributions.base import GradientExplainer, PerturbationExplainer
+from raylens.attributions.perturbations import (
+    IdentityPerturbator,
+    InterpolationPerturbator,
+    KernelShapPerturbator,
+    LimePerturbator,
+    NoisePerturbator,
+    OcclusionPerturbator,
+    RandomBaselinePerturbator,
+    SobolPerturbator,
+)
+
+# ----------------------------------------------------------------------------- perturbation
+
+
+class Occlusion(PerturbationExplainer):
+    """Occlusion (Zeiler & Fergus, 2014, "Visualizing and Understanding Convolutional Networks").
+
+    ``score[t, e] = f_t(x) - f_t(x with element e masked)``: ``n_elements + 1`` forward rows per
+    input (all target tokens of a causal LM in the same forwards). Deterministic.
+    """
+
+    _stochastic = False
+
+    def __init__(self, model: Any, tokenizer: Any = None, **kwargs: Any) -> None:
+        super().__init__(model, tokenizer, perturbator=OcclusionPerturbator(), aggregator=OcclusionAggregator(), **kwargs)
+
+
+class KernelShap(PerturbationExplainer):
+    """Kernel SHAP (Lundberg & Lee, 2017, "A Unified Approach to Interpreting Model Predictions").
+
+    Shapley values of the masking game ``v(S) = f(x with the elements outside S masked)``,
+    estimated by weighted least squares under the Shapley kernel with the efficiency constraint
+    imposed exactly: the scores of a target sum to ``f(x) - f(all elements masked)``. With
+    ``2^M - 2 <= n_samples`` (``M`` elements) all coalitions are enumerated and the values are
+    exact; otherwise ``n_samples`` coalitions are drawn from the kernel in antithetic pairs. Rows:
+    ``n_samples + 2`` per input (see :class:`~raylens.attributions.perturbations.KernelShapPerturbator`).
+
+    Args:
+        n_samples: coalitions per input (default 100).
+    """
+
+    def __init__(self, model: Any, tokenizer: Any = None, *, n_samples: int = 100, **kwargs: Any) -> None:
+        super().__init__(model, tokenizer, perturbator=KernelShapPerturbator(n_samples),
+                         aggregator=KernelShapAggregator(), **kwargs)
+
+
+class Lime(PerturbationExplainer):
+    """LIME (Ribeiro et al., 2016, "Why Should I Trust You?").
+
+    Random masks (``k`` elements masked, ``k`` uniform in ``1..M``), weighted by the exponential
+    kernel ``exp(-d^2 / kernel_width^2)`` of their distance to the input (cosine distance
+    ``1 - sqrt(kept / M)``, or Hamming ``masked / M``), and a weighted ridge regression
+    (``alpha``, unpenalised intercept) whose coefficients are the scores. Rows: ``n_samples`` per
+    input (the first is the unperturbed input).
+
+    Args:
+        n_samples: rows per input (default 100).
+        distance: ``"cosine"`` (default) or ``"hamming"``.
+        kernel_width: the kernel's width (default 0.25, LIME's text default on this distance scale).
+        alpha: ridge penalty (default 1.0).
+    """
+
+    def __init__(self, model: Any, tokenizer: Any = None, *, n_samples: int = 100, distance: str = "cosine",
+                 kernel_width: float = 0.25, alpha: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(model, tokenizer, perturbator=LimePerturbator(n_samples, distance, kernel_width),
+                         aggregator=LimeAggregator(alpha), **kwargs)
+
+
+class Sobol(PerturbationExplainer):
+    """Sobol total-order indices (Fel et al., 2021, "Look at the Variance! Efficient Black-box
+    Explanations with Sobol-based Sensitivity Analysis").
+
+    Each element is kept or masked with probability 1/2 along a scrambled Sobol quasi-Monte Carlo
+    design (Saltelli's ``A``, ``B``, ``A_B^i`` matrices); the score of element ``i`` is its total
+    order index, Jansen's estimator ``mean((f(A) - f(A_B^i))^2) / (2 Var f)``: the share of the
+    score's variance that involves the element. **Unsigned** (``>= 0``, no direction). Rows:
+    ``n_samples * (n_elements + 2)`` per input.
+
+    Args:
+        n_samples: QMC points per matrix (default 32; powers of 2 balance the sequence best).
+    """
+
+    def __init__(self, model: Any, tokenizer: Any = None, *, n_samples: int = 32, **kwargs: Any) -> None:
+        super().__init__(model, tokenizer, perturbator=SobolPerturbator(n_samples), aggregator=SobolAggregator(),
+                         **kwargs)
+
+
+# ----------------------------------------------------------------------------- gradients
+
+
+class Saliency(GradientExplainer):
+    """Saliency (Simonyan et al., 2013, "Deep Inside Convolutional Networks"), as gradient x input
+    by default (Shrikumar et al., 2017).
+
+    Token score ``g . x`` (``input_x_gradient=True``, signed) or ``||g||_2`` (unsigned); element
+    score = sum over its tokens. One forward+backward row per input and target.
+
+    Args:
+        input_x_gradient: multiply by the input embedding (default True).
+    """
+
+    def __init__(self, model: Any, tokenizer: Any = None, *, input_x_gradient: bool = True, **kwargs: Any) -> None:
+        super().__init__(model, tokenizer, perturbator=IdentityPerturbator(),
+                         aggregator=SaliencyAggregator(input_x_gradient), **kwargs)
+
+
+class IntegratedGradients(GradientExplainer):
+    """Integrated Gradients (Sundararajan et al., 2017, "Axiomatic Attribution for Deep Networks"),
+    textbook form.
+
+    ``IG_t = (x_t - b_t) . integral_0^1 grad f(b + alpha (x - b))_t d alpha``, the integral by a
+    quadrature of ``n_steps`` points (``integration``: ``"gauss_legendre"`` default, ``"midpoint"``
+    or ``"trapezoid"`` Riemann sums). Only element tokens move along the path (special tokens and a
+    causal LM's target prefix keep their embeddings), so **completeness** holds for the elements:
+    the scores of a target sum to ``f(x) - f(baseline)`` up to the quadrature error. Element score
+    = sum over its tokens. Rows: ``n_steps`` per input and target.
+
+    Args:
+        n_steps: quadrature points (default 50).
+        baseline: ``"zero"`` (zero embedding, default), ``"pad"`` (pad token embedding), ``"mask"``
+            (``replace_token_id`` embedding: ``[MASK]`` for BERT-like models) or a token id.
+        integration: the quadrature rule.
+    """
+
+    _uses_baseline = True
+
+    def __init__(self, model: Any, tokenizer: Any = None, *, n_steps: int = 50, baseline: str | int = "zero",
+                 integration: str = "gauss_legendre", **kwargs: Any) -> None:
+        super().__init__(model, tokenizer, perturbator=InterpolationPerturbator(n_steps, integration),
+                         aggregator=IntegratedGradientsAggregator(), baseline=baseline, **kwargs)
+
+
+class SmoothGrad(GradientExplainer):
+    """SmoothGrad (Smilkov et al., 2017, "SmoothGrad: removing noise by adding noise").
+
+    Mean gradient over ``n_samples`` noisy copies of the input embeddings, times the input:
+    ``mean_k(g_k) . x`` (signed), or ``||mean_k g_k||_2`` with ``input_x_gradient=False``.
+    Rows: ``n_samples`` per input and target.
+
+    Args:
+        n_samples: noisy copies (default 20).
+        noise_std: noise scale relative to each token embedding's norm (default 0.1).
+        input_x_gradient: multiply by the input embedding (default True).
+    """
+
+    _stochastic = True
+
+    def __init__(self, model: Any, tokenizer: Any = None, *, n_samples: int = 20, noise_std: float = 0.1,
+                 input_x_gradient: bool = True, **kwargs: Any) -> None:
+        super().__init__(model, tokenizer, perturbator=NoisePerturbator(n_samples, noise_std),
+                         aggregator=SmoothGradAggregator(input_x_gradient), **kwargs)
+
+
+class SquareGrad(GradientExplainer):
+    """SquareGrad (Hooker et al., 2019, "A Benchmark for Interpretability Methods in Deep Neural
+    Networks").
+
+    Mean of squares over ``n_samples`` noisy copies: ``mean_k (g_k . x)^2``, or
+    ``mean_k ||g_k||^2`` with ``input_x_gradient=False``. **Unsigned.**
+
+    Args:
+        n_samples: noisy copies (default 20).
+        noise_std: noise scale relative to each token embedding's norm (default 0.1).
+        input_x_gradient: multiply by the input embedding (default True).
+    """
+
+    _stochastic = True
+
+    def __init__(self, model: Any, tokenizer: Any = None, *, n_samples: int = 20, noise_std: float = 0.1,
+                 input_x_gradient: bool = True, **kwargs: Any) -> None:
+        super().__init__(model, tokenizer, perturbator=NoisePerturbator(n_samples, noise_std),
+                         aggregator=SquareGradAggregator(input_x_gradient), **kwargs)
+
+
+class VarGrad(GradientExplainer):
+    """VarGrad (Hooker et al., 2019; Adebayo et al., 2018).
+
+    Variance over ``n_samples`` noisy copies (population variance): ``var_k (g_k . x)``, or
+    ``sum_d var_k g_kd`` with ``input_x_gradient=False``. **Unsigned.**
+
+    Args:
+        n_samples: noisy copies (default 20).
+        noise_std: noise scale relative to each token embedding's norm (default 0.1).
+        input_x_gradient: multiply by the input embedding (default True).
+    """
+
+    _stochastic = True
+
+    def __init__(self, model: Any, tokenizer: Any = None, *, n_samples: int = 20, noise_std: float = 0.1,
+                 input_x_gradient: bool = True, **kwargs: Any) -> None:
+        super().__init__(model, tokenizer, perturbator=NoisePerturbator(n_samples, noise_std),
+                         aggregator=VarGradAggregator(input_x_gradient), **kwargs)
+
+
+class GradientShap(GradientExplainer):
+    """GradientSHAP (Lundberg & Lee, 2017), the expected-gradients estimator.
+
+    For each of ``n_samples`` rows: a random baseline ``b_k = reference + eps_k`` (Gaussian noise of
+    relative scale ``noise_std`` around the ``baseline`` embedding), a random ``alpha_k ~ U(0, 1)``,
+    the gradient ``g_k`` at ``b_k + alpha_k (x - b_k)``; score ``mean_k g_k . (x - b_k)`` (signed).
+    In expectation the scores of a target sum to ``f(x) - E[f(b)]``. Rows: ``n_samples`` per input
+    and target.
+
+    Args:
+        n_samples: random baselines (default 20).
+        noise_std: baseline noise relative to each token embedding's norm (default 0.1).
+        baseline: the baselines' centre, as for :class:`IntegratedGradients` (default ``"zero"``).
+    """
+
+    _stochastic = True
+    _uses_baseline = True
+
+    def __init__(self, model: Any, tokenizer: Any = None, *, n_samples: int = 20, noise_std: float = 0.1,
+                 baseline: str | int = "zero", **kwargs: Any) -> None:
+        super().__init__(model, tokenizer, perturbator=RandomBaselinePerturbator(n_samples, noise_std),
+                         aggregator=GradientShapAggregator(), baseline=baseline, **kwargs)
+
+
+#: every method, by name
+METHODS = {cls.__name__: cls for cls in (Occlusion, Lime, KernelShap, Sobol, Saliency, IntegratedGradients,
+                                         SmoothGrad, SquareGrad, VarGrad, GradientShap)}

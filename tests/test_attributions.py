@@ -313,9 +313,9 @@ def test_seed_reproducible(name, clf):
 
 
 def test_one_forward_per_batch_and_one_backward_per_batch(smollm, monkeypatch):
-    """Perturbation methods score all target tokens of a row in one forward (rows = n_elements + 1
-    for Occlusion, whatever the number of target tokens); gradient methods run one backward per
-    batch (never one per row)."""
+    """All target tokens of a row are scored in one forward (Occlusion: n_elements + 1 rows whatever
+    the number of target tokens); gradient methods run one (target-vectorised) backward per batch,
+    never one per row, and a row counts once per target against batch_size."""
     calls = []
     handle = smollm.model.register_forward_hook(
         lambda mod, args, kwargs, out: calls.append(out.logits.shape[0]), with_kwargs=True)
@@ -326,15 +326,31 @@ def test_one_forward_per_batch_and_one_backward_per_batch(smollm, monkeypatch):
         calls.clear()
         grads = []
         real_grad = torch.autograd.grad
-        monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: grads.append(1) or real_grad(*a, **k))
+        monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: grads.append(k.get("is_grads_batched")) or
+                            real_grad(*a, **k))
         out = IntegratedGradients(smollm, n_steps=6, batch_size=8)(PARIS, targets=" Paris.")[0]
-        n_rows = 6 * len(out.targets)
-        n_batches = math.ceil(n_rows / 8)
-        assert len(grads) == n_batches
-        # the gradient batches, then one forward of the unperturbed input for target_scores
-        assert calls == [8] * (n_rows // 8) + ([n_rows % 8] if n_rows % 8 else []) + [1]
+        assert len(out.targets) == 2
+        # 8 // 2 = 4 rows per batch: 6 rows in batches of 4 and 2, one vectorised backward each,
+        # then one forward of the unperturbed input for target_scores
+        assert calls == [4, 2, 1] and grads == [True, True]
     finally:
         handle.remove()
+
+
+def test_backward_fallback_one_pass_per_target_gives_the_same_scores(clf, monkeypatch):
+    """Where a model has no vectorised backward, one backward per target over the same graph."""
+    text = "A dreadful, boring trip."
+    ref = Saliency(clf)(text, targets=[[0, 1]])[0]
+    real_grad = torch.autograd.grad
+
+    def no_vmap(*a, **k):
+        if k.get("is_grads_batched"):
+            raise RuntimeError("no batching rule")
+        return real_grad(*a, **k)
+
+    monkeypatch.setattr(torch.autograd, "grad", no_vmap)
+    out = Saliency(clf)(text, targets=[[0, 1]])[0]
+    np.testing.assert_allclose(out.scores, ref.scores, rtol=1e-5, atol=1e-7)
 
 
 def test_max_batch_tokens_caps_batches(clf):

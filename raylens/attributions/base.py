@@ -448,20 +448,22 @@ class AttributionExplainer:
         return new[:cut] if cut > 0 else new[:1]
 
     # ---- inference ---------------------------------------------------------------
-    def _pack(self, lengths: Sequence[int]) -> list[list[int]]:
+    def _pack(self, lengths: Sequence[int], weights: Sequence[int] | None = None) -> list[list[int]]:
         """Consecutive jobs grouped into batches of at most ``batch_size`` rows and
-        ``max_batch_tokens`` padded tokens."""
+        ``max_batch_tokens`` padded tokens; a job of weight ``w`` counts as ``w`` rows (a job always
+        fits alone)."""
         batches: list[list[int]] = []
         cur: list[int] = []
-        width = 0
+        width = rows = 0
         for j, n in enumerate(lengths):
+            wj = 1 if weights is None else max(1, int(weights[j]))
             w = max(width, n)
-            if cur and (len(cur) >= self.batch_size
-                        or (self.max_batch_tokens is not None and w * (len(cur) + 1) > self.max_batch_tokens)):
+            if cur and (rows + wj > self.batch_size
+                        or (self.max_batch_tokens is not None and w * (rows + wj) > self.max_batch_tokens)):
                 batches.append(cur)
-                cur, w = [], n
+                cur, w, rows = [], n, 0
             cur.append(j)
-            width = w
+            width, rows = w, rows + wj
         if cur:
             batches.append(cur)
         return batches
@@ -501,10 +503,12 @@ class AttributionExplainer:
                 kwargs["logits_to_keep"] = keep
                 index = torch.searchsorted(keep, pos)
             logits = self.model(**kwargs).logits
-            vec = logits[rows, index]
+            vec = logits[rows.to(logits.device), index.to(logits.device)]
         else:
-            vec = self.model(**kwargs).logits[rows]
-        return self._transform(vec).gather(-1, tok[:, None])[:, 0]
+            logits = self.model(**kwargs).logits
+            vec = logits[rows.to(logits.device)]
+        # with device_map="auto" the logits may live on another device than the embeddings
+        return self._transform(vec).gather(-1, tok.to(vec.device)[:, None])[:, 0]
 
     def _sequence(self, item: PreparedInput) -> np.ndarray:
         ids = item.input_ids + (item.targets[:-1] if self.task == "causal_lm" else [])
@@ -634,16 +638,22 @@ class PerturbationExplainer(AttributionExplainer):
 
 class GradientExplainer(AttributionExplainer):
     """Gradient methods: an :class:`EmbeddingPerturbator` builds input embeddings, each row's
-    target score is differentiated with respect to them, a :class:`GradientAggregator` turns the
+    target scores are differentiated with respect to them, a :class:`GradientAggregator` turns the
     gradients into **token** scores, and each element's score is the **sum of its tokens'
     scores** (the granularity rule of every gradient method).
 
-    One backward pass serves a whole batch: the batch's target scores are summed and
-    differentiated once (rows do not interact, so each row receives its own gradient). A row
-    explains one target, so an input with ``T`` targets (classes, or target tokens of a causal
-    LM) gets ``T`` rows per perturbation, stacked in the same batches; for a causal LM the row of
-    target ``t`` is ``input + target[:t]`` (causal masking makes the longer sequence
-    unnecessary). The cost is therefore ``T x n_rows`` forward+backward rows per input.
+    Cost and batching. Each perturbed row is one forward over the input (causal LM:
+    ``input + target[:-1]``, all ``T`` target tokens scored in that forward, teacher forcing);
+    the target prefix and special tokens keep their embeddings. One backward pass serves a whole
+    batch: the batch's target scores are differentiated by a single ``torch.autograd.grad`` call
+    (rows do not interact, so each row receives its own gradient). With ``T > 1`` targets (several
+    classes, or several target tokens) that call is vectorised over the targets
+    (``is_grads_batched=True``: ``T`` one-hot output gradients through one graph, about
+    ``F + T x B`` per row instead of ``T x (F + B)`` for separate rows; measured 1.75x faster than
+    stacking target rows for SmolLM2 with 5 targets on CPU). If an operation of the model has no
+    vectorised backward, the call falls back to ``T`` backward passes over the same graph. Because
+    the backward works on ``T`` gradients at once, a row counts ``T`` times against
+    ``batch_size`` and ``max_batch_tokens``.
 
     Args:
         baseline: the reference embedding of element tokens (IG's baseline, GradientSHAP's
@@ -689,72 +699,87 @@ class GradientExplainer(AttributionExplainer):
 
         return EmbeddingContext(x=x, reference=ref, movable=movable, generator=generator)
 
+    def _backward(self, scores: torch.Tensor, which: torch.Tensor, n_targets: int,
+                  embeds: torch.Tensor) -> torch.Tensor:
+        """``(n_targets, *embeds.shape)``: gradient of ``sum(scores[which == t])`` for each ``t``, in
+        one (vectorised) backward pass."""
+        if n_targets == 1:
+            return torch.autograd.grad(scores.sum(), embeds)[0][None]
+        onehot = torch.zeros((n_targets, scores.shape[0]), dtype=scores.dtype, device=scores.device)
+        onehot[which.to(scores.device), torch.arange(scores.shape[0], device=scores.device)] = 1
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # vmap's "no batching rule, falling back" warnings
+                return torch.autograd.grad(scores, embeds, grad_outputs=onehot, is_grads_batched=True,
+                                           retain_graph=True)[0]
+        except RuntimeError as exc:  # an op without a vectorised backward: one pass per target
+            log.debug("vectorised backward failed (%s); one backward per target", exc)
+            return torch.stack([torch.autograd.grad(scores, embeds, grad_outputs=onehot[t], retain_graph=True)[0]
+                                for t in range(n_targets)])
+
     def _explain(self, items: list[PreparedInput], seed: int) -> list[np.ndarray]:
         pert, agg = self.perturbator, self.aggregator
-        causal = self.task == "causal_lm"
         emb_layer = self.model.get_input_embeddings()
         dtype = emb_layer.weight.dtype
         dev = self.device
-        jobs = [(i, k, t) for i in self._order(items) for k in range(pert.n_rows) for t in range(items[i].n_targets)]
-        lengths = [items[i].n_in + (t if causal else 0) for i, _, t in jobs]
-        batches = self._pack(lengths)
+        d = emb_layer.weight.shape[1]
+        seqs = [self._sequence(it) for it in items]
+        pairs = [self._pairs(it) for it in items]
+        jobs = [(i, k) for i in self._order(items) for k in range(pert.n_rows)]
+        batches = self._pack([len(seqs[i]) for i, _ in jobs], [items[i].n_targets for i, _ in jobs])
         sums: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         clean: dict[int, np.ndarray] = {}
         contexts: dict[int, EmbeddingContext] = {}
         with self._bar(len(batches), len(items), type(self).__name__) as bar:
             for batch in batches:
                 rows = [jobs[j] for j in batch]
-                in_batch = list(dict.fromkeys(i for i, _, _ in rows))
+                in_batch = list(dict.fromkeys(i for i, _ in rows))
                 contexts = {i: contexts.get(i) or self._context(items[i], seed) for i in in_batch}
-                # perturbed input embeddings, once per (item, row k)
-                pert_emb: dict[tuple[int, int], torch.Tensor] = {}
-                infos: dict[int, tuple[dict[int, int], dict[str, torch.Tensor]]] = {}
-                for i in in_batch:
-                    ks = list(dict.fromkeys(k for ii, k, _ in rows if ii == i))
-                    with torch.no_grad():
-                        e, info = pert.rows(contexts[i], ks)
-                    for q, k in enumerate(ks):
-                        pert_emb[(i, k)] = e[q]
-                    infos[i] = ({k: q for q, k in enumerate(ks)}, info)
-                width = max(lengths[j] for j in batch)
-                d = emb_layer.weight.shape[1]
+                width = max(len(seqs[i]) for i in in_batch)
                 embeds = torch.zeros((len(rows), width, d), dtype=dtype, device=dev)
                 mask = torch.zeros((len(rows), width), dtype=torch.long, device=dev)
-                pos, tok = [], []
+                infos: dict[int, tuple[list[int], dict[str, torch.Tensor]]] = {}
+                p_row, p_pos, p_tok, p_t = [], [], [], []
                 with torch.no_grad():
-                    for r, (i, k, t) in enumerate(rows):
-                        it = items[i]
-                        embeds[r, : it.n_in] = pert_emb[(i, k)].to(dtype)
-                        if causal and t > 0:
-                            embeds[r, it.n_in: it.n_in + t] = emb_layer(torch.tensor(it.targets[:t], device=dev))
-                        mask[r, : it.n_in + (t if causal else 0)] = 1
-                        pos.append(it.n_in - 1 + t if causal else 0)
-                        tok.append(it.targets[t])
+                    for i in in_batch:  # rows of one item are contiguous
+                        it, seq = items[i], seqs[i]
+                        sel = [r for r, (ii, _) in enumerate(rows) if ii == i]
+                        e, info = pert.rows(contexts[i], [rows[r][1] for r in sel])
+                        a, b = sel[0], sel[-1] + 1
+                        embeds[a:b, : it.n_in] = e.to(dtype)
+                        if len(seq) > it.n_in:  # causal LM: the target prefix, never perturbed
+                            embeds[a:b, it.n_in: len(seq)] = emb_layer(torch.from_numpy(seq[it.n_in:]).to(dev))
+                        mask[a:b, : len(seq)] = 1
+                        infos[i] = (sel, info)
+                        pos, tok = pairs[i]
+                        for r in sel:
+                            p_row.extend([r] * len(tok))
+                            p_pos.extend(pos.tolist())
+                            p_tok.extend(tok.tolist())
+                            p_t.extend(range(len(tok)))
                 embeds.requires_grad_(True)
+                which = torch.tensor(p_t, device=dev)
                 with torch.enable_grad():
-                    scores = self._forward(mask, torch.arange(len(rows), device=dev), torch.tensor(pos, device=dev),
-                                           torch.tensor(tok, device=dev), inputs_embeds=embeds)
-                    (grad,) = torch.autograd.grad(scores.sum(), embeds)
+                    scores = self._forward(mask, torch.tensor(p_row, device=dev), torch.tensor(p_pos, device=dev),
+                                           torch.tensor(p_tok, device=dev), inputs_embeds=embeds)
+                    grad = self._backward(scores, which, max(p_t) + 1, embeds)  # (T, n_rows, width, d)
                 scores = scores.detach().double().cpu().numpy()
                 with torch.no_grad():
                     for i in in_batch:
                         it, ctx = items[i], contexts[i]
-                        sel = [r for r, (ii, _, _) in enumerate(rows) if ii == i]
-                        kq, info = infos[i]
-                        idx = torch.tensor([kq[rows[r][1]] for r in sel], device=dev)
-                        info_rows = {name: v[idx] for name, v in info.items()}
-                        terms = agg.terms(grad[sel, : it.n_in].float(), ctx, info_rows, pert.n_rows)
-                        ts = torch.tensor([rows[r][2] for r in sel], device=dev)
-                        for t in ts.unique().tolist():
-                            m = ts == t
+                        sel, info = infos[i]
+                        for t in range(it.n_targets):
+                            terms = agg.terms(grad[t, sel[0]: sel[-1] + 1, : it.n_in].float(), ctx, info, pert.n_rows)
                             acc = sums.setdefault((i, t), {})
                             for name, v in terms.items():
-                                v = v[m].double().sum(0)
+                                v = v.double().sum(0)
                                 acc[name] = acc[name] + v if name in acc else v
                         if pert.clean_row is not None:
                             for r in sel:
                                 if rows[r][1] == pert.clean_row:
-                                    clean.setdefault(i, np.full(it.n_targets, np.nan))[rows[r][2]] = scores[r]
+                                    q = [n for n, rr in enumerate(p_row) if rr == r]
+                                    clean[i] = scores[q]
+                del grad, embeds
                 bar.update(1)
         out = []
         for i, it in enumerate(items):

@@ -36,6 +36,9 @@ with an attention mask of 0 on padding (and ``position_ids`` from the mask for c
 padding never changes a score. Inputs are processed longest first. Perturbation methods score all
 target tokens of a causal LM in one forward over ``input + target[:-1]``.
 
+**Special tokens** (those the tokenizer adds, and special tokens written in the text such as
+``<|im_start|>``) are never elements and never perturbed unless ``include_special_tokens=True``.
+
 **Long inputs.** ``max_length`` defaults to the model's limit (the config's
 ``max_position_embeddings`` and the tokenizer's ``model_max_length``, the smaller). Longer
 classification inputs are truncated to it (special tokens kept) with a warning; a causal-LM

@@ -157,7 +157,20 @@ class IntegratedGradients(GradientExplainer):
     or ``"trapezoid"`` Riemann sums). Only element tokens move along the path (special tokens and a
     causal LM's target prefix keep their embeddings), so **completeness** holds for the elements:
     the scores of a target sum to ``f(x) - f(baseline)`` up to the quadrature error. Element score
-    = sum over its tokens. Rows: ``n_steps`` per input and target.
+    = sum over its tokens. Rows: ``n_steps`` per input (all targets share them, see
+    :class:`~raylens.attributions.base.GradientExplainer`).
+
+    How many steps? The quadrature error depends on how smooth the score is along the path, which
+    varies a lot between models and ``inference_mode``. Measured (relative error of the sum,
+    Gauss-Legendre): a MiniLM-L6 classifier's logits, about 1% at 16 steps and below 0.01% at 64;
+    SmolLM2-135M's **logits** swing by hundreds of units per unit of ``alpha`` along embedding
+    paths and need about 2,000 steps for 1%, while its **softmax** probabilities are smooth
+    (2.5% at 16 steps, 0.05% at 64). Check
+    ``scores.sum(1)`` against ``f(x) - f(baseline)`` when it matters.
+
+    Decoders without a BOS token (SmolLM2) use their first token as an attention sink; moving it
+    makes every path rough. Start such inputs with a special token (e.g. ``<|im_start|>``, or the
+    chat template): special tokens are never elements, so they stay put.
 
     Args:
         n_steps: quadrature points (default 50).

@@ -19,6 +19,7 @@ seed gives the same rows whatever the batch size or the other inputs of the call
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -162,9 +163,11 @@ class SobolPerturbator(MaskPerturbator):
         from scipy.stats import qmc
 
         m, n = n_elements, self.n_samples
+        # scipy >= 1.15 names the generator ``rng`` (``seed`` is deprecated there)
+        key = "rng" if "rng" in inspect.signature(qmc.Sobol.__init__).parameters else "seed"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # balance properties need a power of 2 of points
-            u = qmc.Sobol(d=2 * m, scramble=True, seed=rng).random(n)
+            u = qmc.Sobol(d=2 * m, scramble=True, **{key: rng}).random(n)
         a, b = u[:, :m] >= 0.5, u[:, m:] >= 0.5
         mixed = np.repeat(a[None], m, axis=0)  # (M, N, M)
         idx = np.arange(m)

@@ -307,6 +307,10 @@ def test_seed_reproducible(name, clf):
     c = cls(clf, seed=12, **kw)(text)[0].scores
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, c)
+    drawn = cls(clf, seed=None, **kw)(text)[0]  # a fresh seed, recorded: rerunning with it reproduces
+    again = cls(clf, seed=drawn.params["seed"], **kw)(text)[0]
+    assert isinstance(drawn.params["seed"], int)
+    np.testing.assert_array_equal(drawn.scores, again.scores)
 
 
 # ----------------------------------------------------------------------------- batching mechanics

@@ -279,6 +279,12 @@ class AttributionExplainer:
     def device(self) -> torch.device:
         return self.model.get_input_embeddings().weight.device
 
+    def _recorded_params(self, seed: int) -> dict[str, Any]:
+        p = self.params()
+        if "seed" in p:
+            p["seed"] = seed  # the seed actually used (drawn when ``seed=None``)
+        return p
+
     def params(self) -> dict[str, Any]:
         """The parameters recorded in each output's ``params``."""
         p = {"inference_mode": self.inference_mode, "replace_token_id": self.replace_token_id,
@@ -324,7 +330,7 @@ class AttributionExplainer:
                 self._clean_pass(missing)
         finally:
             self.model.train(was_training)
-        return [self._output(it, sc) for it, sc in zip(items, scores)]
+        return [self._output(it, sc, seed) for it, sc in zip(items, scores)]
 
     explain = __call__
 
@@ -586,7 +592,7 @@ class AttributionExplainer:
             else:
                 it.target_scores = s[0]
 
-    def _output(self, item: PreparedInput, scores: np.ndarray) -> AttributionOutput:
+    def _output(self, item: PreparedInput, scores: np.ndarray, seed: int) -> AttributionOutput:
         if self.task == "sequence_classification":
             id2label = getattr(self.model.config, "id2label", None) or {}
             labels = [str(id2label.get(c, id2label.get(str(c), c))) for c in item.targets]
@@ -597,7 +603,7 @@ class AttributionExplainer:
             elements=[el.text for el in item.elements], element_spans=[el.span for el in item.elements],
             element_tokens=[list(el.tokens) for el in item.elements], input_ids=list(item.input_ids),
             scores=np.asarray(scores, dtype=np.float32), targets=list(item.targets), target_labels=labels,
-            method=type(self).__name__, params=self.params(),
+            method=type(self).__name__, params=self._recorded_params(seed),
             target_scores=None if item.target_scores is None else np.asarray(item.target_scores, np.float32),
         )
 

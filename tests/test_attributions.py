@@ -435,6 +435,10 @@ def test_errors_and_long_inputs(clf, smollm):
         out = Occlusion(clf, max_length=6)("one two three four five six seven")[0]
     assert out.elements == ["one", "two", "three", "four"] and len(out.input_ids) == 6
     assert Saliency(clf)([]) == []
+    errs = Occlusion(clf).validate(["fine text", "", "[CLS]", 3], targets=[None, 1, 1, 0])
+    assert errs[0] is None and "empty" in errs[1] and "no word" in errs[2] and "not a str" in errs[3]
+    assert Occlusion(clf).validate("fine", targets=[5]) == ["input 0: class 5 out of range: the model has 2 classes"]
+    assert Occlusion(smollm, max_length=8).validate([PARIS, "a"], targets=[" Paris is nice and sunny", " b"])[1] is None
 
 
 def test_task_dispatch_without_architectures_and_loaded_model_equivalence(smollm):

@@ -211,7 +211,7 @@ class AttributionExplainer:
         ValueError: bad parameter, slow tokenizer, or a model with no head to explain.
     """
 
-    #: parameters of the method recorded in :attr:`AttributionOutput.params` (filled by subclasses)
+    #: whether the method draws random numbers (then ``params`` records the seed used)
     _stochastic: bool = False
 
     def __init__(
@@ -333,6 +333,32 @@ class AttributionExplainer:
         return [self._output(it, sc, seed) for it, sc in zip(items, scores)]
 
     explain = __call__
+
+    def validate(self, inputs: str | Sequence[str], targets: Any = None) -> list[str | None]:
+        """Check inputs and targets without running the model: one error message per input (None
+        when it can be explained). For jobs that record bad rows instead of failing a batch;
+        :meth:`__call__` raises the same messages. Greedy generation (causal-LM target None) is
+        not run, so its length is assumed to be ``max_new_tokens``.
+
+        Raises:
+            ValueError: targets whose shape does not match the inputs (an error of the call, not of
+                one input).
+        """
+        single = isinstance(inputs, str)
+        texts = [inputs] if single else list(inputs)
+        per_input = self._split_targets(targets, len(texts), single)
+        errors: list[str | None] = []
+        for i, (t, tg) in enumerate(zip(texts, per_input)):
+            try:
+                if not isinstance(t, str):
+                    raise TypeError(f"input {i} is a {type(t).__name__}, not a str")
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    self._prepare(i, t, tg)
+                errors.append(None)
+            except (ValueError, TypeError) as exc:
+                errors.append(str(exc))
+        return errors
 
     # ---- to implement ------------------------------------------------------------
     def _explain(self, items: list[PreparedInput], seed: int) -> list[np.ndarray]:

@@ -40,7 +40,7 @@ PARIS = "<|im_start|>The capital of France is"  # the chat start token is specia
 
 #: small settings per method (fast); a property that needs more asks for more
 SMALL = {
-    "Occlusion": {}, "KernelShap": {"n_samples": 12}, "Lime": {"n_samples": 12}, "Sobol": {"n_samples": 4},
+    "Occlusion": {}, "KernelShap": {"n_samples": 8}, "Lime": {"n_samples": 8}, "Sobol": {"n_samples": 2},
     "Saliency": {}, "IntegratedGradients": {"n_steps": 4}, "SmoothGrad": {"n_samples": 3},
     "SquareGrad": {"n_samples": 3}, "VarGrad": {"n_samples": 3}, "GradientShap": {"n_samples": 3},
 }
@@ -284,12 +284,10 @@ def test_batch_size_one_equals_batch_size_n_classifier(name, clf):
     _assert_same(one, many)
 
 
-@pytest.mark.parametrize("name", ["Occlusion", "KernelShap", "IntegratedGradients", "GradientShap"])
+@pytest.mark.parametrize("name", list(METHODS))
 def test_batch_size_one_equals_batch_size_n_causal_lm(name, smollm):
-    """The same on SmolLM2 with inputs of different lengths and multi-token targets (right padding,
-    position ids, target prefixes), for both engines (token-id masks, embedding gradients), one
-    deterministic and one seeded method each; the other methods differ only in their perturbator
-    and aggregator, checked on the classifier above."""
+    """The same on SmolLM2 with inputs of different lengths and different numbers of target tokens
+    (right padding, position ids, target prefixes, target-vectorised backward)."""
     cls, kw = METHODS[name], SMALL[name]
     texts = [PARIS, "<|im_start|>Two plus two equals"]
     targets = [" Paris.", " four"]

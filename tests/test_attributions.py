@@ -181,6 +181,55 @@ def test_saliency_equals_autograd(clf, smollm):
     np.testing.assert_allclose(out.scores, expected, rtol=2e-3, atol=1e-5)
 
 
+@pytest.mark.parametrize(("name", "ixg"), [("IntegratedGradients", True), ("GradientShap", True)] + [
+    (n, b) for n in ("SmoothGrad", "SquareGrad", "VarGrad") for b in (True, False)])
+def test_gradient_methods_equal_their_formulas(name, ixg, clf):
+    """Each gradient method equals its formula evaluated by hand (one unbatched autograd.grad per
+    row) over the rows its perturbator produces: IG (x - b) . sum_k w_k g_k; SmoothGrad mean_k g_k . x
+    or ||mean_k g_k||; SquareGrad mean_k (g_k . x)^2 or mean_k ||g_k||^2; VarGrad var_k (g_k . x) or
+    sum_d var_k g_kd; GradientSHAP mean_k g_k . (x - b_k)."""
+    kw = {"n_steps": 5} if name == "IntegratedGradients" else {"n_samples": 4, "noise_std": 0.3}
+    if name not in ("IntegratedGradients", "GradientShap"):
+        kw["input_x_gradient"] = ixg
+    expl = METHODS[name](clf, granularity="token", seed=3, **kw)
+    text = "Such a lovely, quiet hotel."
+    out = expl(text, targets=1)[0]
+    item = expl._prepare(0, text, [1])
+    ctx = expl._context(item, 3)
+    n = expl.perturbator.n_rows
+    emb, info = expl.perturbator.rows(ctx, list(range(n)))
+    grads = []
+    for k in range(n):
+        e = emb[k:k + 1].clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(clf.model(inputs_embeds=e).logits[0, 1], e)
+        grads.append(g[0].double())
+    g = torch.stack(grads)  # (n, L, d)
+    x = ctx.x.double()
+    a = (g * x).sum(-1)
+    if name == "IntegratedGradients":
+        tok = ((x - ctx.reference.double()) * ctx.movable) * (info["weight"][:, None, None] * g).sum(0)
+        tok = tok.sum(-1)
+    elif name == "SmoothGrad":
+        tok = a.mean(0) if ixg else g.mean(0).norm(dim=-1)
+    elif name == "SquareGrad":
+        tok = (a ** 2).mean(0) if ixg else (g ** 2).sum(-1).mean(0)
+    elif name == "VarGrad":
+        tok = a.var(0, unbiased=False) if ixg else g.var(0, unbiased=False).sum(-1)
+    else:
+        tok = (g * info["delta"].double()).sum(-1).mean(0)
+    expected = [float(tok[t[0]]) for t in out.element_tokens]
+    np.testing.assert_allclose(out.scores[0], expected, rtol=2e-3, atol=1e-4 * float(np.abs(expected).max()))
+    if name != "IntegratedGradients":  # the rows really are random: noise of the stated scale
+        moved = ctx.movable[:, 0].bool()
+        if name == "GradientShap":
+            noise = (ctx.x - info["delta"] - ctx.reference)[:, moved]  # b_k - reference
+        else:
+            noise = (emb - ctx.x)[:, moved]
+        ratio = noise.norm(dim=-1) / ctx.x[moved].norm(dim=-1)
+        assert 0.15 < float(ratio.mean()) < 0.45  # noise_std = 0.3
+        assert float((emb - ctx.x)[:, ~moved].abs().max()) == 0.0  # [CLS] and [SEP] never move
+
+
 def test_integrated_gradients_completeness_classifier(clf):
     """sum(scores) = f(x) - f(baseline) within 0.1% of |f(x) - f(baseline)| at 64 steps (the
     baseline moves only the element tokens; [CLS]/[SEP] stay). Measured error: below 0.001%."""

@@ -307,6 +307,12 @@ def test_mask_aggregators_recover_additive_games():
     np.testing.assert_allclose(LimeAggregator(alpha=0.0).aggregate(keep, f, info)[0], c, atol=1e-8)
     ridge = LimeAggregator(alpha=1.0).aggregate(keep, f, info)[0]
     assert np.linalg.norm(ridge) < np.linalg.norm(c) and np.corrcoef(ridge, c)[0, 1] > 0.95
+    kept = keep.sum(1) / len(c)
+    np.testing.assert_allclose(info["weights"], np.exp(-((1 - np.sqrt(kept)) ** 2) / 0.25 ** 2))
+    assert keep[0].all() and (~keep[1:]).any(1).all()  # row 0 is the input, every other row masks something
+    _, info_h = LimePerturbator(60, distance="hamming", kernel_width=0.5).masks(len(c), np.random.default_rng(0))
+    keep_h, _ = LimePerturbator(60).masks(len(c), np.random.default_rng(0))
+    np.testing.assert_allclose(info_h["weights"], np.exp(-((1 - keep_h.sum(1) / len(c)) ** 2) / 0.5 ** 2))
     keep, info = SobolPerturbator(256).masks(len(c), rng)
     f = (1.0 + keep @ c)[:, None]
     st = SobolAggregator().aggregate(keep, f, info)[0]

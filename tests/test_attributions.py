@@ -544,6 +544,38 @@ def test_granularity_rule_gradient_sum_and_perturbation_units(clf):
     np.testing.assert_allclose(sent.scores[0], f[0, 0] - f[1:, 0], rtol=1e-4, atol=1e-4)
 
 
+def test_new_method_is_a_perturbator_plus_an_aggregator(clf):
+    """The package docstring's example: a custom perturbation method in a dozen lines."""
+    from raylens.attributions import PerturbationExplainer
+    from raylens.attributions.aggregators import MaskAggregator
+    from raylens.attributions.perturbations import MaskPerturbator
+
+    class PairMasks(MaskPerturbator):
+        first_row_is_clean = True
+
+        def masks(self, n_elements, rng):
+            keep = np.ones((n_elements + 1, n_elements), dtype=bool)
+            for e in range(n_elements):
+                keep[1 + e, e: e + 2] = False
+            return keep, {}
+
+    class Drop(MaskAggregator):
+        def aggregate(self, keep, scores, info):
+            return (scores[0][None] - scores[1:]).T
+
+    class PairOcclusion(PerturbationExplainer):
+        def __init__(self, model, tokenizer=None, **kwargs):
+            super().__init__(model, tokenizer, perturbator=PairMasks(), aggregator=Drop(), **kwargs)
+
+    out = PairOcclusion(clf)("The movie was great.", targets=1)[0]
+    rid = clf.tokenizer.mask_token_id
+    toks = out.element_tokens
+    rows = [out.input_ids] + [masked(out.input_ids, [p for t in toks[e: e + 2] for p in t], rid) for e in range(len(toks))]
+    f = manual_scores(clf.model, rows, None, [1])[:, 0]
+    np.testing.assert_allclose(out.scores[0], f[0] - f[1:], rtol=1e-4, atol=1e-4)
+    assert out.method == "PairOcclusion"
+
+
 def test_params_recorded():
     (bert, btok), _ = tiny_models()
     p = IntegratedGradients(bert, btok, n_steps=7, baseline="mask")("Some text", targets=0)[0].params

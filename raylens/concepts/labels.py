@@ -35,8 +35,8 @@ import tempfile
 import threading
 import time
 import unicodedata
-from collections.abc import Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -178,39 +178,65 @@ def _norm_spans(spans: Any, n: int) -> list[tuple[int, int]]:
     return merged
 
 
-def mark_spans(
-    text: str, spans: Sequence[Sequence[int]] | None, *, max_chars: int | None = MAX_EXCERPT_CHARS
-) -> str:
-    """Wrap each ``[start, end)`` character span of ``text`` in ``<<`` ``>>`` and clean the result.
-
-    Overlapping or touching spans are merged into one marked run. Texts longer than
-    ``max_chars`` are cut to a window around the first span (``…`` marks a cut). Control
-    characters (newlines included) become spaces and whitespace is collapsed, so the
-    result is one line. Nothing is escaped: a text that already contains ``<<`` keeps it.
-
-    Raises:
-        ValueError: a span is malformed, reversed, or outside the text.
-    """
-    if not isinstance(text, str):
-        raise ValueError(f"example text must be a string, got {type(text).__name__}")
-    merged = _norm_spans(spans, len(text))
-    lo, hi = 0, len(text)
-    if max_chars is not None and max_chars > 0 and len(text) > max_chars:
+def excerpt_window(text_len: int, merged: Sequence[tuple[int, int]], max_chars: int | None) -> tuple[int, int]:
+    """``[lo, hi)`` of the excerpt `mark_spans` shows: the whole text when it fits in
+    ``max_chars`` (or ``max_chars`` is None), else a window of ``max_chars`` characters
+    around the first of the sorted, merged ``spans`` (the span itself when longer)."""
+    lo, hi = 0, text_len
+    if max_chars is not None and max_chars > 0 and text_len > max_chars:
         anchor_s, anchor_e = merged[0] if merged else (0, 0)
         if anchor_e - anchor_s >= max_chars:
             lo, hi = anchor_s, anchor_e  # never cut a marked run
         else:
             room = max_chars - (anchor_e - anchor_s)
             lo = max(0, anchor_s - room // 2)
-            hi = min(len(text), lo + max_chars)
+            hi = min(text_len, lo + max_chars)
             lo = max(0, hi - max_chars)
+    return lo, hi
+
+
+def mark_spans(
+    text: str,
+    spans: Sequence[Sequence[int]] | None,
+    *,
+    max_chars: int | None = MAX_EXCERPT_CHARS,
+    mark: bool = True,
+    window: tuple[int, int] | None = None,
+) -> str:
+    """Wrap each ``[start, end)`` character span of ``text`` in ``<<`` ``>>`` and clean the result.
+
+    Overlapping or touching spans are merged into one marked run. Texts longer than
+    ``max_chars`` are cut to a window around the first span (``…`` marks a cut;
+    `excerpt_window`). Control characters (newlines included) become spaces and
+    whitespace is collapsed, so the result is one line. Nothing is escaped: a text that
+    already contains ``<<`` keeps it.
+
+    Args:
+        mark: False cuts the same excerpt but inserts no markers (label scoring shows
+            detection examples unmarked).
+        window: ``(lo, hi)`` character range to show instead of the computed window
+            (spans outside it are not shown).
+
+    Raises:
+        ValueError: a span is malformed, reversed, or outside the text, or ``window`` is
+            not inside the text.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"example text must be a string, got {type(text).__name__}")
+    merged = _norm_spans(spans, len(text))
+    if window is None:
+        lo, hi = excerpt_window(len(text), merged, max_chars)
+    else:
+        lo, hi = (int(x) for x in window)
+        if not 0 <= lo <= hi <= len(text):
+            raise ValueError(f"window {[lo, hi]} is outside the text (length {len(text)}) or reversed")
     parts: list[str] = ["…" if lo > 0 else ""]
     pos = lo
     for s, e in merged:
         s, e = max(s, lo), min(e, hi)
         if e <= s:
             continue
-        parts += [text[pos:s], MARK_OPEN, text[s:e], MARK_CLOSE]
+        parts += [text[pos:s], MARK_OPEN if mark else "", text[s:e], MARK_CLOSE if mark else ""]
         pos = e
     parts += [text[pos:hi], "…" if hi < len(text) else ""]
     return _clean("".join(parts))
@@ -325,14 +351,22 @@ def parse_label(reply: str | None, max_chars: int = MAX_LABEL_CHARS) -> str | No
 
 
 # ---------------------------------------------------------------------------- hashing / cache
-def _prompt_hash(messages: list[dict], config: LabelerConfig) -> str:
-    """sha256 over the messages and the settings that shape the reply (not the model: it keys separately)."""
-    payload = {
-        "v": PROMPT_VERSION,
+def _prompt_hash(messages: list[dict], config: LabelerConfig, *, version: int = PROMPT_VERSION,
+                 kind: str | None = None) -> str:
+    """sha256 over the messages and the settings that shape the reply (not the model: it keys separately).
+
+    ``version`` is the prompt family's version; ``kind`` names another prompt family
+    (e.g. ``"detection"`` in `raylens.concepts.scoring`) and is left out of the payload
+    for labels, so label hashes stay what they always were.
+    """
+    payload: dict[str, Any] = {
+        "v": version,
         "messages": messages,
         "max_tokens": config.max_tokens,
         "temperature": float(config.temperature),
     }
+    if kind is not None:
+        payload["kind"] = kind
     blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
@@ -341,11 +375,14 @@ def _cache_key(model: str, prompt_hash: str) -> str:
     return f"{model}\x1f{prompt_hash}"
 
 
-class _LabelCache:
+class _ReplyCache:
     """JSON file of ``{"format": 1, "entries": {model + "\\x1f" + prompt_hash: {...}}}``.
 
-    Written atomically (temp file + ``os.replace``), merged with what is on disk at each
-    flush so several labelers may share a file without dropping each other's entries.
+    Each entry is a dict holding one parsed reply under a field named by its user
+    (``"label"`` for labels, ``"answers"`` for `raylens.concepts.scoring`), plus ``"raw"``,
+    ``"model"`` and ``"time"``; one file may hold both kinds. Written atomically (temp
+    file + ``os.replace``), merged with what is on disk at each flush so several
+    labelers/scorers may share a file without dropping each other's entries.
     """
 
     def __init__(self, path: str | None) -> None:
@@ -366,19 +403,23 @@ class _LabelCache:
             entries = data["entries"]
             if not isinstance(entries, dict):
                 raise TypeError("entries is not an object")
-            return {k: v for k, v in entries.items() if isinstance(v, dict) and isinstance(v.get("label"), str)}
+            return {k: v for k, v in entries.items() if isinstance(v, dict)}
         except Exception as e:  # corrupt or foreign file: keep it aside, start afresh
             aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
-            log.warning("label cache %s unreadable (%s); moved to %s", self.path, e, aside)
+            log.warning("LLM reply cache %s unreadable (%s); moved to %s", self.path, e, aside)
             try:
                 os.replace(self.path, aside)
             except OSError:
                 pass
             return {}
 
-    def get(self, key: str) -> dict | None:
+    def get(self, key: str, field: str | None = None) -> dict | None:
+        """The entry under ``key``, or None; with ``field``, only an entry that has that field."""
         with self.lock:
-            return self.entries.get(key)
+            entry = self.entries.get(key)
+        if entry is not None and field is not None and field not in entry:
+            return None
+        return entry
 
     def put(self, key: str, entry: dict) -> None:
         with self.lock:
@@ -515,6 +556,93 @@ def _request(client: Any, config: LabelerConfig, messages: list[dict], down: thr
         time.sleep(delay)
 
 
+def complete_all(
+    prompts: Mapping[str, list[dict]],
+    config: LabelerConfig,
+    parse: Callable[[str, str | None], tuple[Any, str | None]],
+    *,
+    cache: _ReplyCache,
+    field: str,
+    on_result: Callable[[str, Any, str | None], None] | None = None,
+    progress: str | None = None,
+    weights: Mapping[str, int] | None = None,
+    unit: str = "request",
+) -> dict[str, tuple[Any, str | None]]:
+    """Send every prompt once, concurrently, with retries; parse, cache and report each reply.
+
+    Shared by `label_concepts` and `raylens.concepts.scoring`. At most
+    ``config.max_concurrency`` requests are in flight; each is retried as `LabelerConfig`
+    says; after the first request that gives up on a connection error the rest fail at
+    once (circuit breaker) instead of each retrying.
+
+    Args:
+        prompts: cache key (`_cache_key`) -> chat messages. Keys already in the cache
+            should be left out by the caller (they are requested again otherwise).
+        config: endpoint and request settings.
+        parse: ``parse(key, raw reply)`` -> ``(value, None)`` when usable, ``(None, error)`` when not.
+            Usable values are cached as ``{field: value, "raw", "model", "time"}``;
+            errors are not cached (a rerun asks again).
+        cache: where usable replies go; flushed at the end, also on interruption, so no
+            finished request is lost.
+        on_result: called in the calling thread as ``on_result(key, value, error)`` as
+            each request finishes.
+        progress: description of a tqdm bar on stderr, ``None`` for no bar.
+        weights: bar increments per key (default 1).
+
+    Returns:
+        key -> ``(value, error)``; exactly one of them is not None. Never raises for an
+        endpoint problem (unreachable, timeout, HTTP error): it lands in ``error``, naming
+        ``config.base_url``.
+    """
+    out: dict[str, tuple[Any, str | None]] = {}
+    if not prompts:
+        return out
+    down = threading.Event()
+    client = _client(config)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        total = sum((weights or {}).get(k, 1) for k in prompts)
+        bar = tqdm(total=total, desc=progress, unit=unit)
+
+    def work(key: str, messages: list[dict]) -> tuple[Any, str | None]:
+        try:
+            reply = _request(client, config, messages, down)
+        except (RuntimeError, _EndpointDown) as e:
+            return None, str(e)
+        except Exception as e:  # an unexpected client failure stays with its prompt
+            return None, f"LLM request to {config.base_url} failed: {type(e).__name__}: {_clean(str(e))[:300]}"
+        try:
+            value, err = parse(key, reply)
+        except Exception as e:  # a parser bug must not lose the other replies
+            return None, f"could not parse the reply of {config.base_url}: {type(e).__name__}: {e}"
+        if err is None:
+            cache.put(key, {field: value, "raw": reply, "model": config.model, "time": time.time()})
+        return value, err
+
+    ex = ThreadPoolExecutor(max_workers=config.max_concurrency, thread_name_prefix="raylens-llm")
+    try:
+        futures = {ex.submit(work, key, msgs): key for key, msgs in prompts.items()}
+        not_done = set(futures)
+        while not_done:
+            done, not_done = wait(not_done, return_when=FIRST_COMPLETED)
+            for fut in done:
+                key = futures[fut]
+                out[key] = fut.result()
+                if on_result is not None:
+                    on_result(key, *out[key])
+                if bar is not None:
+                    bar.update((weights or {}).get(key, 1))
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
+        cache.flush()
+        client.close()
+        if bar is not None:
+            bar.close()
+    return out
+
+
 # ---------------------------------------------------------------------------- main entry
 def label_concepts(
     concepts: Mapping[int, Mapping[str, Any]],
@@ -553,7 +681,7 @@ def label_concepts(
     if not isinstance(config, LabelerConfig):
         raise TypeError(f"config must be a LabelerConfig, got {type(config).__name__}")
     results: dict[int, dict] = {}
-    cache = _LabelCache(config.cache_path)
+    cache = _ReplyCache(config.cache_path)
     pending: dict[str, tuple[list[dict], list[int]]] = {}  # cache key -> (messages, concept ids)
 
     for cid, concept in concepts.items():
@@ -568,8 +696,8 @@ def label_concepts(
         ph = _prompt_hash(messages, config)
         key = _cache_key(config.model, ph)
         results[cid] = {"label": None, "error": None, "prompt_hash": ph, "cached": False}
-        hit = cache.get(key)
-        if hit is not None:
+        hit = cache.get(key, "label")
+        if hit is not None and isinstance(hit["label"], str):
             results[cid].update(label=hit["label"], cached=True)
         elif key in pending:
             pending[key][1].append(cid)
@@ -577,46 +705,22 @@ def label_concepts(
             pending[key] = (messages, [cid])
 
     if pending:
-        down = threading.Event()
-        client = _client(config)
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=sum(len(ids) for _, ids in pending.values()), desc="labelling concepts", unit="concept")
-
-        def work(key: str, messages: list[dict]) -> tuple[str | None, str | None]:
-            try:
-                reply = _request(client, config, messages, down)
-            except (RuntimeError, _EndpointDown) as e:
-                return None, str(e)
-            except Exception as e:  # an unexpected client failure stays with its concept
-                return None, f"LLM request to {config.base_url} failed: {type(e).__name__}: {_clean(str(e))[:300]}"
+        def parse(_key: str, reply: str | None) -> tuple[str | None, str | None]:
             label = parse_label(reply)
             if label is None:
                 return None, f"LLM endpoint {config.base_url} gave no usable label (reply: {_clean(str(reply))[:80]!r})"
-            cache.put(key, {"label": label, "raw": reply, "model": config.model, "time": time.time()})
             return label, None
 
-        ex = ThreadPoolExecutor(max_workers=config.max_concurrency, thread_name_prefix="raylens-labeler")
-        futures: dict[Future, str] = {}
-        try:
-            futures = {ex.submit(work, key, msgs): key for key, (msgs, _) in pending.items()}
-            not_done = set(futures)
-            while not_done:
-                done, not_done = wait(not_done, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    label, err = fut.result()
-                    for cid in pending[futures[fut]][1]:
-                        results[cid]["label"], results[cid]["error"] = label, err
-                    if bar is not None:
-                        bar.update(len(pending[futures[fut]][1]))
-        finally:
-            ex.shutdown(wait=True, cancel_futures=True)
-            cache.flush()
-            client.close()
-            if bar is not None:
-                bar.close()
+        def deliver(key: str, label: Any, err: str | None) -> None:
+            for cid in pending[key][1]:
+                results[cid]["label"], results[cid]["error"] = label, err
+
+        complete_all(
+            {key: msgs for key, (msgs, _) in pending.items()}, config, parse,
+            cache=cache, field="label", on_result=deliver,
+            progress="labelling concepts" if progress else None,
+            weights={key: len(ids) for key, (_, ids) in pending.items()}, unit="concept",
+        )
         n_err = sum(1 for r in results.values() if r["error"])
         if n_err:
             first = next(r["error"] for r in results.values() if r["error"])

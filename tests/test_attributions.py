@@ -19,6 +19,7 @@ import torch
 
 from raylens.attributions import (
     ATTRIBUTION_SCHEMA,
+    AttributionOutput,
     METHODS,
     GradientShap,
     IntegratedGradients,
@@ -109,7 +110,11 @@ def test_output_contract_every_method_both_tasks(name):
             assert len(covered) == len(set(covered))
             assert out.target_scores is not None and out.target_scores.shape == (len(out.targets),)
             json.dumps(out.params)
-            pa.Table.from_pylist([out.to_arrow_row()], schema=ATTRIBUTION_SCHEMA)
+            table = pa.Table.from_pylist([out.to_arrow_row()], schema=ATTRIBUTION_SCHEMA)
+            back = AttributionOutput.from_arrow_row(table.to_pylist()[0])  # lossless round trip
+            assert np.array_equal(back.scores, out.scores) and back.input_ids == out.input_ids
+            assert back.element_tokens == out.element_tokens and back.params == json.loads(json.dumps(out.params))
+            assert [tuple(s) for s in back.element_spans] == [tuple(s) for s in out.element_spans]
         assert outs[0].targets == [0, 2] and outs[1].targets == [1]
         assert outs[0].target_labels == [bert.config.id2label[0], bert.config.id2label[2]]
         assert outs[0].task == "sequence_classification" and outs[2].task == "causal_lm"

@@ -37,6 +37,13 @@ A new method is those two parts, e.g. "mask one element and its right neighbour"
         def __init__(self, model, tokenizer=None, **kwargs):
             super().__init__(model, tokenizer, perturbator=PairMasks(), aggregator=Drop(), **kwargs)
 
+Faithfulness of any output: :class:`Deletion`, :class:`Insertion`, :class:`AOPCComprehensiveness`,
+:class:`AOPCSufficiency` or all four with :func:`faithfulness` (each beside a random-ranking
+baseline; see :mod:`~raylens.attributions.metrics` for directions)::
+
+    from raylens.attributions import faithfulness
+    faithfulness(lm, outputs)["deletion_auc"]        # lower is better; compare "deletion_auc_random"
+
 Gradient methods pair an :class:`~raylens.attributions.perturbations.EmbeddingPerturbator`
 (``rows(ctx, rows) -> (embeddings, per-row info)``) with a streaming
 :class:`~raylens.attributions.aggregators.GradientAggregator` (``terms`` summed over rows, then
@@ -58,10 +65,22 @@ from raylens.attributions.methods import (
     SquareGrad,
     VarGrad,
 )
+from raylens.attributions.metrics import (
+    AOPCComprehensiveness,
+    AOPCSufficiency,
+    Deletion,
+    Insertion,
+    faithfulness,
+)
 from raylens.attributions.output import ATTRIBUTION_SCHEMA, AttributionOutput
 
 __all__ = [
+    "AOPCComprehensiveness",
+    "AOPCSufficiency",
     "ATTRIBUTION_SCHEMA",
+    "Deletion",
+    "Insertion",
+    "faithfulness",
     "GRANULARITIES",
     "METHODS",
     "AttributionExplainer",

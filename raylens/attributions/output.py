@@ -75,15 +75,39 @@ class AttributionOutput:
         return len(self.elements)
 
     def to_arrow_row(self) -> dict[str, Any]:
-        """One row for a pyarrow table with :data:`ATTRIBUTION_SCHEMA` (``pa.Table.from_pylist``)."""
+        """One row for a pyarrow table with :data:`ATTRIBUTION_SCHEMA` (``pa.Table.from_pylist``).
+
+        Lossless: :meth:`from_arrow_row` gives back an equal output (scores as float32), so
+        outputs read back from Parquet can be rescored by :mod:`raylens.attributions.metrics`."""
         return {
             "text": self.text, "task": self.task, "granularity": self.granularity,
             "elements": list(self.elements), "element_spans": [list(s) for s in self.element_spans],
+            "element_tokens": [list(map(int, t)) for t in self.element_tokens],
+            "input_ids": list(map(int, self.input_ids)),
             "scores": self.scores.tolist(), "targets": list(map(int, self.targets)),
             "target_labels": list(self.target_labels), "method": self.method,
             "params": json.dumps(self.params, sort_keys=True, default=str),
             "target_scores": None if self.target_scores is None else np.asarray(self.target_scores, np.float32).tolist(),
         }
+
+    @classmethod
+    def from_arrow_row(cls, row: dict[str, Any]) -> "AttributionOutput":
+        """The inverse of :meth:`to_arrow_row` (a dict as ``pa.Table.to_pylist`` returns it; extra
+        keys, such as the attribution job's ``doc_id`` or metric columns, are ignored).
+
+        Raises:
+            KeyError: a column of :data:`ATTRIBUTION_SCHEMA` is missing.
+        """
+        ts = row.get("target_scores")
+        return cls(
+            text=row["text"], task=row["task"], granularity=row["granularity"],
+            elements=list(row["elements"]), element_spans=[tuple(s) for s in row["element_spans"]],
+            element_tokens=[list(t) for t in row["element_tokens"]], input_ids=list(row["input_ids"]),
+            scores=np.asarray(row["scores"], dtype=np.float32).reshape(len(row["targets"]), len(row["elements"])),
+            targets=list(row["targets"]), target_labels=list(row["target_labels"]), method=row["method"],
+            params=json.loads(row["params"]) if row.get("params") else {},
+            target_scores=None if ts is None else np.asarray(ts, dtype=np.float32),
+        )
 
     def _repr_html_(self) -> str:  # notebooks
         from raylens.viz.attributions import attribution_html
@@ -97,6 +121,8 @@ ATTRIBUTION_SCHEMA = pa.schema([
     pa.field("granularity", pa.string()),
     pa.field("elements", pa.list_(pa.string())),
     pa.field("element_spans", pa.list_(pa.list_(pa.int32(), 2))),
+    pa.field("element_tokens", pa.list_(pa.list_(pa.int32()))),  # token positions per element
+    pa.field("input_ids", pa.list_(pa.int64())),  # the prompt's token ids, special tokens included
     pa.field("scores", pa.list_(pa.list_(pa.float32()))),  # (n_targets, n_elements), ragged across rows
     pa.field("targets", pa.list_(pa.int64())),
     pa.field("target_labels", pa.list_(pa.string())),

@@ -3,7 +3,11 @@
 The four steps of the concept pipeline, usable in a notebook:
 
 1. split: :class:`raylens.models.split.SplitModel` reads activations at a layer;
-2. fit: :func:`build_concept_model` (``"topk_sae"``, ``"semi_nmf"``) learns a concept space;
+2. fit: :func:`build_concept_model` learns a concept space with any of
+   :func:`available_methods` (SAEs: ``topk_sae``, ``batchtopk_sae``, ``jumprelu_sae``,
+   ``vanilla_sae``, ``mp_sae``, ``archetypal_sae``; factorisations: ``pca``, ``svd``, ``ica``,
+   ``nmf``, ``semi_nmf``, ``convex_nmf``, ``kmeans``, ``dictionary_learning``,
+   ``archetypal_analysis``; and ``neurons``), all behind one :class:`ConceptModel` interface;
 3. interpret: :func:`top_activating`, :func:`vocabulary_projection`, LLM labels
    (:mod:`raylens.concepts.labels`);
 4. score: :func:`concept_gradients` (signed concept-to-output gradients).
@@ -11,7 +15,14 @@ The four steps of the concept pipeline, usable in a notebook:
 
 from raylens.concepts.importance import concept_gradients
 from raylens.concepts.interpret import top_activating, top_examples_table, vocabulary_projection
-from raylens.concepts.metrics import explained_variance, reconstruction_metrics
+from raylens.concepts.metrics import (
+    dictionary_stability,
+    explained_variance,
+    frechet_distance,
+    match_concepts,
+    reconstruction_metrics,
+    sparsity_ratio,
+)
 from raylens.concepts.models import ConceptModel, available_methods, build_concept_model, load_concept_model
 
 __all__ = [
@@ -19,9 +30,13 @@ __all__ = [
     "available_methods",
     "build_concept_model",
     "concept_gradients",
+    "dictionary_stability",
     "explained_variance",
+    "frechet_distance",
     "load_concept_model",
+    "match_concepts",
     "reconstruction_metrics",
+    "sparsity_ratio",
     "top_activating",
     "top_examples_table",
     "vocabulary_projection",

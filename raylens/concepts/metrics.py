@@ -5,6 +5,12 @@ Shapes: activations ``x`` and reconstructions ``x_hat`` are ``(n_rows, d_model)`
 :func:`reconstruction_metrics` equals the in-memory functions on the concatenated rows
 (up to rounding) with memory bounded by one batch.
 
+FID-style Fréchet distance between activations and reconstructions: Heusel et al. 2017,
+"GANs Trained by a Two Time-Scale Update Rule Converge to a Local Nash Equilibrium"
+(Fréchet/Wasserstein-2 distance of Gaussian fits, Dowson & Landau 1982). Stability across
+seeds by optimal matching of dictionary atoms (Hungarian algorithm, Kuhn 1955), as used
+to compare concept extraction methods by Fel et al. 2025, "Archetypal SAE".
+
 References: explained variance / fraction of variance unexplained and dead latents as
 reported for TopK SAEs in Gao et al. 2024, "Scaling and evaluating sparse autoencoders";
 the same reconstruction error is the objective of Semi-NMF (Ding, Li & Jordan 2010,
@@ -24,6 +30,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "explained_variance",
+    "frechet_distance",
+    "sparsity_ratio",
+    "match_concepts",
+    "dictionary_stability",
     "reconstruction_mse",
     "mean_l0",
     "dead_concepts",
@@ -144,15 +154,157 @@ def dead_concepts(z: Tensor | Iterable[Tensor], *, eps: float = 0.0) -> float:
     return float(1 - alive.to(torch.float64).mean())
 
 
+def _gaussian_fit(x: Tensor) -> tuple[Tensor, Tensor]:
+    x = x.detach().to(torch.float64)
+    mu = x.mean(dim=0)
+    xc = x - mu
+    return mu, xc.T @ xc / max(x.shape[0] - 1, 1)
+
+
+def _sqrtm_psd(s: Tensor) -> Tensor:
+    vals, vecs = torch.linalg.eigh((s + s.T) / 2)
+    return (vecs * vals.clamp_min(0).sqrt()) @ vecs.T
+
+
+def frechet_distance(x: Tensor, x_hat: Tensor) -> float:
+    """Fréchet distance between Gaussian fits of activations and reconstructions (the FID
+    formula applied to activation rows instead of Inception features).
+
+    ``||mu_x - mu_r||^2 + Tr(S_x + S_r - 2 (S_x^{1/2} S_r S_x^{1/2})^{1/2})`` with means
+    ``(d_model,)`` and covariances ``(d_model, d_model)`` of the rows, in float64 through
+    symmetric eigendecompositions. Lower is better; range ``[0, inf)`` in squared activation
+    units: 0 when the two fits coincide (e.g. ``x_hat == x``), growing with distortion (noise
+    added to ``x_hat`` inflates its covariance). It compares distributions, not rows: a
+    shuffled reconstruction scores the same. Needs more rows than ``d_model`` for a
+    full-rank covariance (with fewer it is still defined, but noisier).
+
+    Args:
+        x: activations ``(n_rows, d_model)``, ``n_rows >= 2``.
+        x_hat: reconstructions ``(m_rows, d_model)`` (need not pair with ``x``), ``m_rows >= 2``.
+
+    Returns:
+        the distance (float, clamped at 0 against rounding).
+
+    Raises:
+        ValueError: not 2-D, widths differ, or fewer than 2 rows.
+    """
+    if x.ndim != 2 or x_hat.ndim != 2 or x.shape[1] != x_hat.shape[1]:
+        raise ValueError(f"x and x_hat must be (n_rows, d_model), got {tuple(x.shape)} and {tuple(x_hat.shape)}")
+    if x.shape[0] < 2 or x_hat.shape[0] < 2:
+        raise ValueError("frechet_distance needs at least 2 rows on each side")
+    mu1, s1 = _gaussian_fit(x)
+    mu2, s2 = _gaussian_fit(x_hat.to(x.device))
+    r1 = _sqrtm_psd(s1)
+    cross = torch.linalg.eigvalsh(r1 @ s2 @ r1).clamp_min(0).sqrt().sum()
+    d = (mu1 - mu2).pow(2).sum() + torch.trace(s1) + torch.trace(s2) - 2 * cross
+    return float(d.clamp_min(0))
+
+
+def sparsity_ratio(z: Tensor, *, eps: float = 0.0) -> float:
+    """Mean fraction of concepts active per row: ``mean_l0(z) / nb_concepts``.
+
+    Lower is sparser; range ``[0, 1]`` (1: every concept active on every row, as for PCA
+    codes; ``top_k / nb_concepts`` for a TopK SAE; ``1 / nb_concepts`` for k-means).
+
+    Args:
+        z: codes ``(n_rows, nb_concepts)``.
+        eps: activity threshold (default 0: non-zero).
+
+    Returns:
+        the ratio (float).
+
+    Raises:
+        ValueError: ``z`` is not 2-D, has no rows or no columns.
+    """
+    z = _codes(z)
+    if z.shape[1] == 0:
+        raise ValueError("codes have no concepts")
+    return mean_l0(z, eps=eps) / z.shape[1]
+
+
+def _as_dictionary(d: "Tensor | ConceptModel") -> Tensor:
+    if not isinstance(d, Tensor):
+        d = d.dictionary
+    if d.ndim != 2:
+        raise ValueError(f"a dictionary must be (nb_concepts, d_model), got {tuple(d.shape)}")
+    return d.detach().to(torch.float64).cpu()
+
+
+def match_concepts(a: "Tensor | ConceptModel", b: "Tensor | ConceptModel") -> tuple[Tensor, Tensor, Tensor]:
+    """Optimal one-to-one matching of the concepts of two dictionaries.
+
+    Maximises the summed absolute cosine similarity of matched atoms (Hungarian algorithm,
+    ``scipy.optimize.linear_sum_assignment``); absolute, since a concept direction and its
+    negation are the same concept for signed methods (PCA, ICA). Rectangular inputs match
+    ``min(k_a, k_b)`` pairs. Zero atoms have cosine 0 with everything.
+
+    Args:
+        a: dictionary ``(k_a, d_model)`` or a fitted concept model.
+        b: dictionary ``(k_b, d_model)`` or a fitted concept model.
+
+    Returns:
+        ``(rows, cols, sims)``: int64 indices into ``a`` and ``b`` and the matched absolute
+        cosines (float64, each in ``[0, 1]``), sorted by ``rows``.
+
+    Raises:
+        ValueError: not 2-D or different ``d_model``.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    da, db = _as_dictionary(a), _as_dictionary(b)
+    if da.shape[1] != db.shape[1]:
+        raise ValueError(f"dictionaries have different widths: {da.shape[1]} vs {db.shape[1]}")
+    na = da / da.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    nb = db / db.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    sim = (na @ nb.T).abs().clamp(0, 1)
+    rows, cols = linear_sum_assignment(sim.numpy(), maximize=True)
+    rows, cols = torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)
+    return rows, cols, sim[rows, cols]
+
+
+def dictionary_stability(a: "Tensor | ConceptModel", b: "Tensor | ConceptModel") -> float:
+    """Stability of a concept method: mean absolute cosine of optimally matched atoms of two
+    dictionaries, typically the same method fitted with two seeds (or on two data halves).
+
+    Higher is more stable; range ``[0, 1]``: 1 when one dictionary is a permutation (and
+    sign flip / rescaling) of the other, near ``sqrt(2 / (pi * d_model))``-ish small values
+    for unrelated random directions. Invariant to permuting the concepts of either side.
+
+    Args:
+        a: dictionary ``(k_a, d_model)`` or a fitted concept model.
+        b: dictionary ``(k_b, d_model)`` or a fitted concept model.
+
+    Returns:
+        the mean matched absolute cosine (float).
+
+    Raises:
+        ValueError: see :func:`match_concepts`.
+    """
+    _, _, sims = match_concepts(a, b)
+    return float(sims.mean())
+
+
 class ReconstructionAccumulator:
     """Streaming accumulator behind :func:`reconstruction_metrics`.
 
-    Keeps float64 sums only: row count, squared error, squared deviation from the running
+    Keeps float64 sums: row count, squared error, squared deviation from the running
     mean (Chan et al.'s parallel update, ``(d_model,)`` mean), L0 total and an "ever
-    active" mask ``(nb_concepts,)``; memory does not grow with the number of rows.
+    active" mask ``(nb_concepts,)``, plus a seeded uniform reservoir of at most
+    ``fid_rows`` ``(x, x_hat)`` row pairs for the Fréchet distance; memory does not grow
+    with the number of rows.
+
+    Args:
+        fid_rows: reservoir size for the Fréchet distance (0 disables it).
+        seed: seed of the reservoir.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, fid_rows: int = 4096, seed: int = 0) -> None:
+        self.fid_rows = int(fid_rows)
+        self._reservoir = None
+        if self.fid_rows > 0:
+            from raylens.concepts.models import Reservoir
+
+            self._reservoir = Reservoir(self.fid_rows, seed=seed)
         self.n_rows = 0
         self.d_model: int | None = None
         self.sse = 0.0
@@ -189,36 +341,52 @@ class ReconstructionAccumulator:
         self.l0_total += float(active.sum())
         col = active.any(dim=0).cpu()
         self.alive = col if self.alive is None else (self.alive | col)
+        if self._reservoir is not None:
+            self._reservoir.add(torch.cat([x, x_hat], dim=1).to(torch.float32).cpu())
         self.n_rows += b
         self.d_model = x.shape[1]
 
     def result(self) -> dict[str, Any]:
-        """``dict(mse, explained_variance, mean_l0, dead_fraction, n_rows)`` (see
-        :func:`reconstruction_metrics`).
+        """``dict(mse, explained_variance, mean_l0, sparsity_ratio, dead_fraction, fid,
+        fid_rows, n_rows)`` (see :func:`reconstruction_metrics`).
 
         Raises:
             ValueError: no rows were added.
         """
         if self.n_rows == 0:
             raise ValueError("no rows")
+        fid, fid_n = float("nan"), 0
+        if self._reservoir is not None:
+            pairs = self._reservoir.sample()
+            fid_n = int(pairs.shape[0])
+            if fid_n >= 2:
+                fid = frechet_distance(pairs[:, : self.d_model], pairs[:, self.d_model:])
         return {
             "mse": self.sse / (self.n_rows * self.d_model),
             "explained_variance": (1 - self.sse / self.m2) if self.m2 > 0 else float("nan"),
             "mean_l0": self.l0_total / self.n_rows,
+            "sparsity_ratio": self.l0_total / self.n_rows / self.alive.numel(),
             "dead_fraction": float(1 - self.alive.to(torch.float64).mean()),
+            "fid": fid,
+            "fid_rows": fid_n,
             "n_rows": self.n_rows,
         }
 
 
 @torch.no_grad()
-def reconstruction_metrics(model: "ConceptModel", batches: Iterable[Tensor]) -> dict[str, Any]:
+def reconstruction_metrics(model: "ConceptModel", batches: Iterable[Tensor], *, fid_rows: int = 4096,
+                           seed: int = 0) -> dict[str, Any]:
     """Stream activation batches through ``model.encode``/``model.decode`` and summarise.
 
-    Memory is bounded by one batch (sums are accumulated), so this runs over a corpus.
+    Memory is bounded by one batch plus the Fréchet-distance reservoir (sums are
+    accumulated), so this runs over a corpus.
 
     Args:
         model: a fitted :class:`~raylens.concepts.models.ConceptModel`.
         batches: iterable of activations ``(batch, d_model)`` (a generator is fine).
+        fid_rows: size of the seeded uniform sample of rows the Fréchet distance is computed
+            on (0: skip it, ``fid`` is nan).
+        seed: seed of that sample.
 
     Returns:
         dict with
@@ -226,14 +394,18 @@ def reconstruction_metrics(model: "ConceptModel", batches: Iterable[Tensor]) -> 
           * ``explained_variance`` (higher is better, ``(-inf, 1]``): over all rows, as
             :func:`explained_variance` on the concatenated stream,
           * ``mean_l0`` (``[0, nb_concepts]``): mean non-zero codes per row,
+          * ``sparsity_ratio`` (lower is sparser, ``[0, 1]``): ``mean_l0 / nb_concepts``,
           * ``dead_fraction`` (lower is better, ``[0, 1]``): concepts never active,
+          * ``fid`` (lower is better, ``[0, inf)``): :func:`frechet_distance` between the
+            activations and reconstructions of a uniform sample of ``fid_rows`` rows
+            (``fid_rows``: its actual size),
           * ``n_rows``: rows seen.
 
     Raises:
         ValueError: empty stream or batches of the wrong shape.
         RuntimeError: model not fitted.
     """
-    acc = ReconstructionAccumulator()
+    acc = ReconstructionAccumulator(fid_rows=fid_rows, seed=seed)
     for batch in batches:
         x = torch.as_tensor(batch)
         if x.ndim != 2:

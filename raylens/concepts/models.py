@@ -47,7 +47,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -56,14 +56,31 @@ from torch import Tensor
 
 __all__ = [
     "ConceptModel",
+    "SAEConceptModel",
+    "DictionaryConceptModel",
     "TopKSAEConceptModel",
+    "VanillaSAEConceptModel",
+    "BatchTopKSAEConceptModel",
+    "JumpReLUSAEConceptModel",
+    "MPSAEConceptModel",
+    "ArchetypalSAEConceptModel",
     "SemiNMFConceptModel",
+    "NeuronsConceptModel",
+    "PCAConceptModel",
+    "SVDConceptModel",
+    "ICAConceptModel",
+    "KMeansConceptModel",
+    "NMFConceptModel",
+    "ConvexNMFConceptModel",
+    "ArchetypalAnalysisConceptModel",
+    "DictionaryLearningConceptModel",
     "build_concept_model",
     "load_concept_model",
     "register_concept_model",
     "available_methods",
     "sae_train_step",
     "reservoir_sample",
+    "Reservoir",
 ]
 
 logger = logging.getLogger(__name__)
@@ -123,6 +140,58 @@ def _is_reiterable(batches: Iterable) -> bool:
     return not isinstance(batches, Iterator)
 
 
+class Reservoir:
+    """Streaming uniform sample of at most ``max_rows`` rows (Algorithm R, vectorised per batch).
+
+    ``add`` batches ``(batch, width)``; ``sample()`` returns the rows kept, float32
+    ``(min(max_rows, n_seen), width)``. Same stream, batching and seed give the same sample.
+    Memory ``O(max_rows * width)``. See :func:`reservoir_sample`.
+    """
+
+    def __init__(self, max_rows: int, *, seed: int = 0):
+        if max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+        self.max_rows = int(max_rows)
+        self.gen = torch.Generator().manual_seed(int(seed))
+        self.reservoir: Tensor | None = None
+        self.n_seen = 0
+
+    def add(self, batch: Tensor) -> None:
+        """Offer a batch ``(batch, width)`` (float32 on the CPU) to the reservoir."""
+        b = batch.shape[0]
+        if b == 0:
+            return
+        max_rows, n_seen = self.max_rows, self.n_seen
+        if self.reservoir is None:
+            self.reservoir = torch.empty(max_rows, batch.shape[1], dtype=torch.float32)
+        reservoir = self.reservoir
+        fill = min(max(max_rows - n_seen, 0), b)
+        if fill:
+            reservoir[n_seen:n_seen + fill] = batch[:fill]
+        rest = batch[fill:]
+        if rest.shape[0]:
+            # row with 0-based stream index t replaces slot j ~ U{0..t} when j < max_rows
+            t = torch.arange(n_seen + fill, n_seen + b, dtype=torch.float64)
+            j = torch.floor(torch.rand(rest.shape[0], generator=self.gen, dtype=torch.float64) * (t + 1)).long()
+            hit = torch.nonzero(j < max_rows).flatten()
+            if hit.numel():
+                slots = j[hit]
+                # several rows of this batch may hit one slot: the last one wins (sequential semantics)
+                rev_slots = slots.flip(0)
+                uniq, inverse = torch.unique(rev_slots, return_inverse=True)
+                first_in_rev = torch.full((uniq.numel(),), rev_slots.numel(), dtype=torch.long)
+                first_in_rev.scatter_reduce_(0, inverse, torch.arange(rev_slots.numel()), reduce="amin")
+                winners = hit.flip(0)[first_in_rev]
+                reservoir[uniq] = rest[winners]
+        self.n_seen += b
+
+    def sample(self) -> Tensor:
+        """The rows kept so far (a copy)."""
+        if self.reservoir is None:
+            return torch.empty(0, 0, dtype=torch.float32)
+        return self.reservoir[: min(self.max_rows, self.n_seen)].clone()
+
+
 def reservoir_sample(
     batches: Iterable[Tensor], max_rows: int, d_model: int, *, seed: int = 0
 ) -> tuple[Tensor, int]:
@@ -146,40 +215,12 @@ def reservoir_sample(
     Raises:
         ValueError: ``max_rows < 1`` or a batch that is not ``(batch, d_model)``.
     """
-    if max_rows < 1:
-        raise ValueError(f"max_rows must be >= 1, got {max_rows}")
-    gen = torch.Generator().manual_seed(int(seed))
-    reservoir: Tensor | None = None
-    n_seen = 0
+    res = Reservoir(max_rows, seed=seed)
     for batch in batches:
-        batch = _as_rows(batch, d_model, "batch").detach().cpu()
-        b = batch.shape[0]
-        if b == 0:
-            continue
-        if reservoir is None:
-            reservoir = torch.empty(max_rows, d_model, dtype=torch.float32)
-        fill = min(max(max_rows - n_seen, 0), b)
-        if fill:
-            reservoir[n_seen:n_seen + fill] = batch[:fill]
-        rest = batch[fill:]
-        if rest.shape[0]:
-            # row with 0-based stream index t replaces slot j ~ U{0..t} when j < max_rows
-            t = torch.arange(n_seen + fill, n_seen + b, dtype=torch.float64)
-            j = torch.floor(torch.rand(rest.shape[0], generator=gen, dtype=torch.float64) * (t + 1)).long()
-            hit = torch.nonzero(j < max_rows).flatten()
-            if hit.numel():
-                slots = j[hit]
-                # several rows of this batch may hit one slot: the last one wins (sequential semantics)
-                rev_slots = slots.flip(0)
-                uniq, inverse = torch.unique(rev_slots, return_inverse=True)
-                first_in_rev = torch.full((uniq.numel(),), rev_slots.numel(), dtype=torch.long)
-                first_in_rev.scatter_reduce_(0, inverse, torch.arange(rev_slots.numel()), reduce="amin")
-                winners = hit.flip(0)[first_in_rev]
-                reservoir[uniq] = rest[winners]
-        n_seen += b
-    if reservoir is None:
+        res.add(_as_rows(batch, d_model, "batch").detach().cpu())
+    if res.n_seen == 0:
         return torch.empty(0, d_model, dtype=torch.float32), 0
-    return reservoir[: min(max_rows, n_seen)].clone(), n_seen
+    return res.sample(), res.n_seen
 
 
 def _robust_stats(x: Tensor, center: bool, outlier_factor: float) -> tuple[Tensor, Tensor]:
@@ -290,15 +331,7 @@ class ConceptModel(abc.ABC):
         """Constructor parameters of this model (JSON-serialisable), ``nb_concepts`` and
         ``d_model`` included; ``build_concept_model(self.method, **self.get_params())``
         rebuilds an unfitted twin."""
-        params = {}
-        for cls in type(self).__mro__:
-            init = cls.__dict__.get("__init__")
-            if init is None or cls is object:
-                continue
-            for name, p in inspect.signature(init).parameters.items():
-                if p.kind is p.KEYWORD_ONLY and name not in params:
-                    params[name] = getattr(self, name)
-        return params
+        return {name: getattr(self, name) for name in _method_params(type(self))}
 
     @property
     def is_fitted(self) -> bool:
@@ -539,14 +572,19 @@ def available_methods() -> list[str]:
 
 
 def _method_params(cls: type[ConceptModel]) -> dict[str, inspect.Parameter]:
+    """Keyword-only constructor parameters of ``cls``: those of the most derived ``__init__``,
+    and of its parents' only while the constructors met so far forward ``**kwargs``."""
     params: dict[str, inspect.Parameter] = {}
     for klass in cls.__mro__:
         init = klass.__dict__.get("__init__")
         if init is None or klass is object:
             continue
-        for name, p in inspect.signature(init).parameters.items():
+        sig = inspect.signature(init).parameters
+        for name, p in sig.items():
             if p.kind is p.KEYWORD_ONLY and name not in params:
                 params[name] = p
+        if not any(p.kind is p.VAR_KEYWORD for p in sig.values()):
+            break
     return params
 
 
@@ -620,31 +658,36 @@ def load_concept_model(directory: str | Path) -> ConceptModel:
     return model
 
 
-# --------------------------------------------------------------------------- TopK SAE
+# --------------------------------------------------------------------------- SAEs
 
 
 def sae_train_step(sae: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Tensor,
-                   *, clip_grad: float | None = 1.0) -> dict[str, float]:
+                   *, clip_grad: float | None = 1.0, penalty: Callable[..., Tensor] | None = None
+                   ) -> dict[str, float]:
     """One Adam (or any optimizer) step of an overcomplete SAE on one batch; the single
     training step that in-memory, streaming and distributed (Ray Train) training all call.
 
     Loss: mean squared reconstruction error ``mean((batch - x_hat)^2)`` over
-    ``(batch_rows, d_in)`` (TopK SAEs need no sparsity penalty: Gao et al. 2024, "Scaling
-    and evaluating sparse autoencoders"). Gradients are clipped to global norm
-    ``clip_grad`` (None: no clipping). overcomplete's dictionary layer re-projects its atoms
-    on the unit sphere at every training-mode forward.
+    ``(batch_rows, d_in)``, plus ``penalty(sae, batch, pre_codes, codes, x_hat)`` when given
+    (the sparsity term of L1 or JumpReLU SAEs; TopK-style SAEs need none: Gao et al. 2024,
+    "Scaling and evaluating sparse autoencoders"; a model's own penalty is
+    ``model.penalty``). Gradients are clipped to global norm ``clip_grad`` (None: no
+    clipping). overcomplete's dictionary layer re-projects its atoms on the unit sphere at
+    every training-mode forward.
 
     Args:
         sae: an overcomplete SAE (``forward(x) -> (pre_codes, codes, x_hat)``), put in
             training mode by this function.
         optimizer: optimizer over ``sae.parameters()``.
         batch: input rows ``(batch_rows, d_in)`` already in the SAE's input space (for a
-            :class:`TopKSAEConceptModel`, ``model.normalize(x)``).
+            concept model, ``model.normalize(x)``).
+        clip_grad: global gradient-norm clip.
+        penalty: optional extra loss term (a scalar tensor).
 
     Returns:
-        ``dict(loss=float, explained_variance=float, l0=float)``: loss before the step,
-        explained variance of the batch (1 - SSE/SST, <= 1, higher is better) and the mean
-        number of active codes per row.
+        ``dict(loss=float, mse=float, explained_variance=float, l0=float)``: total loss and
+        reconstruction loss before the step, explained variance of the batch (1 - SSE/SST,
+        <= 1, higher is better) and the mean number of active codes per row.
 
     Raises:
         ValueError: batch is not 2-D or the loss is not finite.
@@ -653,9 +696,10 @@ def sae_train_step(sae: torch.nn.Module, optimizer: torch.optim.Optimizer, batch
         raise ValueError(f"batch must be (batch_rows, d_in), got {tuple(batch.shape)}")
     sae.train()
     optimizer.zero_grad(set_to_none=True)
-    _, codes, x_hat = sae(batch)
+    pre_codes, codes, x_hat = sae(batch)
     err = (batch - x_hat).pow(2)
-    loss = err.mean()
+    mse = err.mean()
+    loss = mse if penalty is None else mse + penalty(sae, batch, pre_codes, codes, x_hat)
     if not torch.isfinite(loss):
         raise ValueError(f"non-finite SAE loss {loss.item()}")
     loss.backward()
@@ -667,50 +711,52 @@ def sae_train_step(sae: torch.nn.Module, optimizer: torch.optim.Optimizer, batch
         sst = (batch - batch.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
         return {
             "loss": float(loss),
+            "mse": float(mse),
             "explained_variance": float(1 - sse / sst),
             "l0": float((codes != 0).sum(dim=1).float().mean()),
         }
 
 
-@register_concept_model
-class TopKSAEConceptModel(ConceptModel):
-    """TopK sparse autoencoder (Gao et al. 2024, "Scaling and evaluating sparse
-    autoencoders", arXiv 2406.04093), wrapping ``overcomplete.sae.TopKSAE``.
+def _chain(head: list[Tensor], rest: Iterator[Tensor]) -> Iterator[Tensor]:
+    yield from head
+    yield from rest
 
-    ``z = TopK_k(ReLU(W_enc (x - mean) / scale + b_enc))`` of shape ``(n_rows, nb_concepts)``
-    with at most ``top_k`` non-zeros per row; ``x_hat = (z @ D) * scale + mean`` with unit-norm
-    atoms ``D (nb_concepts, d_model)`` in the normalised space. ``mean`` plays the role of
-    Gao et al.'s pre-encoder/decoder bias (fixed, estimated on the first rows rather than
-    learned); the encoder is initialised as ``D^T`` as in the paper.
 
-    Training: Adam on the mean squared reconstruction error of normalised rows, in
-    minibatches of ``batch_size`` rows, via :func:`sae_train_step`. :meth:`fit` runs
-    ``epochs`` seeded-shuffled passes over an in-memory tensor; :meth:`fit_stream` runs one
-    pass over a one-shot iterator (a generator), or ``epochs`` passes over a re-iterable
-    (a list, a dataset), re-cutting the stream into ``batch_size``-row batches (no
-    shuffling across batches: shuffle upstream). Normalisation statistics are estimated on
-    the first ``norm_rows`` rows of the stream. No AuxK loss yet (dead latents are not revived).
+def _batchtopk_pre_hook(module: torch.nn.Module, args: tuple) -> None:
+    """Forward pre-hook of a BatchTopK SAE: keep ``k_per_row * batch_rows`` codes per batch.
 
-    Args:
-        nb_concepts: number of latents.
-        d_model: activation width.
-        top_k: active latents per row (default: ``max(nb_concepts // 16, 1)``).
-        lr: Adam learning rate.
-        epochs: passes over the data.
-        batch_size: rows per training step.
-        seed: seed of initialisation and shuffling.
-        device: torch device.
-        max_fit_rows: unused by this streaming method's :meth:`fit_stream`; kept for a uniform config.
-        center: subtract the input mean before encoding (default True).
-        outlier_factor: rows farther than this many times the median distance from the
-            median are ignored when estimating mean and scale.
-        clip_grad: global gradient-norm clip (0 disables).
+    overcomplete's ``BatchTopKSAE(top_k)`` counts ``top_k`` over the whole batch; raylens'
+    ``top_k`` is per row (Bussmann et al. 2024), so the batch budget follows the batch size
+    (a short last batch gets a proportionally smaller budget)."""
+    x = args[0]
+    module.top_k = max(1, min(int(module.k_per_row) * int(x.shape[0]), int(x.shape[0]) * int(module.nb_concepts)))
 
-    Raises:
-        ValueError: invalid parameter values.
+
+class SAEConceptModel(ConceptModel):
+    """Shared base of the sparse-autoencoder concept models (overcomplete ``SAE`` subclasses).
+
+    ``z = encoder((x - mean) / scale)`` of shape ``(n_rows, nb_concepts)``,
+    ``x_hat = (z @ D) * scale + mean`` with the dictionary ``D (nb_concepts, d_model)`` of the
+    SAE in the normalised space; ``mean`` (``(d_model,)``) is a fixed pre-encoder/decoder bias
+    estimated on the first rows. Linear encoders start as ``D^T`` (Gao et al. 2024).
+
+    Training (one loop for every SAE): Adam on the mean squared reconstruction error of
+    normalised rows plus the method's :meth:`penalty`, in minibatches of ``batch_size`` rows,
+    via :func:`sae_train_step`. :meth:`fit` runs ``epochs`` seeded-shuffled passes over an
+    in-memory tensor; :meth:`fit_stream` runs one pass over a one-shot iterator (a
+    generator), or ``epochs`` passes over a re-iterable (a list, a dataset), re-cutting the
+    stream into ``batch_size``-row batches (no shuffling across batches: shuffle upstream).
+    Normalisation statistics are estimated on the first ``norm_rows`` rows of the stream.
+    All SAEs stream (``streaming = True``).
+
+    State: the SAE's ``state_dict`` (``sae.*`` tensors), the fused dictionary of the fit
+    (``dictionary``) and whatever a subclass adds (e.g. BatchTopK's inference threshold),
+    plus the normalisation.
+
+    Subclasses set ``method`` and implement :meth:`_build_sae` (and, when they need them,
+    :meth:`penalty`, :meth:`_extra_sae_tensors`, :meth:`_load_extra_sae_tensors`).
     """
 
-    method = "topk_sae"
     streaming = True
 
     def __init__(
@@ -718,7 +764,6 @@ class TopKSAEConceptModel(ConceptModel):
         *,
         nb_concepts: int,
         d_model: int,
-        top_k: int | None = None,
         lr: float = 2e-3,
         epochs: int = 10,
         batch_size: int = 256,
@@ -731,9 +776,6 @@ class TopKSAEConceptModel(ConceptModel):
     ):
         super().__init__(nb_concepts=nb_concepts, d_model=d_model, seed=seed, device=device,
                          max_fit_rows=max_fit_rows, center=center, outlier_factor=outlier_factor)
-        self.top_k = int(top_k) if top_k is not None else max(self.nb_concepts // 16, 1)
-        if not 1 <= self.top_k <= self.nb_concepts:
-            raise ValueError(f"top_k must be in [1, nb_concepts={self.nb_concepts}], got {top_k}")
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         if int(epochs) < 1:
@@ -744,22 +786,31 @@ class TopKSAEConceptModel(ConceptModel):
         self.epochs = int(epochs)
         self.batch_size = int(batch_size)
         self.clip_grad = float(clip_grad)
-        self.sae = self._new_sae()
-        self._dict: Tensor | None = None  # fused, unit-norm dictionary (nb_concepts, d_model)
+        self._dict: Tensor | None = None  # fused dictionary (nb_concepts, d_model)
         self.history: list[dict[str, float]] = []
 
-    def _new_sae(self) -> torch.nn.Module:
-        _overcomplete()
-        from overcomplete.sae import TopKSAE
+    def _post_init(self) -> None:
+        """Build the (untrained) SAE once every subclass attribute is set."""
+        self.sae = self._new_sae(None)
 
+    # ---- construction
+
+    @abc.abstractmethod
+    def _build_sae(self, sample: Tensor | None) -> torch.nn.Module:
+        """A fresh overcomplete SAE (called under a seeded RNG). ``sample``: normalised rows
+        ``(n_rows, d_model)`` of the training data (None when building a placeholder)."""
+
+    def _new_sae(self, sample: Tensor | None) -> torch.nn.Module:
+        _overcomplete()
         with _seeded(self.seed):
-            sae = TopKSAE(self.d_model, nb_concepts=self.nb_concepts, top_k=self.top_k, device=self.device)
-        # Gao et al. 2024: initialise the encoder as the transpose of the decoder.
+            sae = self._build_sae(sample)
+        # Gao et al. 2024: initialise a linear encoder as the transpose of the (unit-norm) decoder.
         linear = self._encoder_linear(sae)
         if linear is not None:
             with torch.no_grad():
-                sae.dictionary._weights.data = sae.dictionary.normalization(sae.dictionary._weights.data)
-                linear.weight.copy_(sae.dictionary._weights)
+                sae.train()
+                D = sae.get_dictionary().detach()
+                linear.weight.copy_(D / D.norm(dim=1, keepdim=True).clamp_min(1e-8))
                 linear.bias.zero_()
         return sae
 
@@ -772,11 +823,24 @@ class TopKSAEConceptModel(ConceptModel):
 
     # ---- training
 
+    def penalty(self, sae: torch.nn.Module, batch: Tensor, pre_codes: Tensor, codes: Tensor,
+                x_hat: Tensor) -> Tensor | None:
+        """Sparsity term added to the reconstruction loss (None: none, the default)."""
+        return None
+
+    def _penalty_fn(self) -> Callable[..., Tensor] | None:
+        return None if type(self).penalty is SAEConceptModel.penalty else self.penalty
+
     def make_optimizer(self) -> torch.optim.Optimizer:
         """Adam over the SAE parameters with this model's ``lr`` (for external training loops)."""
         for p in self.sae.parameters():
             p.requires_grad_(True)
         return torch.optim.Adam(self.sae.parameters(), lr=self.lr)
+
+    def train_step(self, optimizer: torch.optim.Optimizer, batch_norm: Tensor) -> dict[str, float]:
+        """:func:`sae_train_step` with this model's penalty and clipping, on normalised rows."""
+        return sae_train_step(self.sae, optimizer, batch_norm, clip_grad=self.clip_grad or None,
+                              penalty=self._penalty_fn())
 
     def _train_batches(self, batch_passes: Iterable[Iterable[Tensor]], progress: bool) -> None:
         """Train over several passes; each element of ``batch_passes`` yields normalised batches."""
@@ -789,10 +853,10 @@ class TopKSAEConceptModel(ConceptModel):
         t0 = time.perf_counter()
         step = 0
         for epoch, batches in enumerate(batch_passes):
-            sums = {"loss": 0.0, "explained_variance": 0.0, "l0": 0.0}
+            sums = {"loss": 0.0, "mse": 0.0, "explained_variance": 0.0, "l0": 0.0}
             n = 0
-            for batch in _progress(batches, progress, f"topk_sae epoch {epoch + 1}"):
-                stats = sae_train_step(self.sae, optimizer, batch, clip_grad=self.clip_grad or None)
+            for batch in _progress(batches, progress, f"{self.method} epoch {epoch + 1}"):
+                stats = self.train_step(optimizer, batch)
                 for k in sums:
                     sums[k] += stats[k]
                 n += 1
@@ -800,7 +864,7 @@ class TopKSAEConceptModel(ConceptModel):
             if n:
                 record = {k: v / n for k, v in sums.items()} | {"epoch": epoch + 1, "steps": n}
                 self.history.append(record)
-                logger.info("topk_sae epoch %d: loss %.4g, batch EV %.3f, L0 %.1f, %.1fs",
+                logger.info("%s epoch %d: loss %.4g, batch EV %.3f, L0 %.1f, %.1fs", self.method,
                             epoch + 1, record["loss"], record["explained_variance"], record["l0"],
                             time.perf_counter() - t0)
         if step == 0:
@@ -811,14 +875,14 @@ class TopKSAEConceptModel(ConceptModel):
         """Freeze: eval mode, parameters without gradients, fused dictionary cached."""
         for p in self.sae.parameters():
             p.requires_grad_(False)
-        # overcomplete's DictionaryLayer fuses (normalises) its dictionary when switched to eval
-        # mode and keeps that copy out of its state_dict: we keep our own copy and save it.
+        # overcomplete's dictionary layers fuse (normalise) their dictionary when switched to
+        # eval mode and keep that copy out of their state_dict: we keep our own copy and save it.
         self.sae.eval()
         with torch.no_grad():
             self._dict = self.sae.get_dictionary().detach().clone()
         self._fitted = True
 
-    def fit(self, activations: Tensor) -> "TopKSAEConceptModel":
+    def fit(self, activations: Tensor) -> "SAEConceptModel":
         """Train on activations ``(n_rows, d_model)`` in memory: ``epochs`` seeded-shuffled
         passes in minibatches of ``batch_size`` rows (see the class docstring).
 
@@ -835,8 +899,8 @@ class TopKSAEConceptModel(ConceptModel):
         gen = torch.Generator().manual_seed(self.seed)
         idx = torch.randperm(n, generator=gen)[: self.norm_rows]
         self.set_normalization(x[idx])
-        self.sae = self._new_sae()
         x_norm = self.normalize(x)
+        self.sae = self._new_sae(x_norm[idx.to(x_norm.device)])
 
         def passes():
             for _ in range(self.epochs):
@@ -847,11 +911,12 @@ class TopKSAEConceptModel(ConceptModel):
         self.n_fit_rows = n
         return self
 
-    def fit_stream(self, batches: Iterable[Tensor], *, progress: bool = True) -> "TopKSAEConceptModel":
+    def fit_stream(self, batches: Iterable[Tensor], *, progress: bool = True) -> "SAEConceptModel":
         """Train on a stream of batches ``(batch, d_model)`` with bounded memory.
 
-        The first ``norm_rows`` rows are buffered to estimate the normalisation, then
-        training starts on them and continues over the stream, re-cut into
+        The first ``norm_rows`` rows are buffered to estimate the normalisation (and, for
+        methods that need data at construction such as the archetypal SAE, to build the
+        SAE), then training starts on them and continues over the stream, re-cut into
         ``batch_size``-row batches. A one-shot iterator gets one pass; a re-iterable gets
         ``epochs`` passes.
 
@@ -864,8 +929,8 @@ class TopKSAEConceptModel(ConceptModel):
         reiterable = _is_reiterable(batches)
         n_passes = self.epochs if reiterable else 1
         if not reiterable and self.epochs > 1:
-            logger.info("topk_sae.fit_stream: the stream is a one-shot iterator, training one pass "
-                        "(epochs=%d needs a re-iterable such as a list or dataset)", self.epochs)
+            logger.info("%s.fit_stream: the stream is a one-shot iterator, training one pass "
+                        "(epochs=%d needs a re-iterable such as a list or dataset)", self.method, self.epochs)
         first_pass = _rebatch(batches, self.batch_size, self.d_model, self.device)
         head: list[Tensor] = []
         n_head = 0
@@ -876,8 +941,9 @@ class TopKSAEConceptModel(ConceptModel):
                 break
         if n_head == 0:
             raise ValueError("fit_stream got an empty stream")
-        self.set_normalization(torch.cat(head))
-        self.sae = self._new_sae()
+        head_x = torch.cat(head)
+        self.set_normalization(head_x)
+        self.sae = self._new_sae(self.normalize(head_x))
         counter = {"rows": 0}
 
         def normalized(stream: Iterable[Tensor]) -> Iterator[Tensor]:
@@ -908,16 +974,26 @@ class TopKSAEConceptModel(ConceptModel):
 
     # ---- state
 
+    def _extra_sae_tensors(self) -> dict[str, Tensor]:
+        """State outside the SAE's ``state_dict`` that inference needs (override)."""
+        return {}
+
+    def _load_extra_sae_tensors(self, tensors: dict[str, Tensor]) -> None:
+        """Restore what :meth:`_extra_sae_tensors` wrote (called before freezing)."""
+
     def _state_tensors(self) -> dict[str, Tensor]:
         tensors = {f"sae.{k}": v for k, v in self.sae.state_dict().items()}
         tensors["dictionary"] = self._dict
+        tensors.update(self._extra_sae_tensors())
         return tensors
 
     def _load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
         if "dictionary" not in tensors:
-            raise ValueError("topk_sae state lacks tensor 'dictionary'")
+            raise ValueError(f"{self.method} state lacks tensor 'dictionary'")
         sae_state = {k[len("sae."):]: v for k, v in tensors.items() if k.startswith("sae.")}
         self.sae.load_state_dict(sae_state, strict=True)
+        self._load_extra_sae_tensors({k: v for k, v in tensors.items()
+                                      if not k.startswith("sae.") and k != "dictionary"})
         self._finalize()
         self._dict = tensors["dictionary"].to(self.device)  # the exact fused dictionary of the fit
 
@@ -928,9 +1004,416 @@ class TopKSAEConceptModel(ConceptModel):
         self.history = list(extra.get("history", []))
 
 
-def _chain(head: list[Tensor], rest: Iterator[Tensor]) -> Iterator[Tensor]:
-    yield from head
-    yield from rest
+def _check_top_k(top_k: int | None, nb_concepts: int, default_div: int = 16) -> int:
+    k = int(top_k) if top_k is not None else max(nb_concepts // default_div, 1)
+    if not 1 <= k <= nb_concepts:
+        raise ValueError(f"top_k must be in [1, nb_concepts={nb_concepts}], got {top_k}")
+    return k
+
+
+@register_concept_model
+class TopKSAEConceptModel(SAEConceptModel):
+    """TopK sparse autoencoder (Gao et al. 2024, "Scaling and evaluating sparse
+    autoencoders", arXiv 2406.04093), wrapping ``overcomplete.sae.TopKSAE``.
+
+    ``z = TopK_k(ReLU(W_enc (x - mean) / scale + b_enc))`` of shape ``(n_rows, nb_concepts)``
+    with at most ``top_k`` non-zeros per row; ``x_hat = (z @ D) * scale + mean`` with unit-norm
+    atoms ``D (nb_concepts, d_model)`` in the normalised space. ``mean`` plays the role of
+    Gao et al.'s pre-encoder/decoder bias (fixed, estimated on the first rows rather than
+    learned); the encoder is initialised as ``D^T`` as in the paper.
+
+    Streaming; training as in :class:`SAEConceptModel` (no sparsity penalty: TopK is the
+    sparsity). No AuxK loss yet (dead latents are not revived). State: the SAE weights and
+    the fused dictionary.
+
+    Args:
+        nb_concepts: number of latents.
+        d_model: activation width.
+        top_k: active latents per row (default: ``max(nb_concepts // 16, 1)``).
+        lr: Adam learning rate.
+        epochs: passes over the data.
+        batch_size: rows per training step.
+        seed: seed of initialisation and shuffling.
+        device: torch device.
+        max_fit_rows: unused by this streaming method's :meth:`fit_stream`; kept for a uniform config.
+        center: subtract the input mean before encoding (default True).
+        outlier_factor: rows farther than this many times the median distance from the
+            median are ignored when estimating mean and scale.
+        clip_grad: global gradient-norm clip (0 disables).
+
+    Raises:
+        ValueError: invalid parameter values.
+    """
+
+    method = "topk_sae"
+
+    def __init__(
+        self,
+        *,
+        nb_concepts: int,
+        d_model: int,
+        top_k: int | None = None,
+        lr: float = 2e-3,
+        epochs: int = 10,
+        batch_size: int = 256,
+        seed: int = 0,
+        device: str = "cpu",
+        max_fit_rows: int = 10_000,
+        center: bool = True,
+        outlier_factor: float = 10.0,
+        clip_grad: float = 1.0,
+    ):
+        super().__init__(nb_concepts=nb_concepts, d_model=d_model, lr=lr, epochs=epochs, batch_size=batch_size,
+                         seed=seed, device=device, max_fit_rows=max_fit_rows, center=center,
+                         outlier_factor=outlier_factor, clip_grad=clip_grad)
+        self.top_k = _check_top_k(top_k, self.nb_concepts)
+        self._post_init()
+
+    def _build_sae(self, sample: Tensor | None) -> torch.nn.Module:
+        from overcomplete.sae import TopKSAE
+
+        return TopKSAE(self.d_model, nb_concepts=self.nb_concepts, top_k=self.top_k, device=self.device)
+
+
+@register_concept_model
+class VanillaSAEConceptModel(SAEConceptModel):
+    """ReLU sparse autoencoder with an L1 penalty (the "vanilla" SAE of Bricken et al. 2023,
+    "Towards Monosemanticity"; Cunningham et al. 2023, arXiv 2309.08600), wrapping
+    ``overcomplete.sae.SAE`` with its linear encoder.
+
+    ``z = ReLU(W_enc (x - mean) / scale + b_enc)`` ``(n_rows, nb_concepts)``;
+    ``x_hat = (z @ D) * scale + mean`` with unit-norm atoms ``D (nb_concepts, d_model)``.
+    Loss: ``mean((x_norm - x_hat_norm)^2) + l1_coef * mean_rows(||z||_1) / d_model``: since the
+    normalised rows have a mean squared norm of about 1, ``l1_coef`` is the fraction of
+    variance traded for one unit of code L1 norm. Sparsity is soft: codes below zero are
+    cut, the rest are not thresholded. Streaming (see :class:`SAEConceptModel`). State: SAE
+    weights and the fused dictionary.
+
+    Args:
+        l1_coef: L1 coefficient (see above).
+        other arguments: as :class:`TopKSAEConceptModel`.
+
+    Raises:
+        ValueError: invalid parameter values.
+    """
+
+    method = "vanilla_sae"
+
+    def __init__(
+        self,
+        *,
+        nb_concepts: int,
+        d_model: int,
+        l1_coef: float = 0.05,
+        lr: float = 2e-3,
+        epochs: int = 10,
+        batch_size: int = 256,
+        seed: int = 0,
+        device: str = "cpu",
+        max_fit_rows: int = 10_000,
+        center: bool = True,
+        outlier_factor: float = 10.0,
+        clip_grad: float = 1.0,
+    ):
+        super().__init__(nb_concepts=nb_concepts, d_model=d_model, lr=lr, epochs=epochs, batch_size=batch_size,
+                         seed=seed, device=device, max_fit_rows=max_fit_rows, center=center,
+                         outlier_factor=outlier_factor, clip_grad=clip_grad)
+        if not l1_coef >= 0:
+            raise ValueError(f"l1_coef must be >= 0, got {l1_coef}")
+        self.l1_coef = float(l1_coef)
+        self._post_init()
+
+    def _build_sae(self, sample: Tensor | None) -> torch.nn.Module:
+        from overcomplete.sae import SAE
+
+        return SAE(self.d_model, nb_concepts=self.nb_concepts, device=self.device)
+
+    def penalty(self, sae, batch, pre_codes, codes, x_hat):
+        return self.l1_coef * codes.abs().sum(dim=1).mean() / batch.shape[1]
+
+
+@register_concept_model
+class BatchTopKSAEConceptModel(SAEConceptModel):
+    """BatchTopK sparse autoencoder (Bussmann, Leask & Nanda 2024, "BatchTopK Sparse
+    Autoencoders", arXiv 2412.06410), wrapping ``overcomplete.sae.BatchTopKSAE``.
+
+    Training keeps the ``top_k * batch_rows`` largest ReLU pre-activations of the whole batch
+    (so rows get a variable number of latents, ``top_k`` on average); inference keeps the
+    codes above a single threshold ``theta`` (a scalar in the normalised code space), the
+    running average (momentum ``threshold_momentum``) of the batch's k-th largest value seen
+    in training, so a row's code does not depend on the other rows of its batch.
+    ``z (n_rows, nb_concepts)``; ``x_hat = (z @ D) * scale + mean``.
+
+    overcomplete counts its ``top_k`` over the batch and keeps ``theta`` outside its
+    ``state_dict``: raylens sets the batch budget from the per-row ``top_k`` before each
+    forward (a pre-hook) and saves ``theta`` as the tensor ``batchtopk.threshold``. Streaming.
+
+    Args:
+        top_k: mean active latents per row (default ``max(nb_concepts // 16, 1)``).
+        threshold_momentum: momentum of the running inference threshold.
+        other arguments: as :class:`TopKSAEConceptModel`.
+
+    Raises:
+        ValueError: invalid parameter values.
+    """
+
+    method = "batchtopk_sae"
+
+    def __init__(
+        self,
+        *,
+        nb_concepts: int,
+        d_model: int,
+        top_k: int | None = None,
+        threshold_momentum: float = 0.9,
+        lr: float = 2e-3,
+        epochs: int = 10,
+        batch_size: int = 256,
+        seed: int = 0,
+        device: str = "cpu",
+        max_fit_rows: int = 10_000,
+        center: bool = True,
+        outlier_factor: float = 10.0,
+        clip_grad: float = 1.0,
+    ):
+        super().__init__(nb_concepts=nb_concepts, d_model=d_model, lr=lr, epochs=epochs, batch_size=batch_size,
+                         seed=seed, device=device, max_fit_rows=max_fit_rows, center=center,
+                         outlier_factor=outlier_factor, clip_grad=clip_grad)
+        self.top_k = _check_top_k(top_k, self.nb_concepts)
+        if not 0 <= threshold_momentum < 1:
+            raise ValueError(f"threshold_momentum must be in [0, 1), got {threshold_momentum}")
+        self.threshold_momentum = float(threshold_momentum)
+        self._post_init()
+
+    def _build_sae(self, sample: Tensor | None) -> torch.nn.Module:
+        from overcomplete.sae import BatchTopKSAE
+
+        sae = BatchTopKSAE(self.d_model, nb_concepts=self.nb_concepts, top_k=self.top_k,
+                           threshold_momentum=self.threshold_momentum, device=self.device)
+        sae.k_per_row = self.top_k
+        sae.register_forward_pre_hook(_batchtopk_pre_hook)
+        return sae
+
+    @property
+    def threshold(self) -> float:
+        """The inference threshold ``theta`` (normalised code units)."""
+        self._check_fitted()
+        return float(self.sae.running_threshold)
+
+    def _extra_sae_tensors(self) -> dict[str, Tensor]:
+        return {"batchtopk.threshold": torch.as_tensor(self.sae.running_threshold, dtype=torch.float32).reshape(())}
+
+    def _load_extra_sae_tensors(self, tensors: dict[str, Tensor]) -> None:
+        if "batchtopk.threshold" not in tensors:
+            raise ValueError("batchtopk_sae state lacks tensor 'batchtopk.threshold'")
+        self.sae.running_threshold = tensors["batchtopk.threshold"].reshape(()).to(self.device)
+
+
+@register_concept_model
+class JumpReLUSAEConceptModel(SAEConceptModel):
+    """JumpReLU sparse autoencoder (Rajamanoharan et al. 2024, "Jumping Ahead: Improving
+    Reconstruction Fidelity with JumpReLU Sparse Autoencoders", arXiv 2407.14435), wrapping
+    ``overcomplete.sae.JumpSAE``.
+
+    ``z_i = h_i * [h_i > theta_i]`` with ``h = ReLU(W_enc x_norm + b_enc)`` and a learned
+    threshold per latent ``theta = exp(log_theta)`` ``(nb_concepts,)``; ``z (n_rows,
+    nb_concepts)``, ``x_hat = (z @ D) * scale + mean``. Loss: reconstruction MSE plus
+    ``l0_coef * mean_rows(L0(z)) / d_model`` (``l0_coef``: the fraction of variance traded for
+    one active latent), the L0 and the thresholds trained by the paper's kernel
+    pseudo-gradient (``kernel``, ``bandwidth`` in normalised code units). Streaming. State:
+    SAE weights including the log-thresholds (``sae.thresholds``) and the fused dictionary.
+
+    Args:
+        l0_coef: L0 coefficient (see above).
+        bandwidth: kernel bandwidth of the pseudo-gradient.
+        kernel: overcomplete kernel name (``"rectangle"`` as in the paper, ``"silverman"``...).
+        other arguments: as :class:`TopKSAEConceptModel`.
+
+    Raises:
+        ValueError: invalid parameter values.
+    """
+
+    method = "jumprelu_sae"
+
+    def __init__(
+        self,
+        *,
+        nb_concepts: int,
+        d_model: int,
+        l0_coef: float = 0.005,
+        bandwidth: float = 1e-2,
+        kernel: str = "rectangle",
+        lr: float = 2e-3,
+        epochs: int = 10,
+        batch_size: int = 256,
+        seed: int = 0,
+        device: str = "cpu",
+        max_fit_rows: int = 10_000,
+        center: bool = True,
+        outlier_factor: float = 10.0,
+        clip_grad: float = 1.0,
+    ):
+        super().__init__(nb_concepts=nb_concepts, d_model=d_model, lr=lr, epochs=epochs, batch_size=batch_size,
+                         seed=seed, device=device, max_fit_rows=max_fit_rows, center=center,
+                         outlier_factor=outlier_factor, clip_grad=clip_grad)
+        if not l0_coef >= 0:
+            raise ValueError(f"l0_coef must be >= 0, got {l0_coef}")
+        if not bandwidth > 0:
+            raise ValueError(f"bandwidth must be > 0, got {bandwidth}")
+        _overcomplete()
+        from overcomplete.sae import JumpSAE
+
+        if kernel not in JumpSAE._KERNELS:
+            raise ValueError(f"kernel must be one of {sorted(JumpSAE._KERNELS)}, got {kernel!r}")
+        self.l0_coef = float(l0_coef)
+        self.bandwidth = float(bandwidth)
+        self.kernel = str(kernel)
+        self._post_init()
+
+    def _build_sae(self, sample: Tensor | None) -> torch.nn.Module:
+        from overcomplete.sae import JumpSAE
+
+        return JumpSAE(self.d_model, nb_concepts=self.nb_concepts, kernel=self.kernel,
+                       bandwidth=self.bandwidth, device=self.device)
+
+    def penalty(self, sae, batch, pre_codes, codes, x_hat):
+        from overcomplete.sae import heaviside
+
+        l0 = heaviside(torch.relu(pre_codes), torch.exp(sae.thresholds), sae.kernel_fn, sae.bandwidth)
+        return self.l0_coef * l0.sum(dim=1).mean() / batch.shape[1]
+
+    @property
+    def thresholds(self) -> Tensor:
+        """Per-latent thresholds ``theta (nb_concepts,)`` in normalised code units."""
+        self._check_fitted()
+        return torch.exp(self.sae.thresholds.detach()).clone()
+
+
+@register_concept_model
+class MPSAEConceptModel(SAEConceptModel):
+    """Matching-pursuit sparse autoencoder (MP-SAE: Costa et al. 2025, "From Flat to
+    Hierarchical: Extracting Sparse Representations with Matching Pursuit", arXiv
+    2506.03093; matching pursuit: Mallat & Zhang 1993), wrapping ``overcomplete.sae.MpSAE``.
+
+    The encoder has no weights: ``top_k`` greedy steps each pick the atom most correlated
+    with the residual ``r`` (start ``r = x_norm``), add ``<r, d_j>`` to code ``j`` and subtract
+    it from ``r``. ``z (n_rows, nb_concepts)`` has at most ``top_k`` non-zeros (an atom can be
+    picked twice); ``x_hat = (z @ D) * scale + mean`` with unit-norm atoms ``D``. The dictionary
+    is trained through the pursuit by the shared SAE loop. Encoding is row-independent and
+    deterministic. Streaming. State: the dictionary.
+
+    Args:
+        top_k: pursuit steps (default ``max(nb_concepts // 16, 1)``).
+        other arguments: as :class:`TopKSAEConceptModel`.
+
+    Raises:
+        ValueError: invalid parameter values.
+    """
+
+    method = "mp_sae"
+
+    def __init__(
+        self,
+        *,
+        nb_concepts: int,
+        d_model: int,
+        top_k: int | None = None,
+        lr: float = 2e-3,
+        epochs: int = 10,
+        batch_size: int = 256,
+        seed: int = 0,
+        device: str = "cpu",
+        max_fit_rows: int = 10_000,
+        center: bool = True,
+        outlier_factor: float = 10.0,
+        clip_grad: float = 1.0,
+    ):
+        super().__init__(nb_concepts=nb_concepts, d_model=d_model, lr=lr, epochs=epochs, batch_size=batch_size,
+                         seed=seed, device=device, max_fit_rows=max_fit_rows, center=center,
+                         outlier_factor=outlier_factor, clip_grad=clip_grad)
+        self.top_k = _check_top_k(top_k, self.nb_concepts)
+        self._post_init()
+
+    def _build_sae(self, sample: Tensor | None) -> torch.nn.Module:
+        from overcomplete.sae import MpSAE
+
+        return MpSAE(self.d_model, nb_concepts=self.nb_concepts, k=self.top_k, device=self.device)
+
+
+@register_concept_model
+class ArchetypalSAEConceptModel(SAEConceptModel):
+    """Relaxed archetypal TopK SAE (RA-SAE: Fel et al. 2025, "Archetypal SAE: Adaptive and
+    Stable Dictionary Learning for Concept Extraction in Large Vision Models", ICML 2025,
+    arXiv 2502.12892), wrapping ``overcomplete.sae.RATopKSAE``.
+
+    Encoder as :class:`TopKSAEConceptModel`; the dictionary is constrained near the convex
+    hull of data: ``D = exp(m) * (W C + Lambda)`` with candidate points ``C (nb_candidates,
+    d_model)``, a row-stochastic ``W (nb_concepts, nb_candidates)``, a relaxation
+    ``Lambda (nb_concepts, d_model)`` with row norms ``<= delta`` and a learned scale ``m``.
+    ``C`` are the k-means centroids (scikit-learn KMeans, seeded, as in the paper) of the
+    normalised rows buffered first (``norm_rows`` of a stream, a seeded sample in memory).
+    Streaming. State: SAE weights (``C`` included) and the fused dictionary.
+
+    Args:
+        top_k: active latents per row (default ``max(nb_concepts // 16, 1)``).
+        nb_candidates: number of centroids in ``C`` (default ``4 * nb_concepts``); the first
+            buffered sample must have at least that many rows.
+        delta: relaxation bound (normalised rows have a norm of about 1).
+        other arguments: as :class:`TopKSAEConceptModel`.
+
+    Raises:
+        ValueError: invalid parameter values, or too few rows for ``nb_candidates``.
+    """
+
+    method = "archetypal_sae"
+
+    def __init__(
+        self,
+        *,
+        nb_concepts: int,
+        d_model: int,
+        top_k: int | None = None,
+        nb_candidates: int | None = None,
+        delta: float = 0.1,
+        lr: float = 2e-3,
+        epochs: int = 10,
+        batch_size: int = 256,
+        seed: int = 0,
+        device: str = "cpu",
+        max_fit_rows: int = 10_000,
+        center: bool = True,
+        outlier_factor: float = 10.0,
+        clip_grad: float = 1.0,
+    ):
+        super().__init__(nb_concepts=nb_concepts, d_model=d_model, lr=lr, epochs=epochs, batch_size=batch_size,
+                         seed=seed, device=device, max_fit_rows=max_fit_rows, center=center,
+                         outlier_factor=outlier_factor, clip_grad=clip_grad)
+        self.top_k = _check_top_k(top_k, self.nb_concepts)
+        self.nb_candidates = int(nb_candidates) if nb_candidates is not None else 4 * self.nb_concepts
+        if self.nb_candidates < self.nb_concepts:
+            raise ValueError(f"nb_candidates must be >= nb_concepts={self.nb_concepts}, got {nb_candidates}")
+        if not delta >= 0:
+            raise ValueError(f"delta must be >= 0, got {delta}")
+        self.delta = float(delta)
+        self._post_init()
+
+    def _candidates(self, sample: Tensor) -> Tensor:
+        if sample.shape[0] < self.nb_candidates:
+            raise ValueError(f"archetypal_sae needs at least nb_candidates={self.nb_candidates} rows in its "
+                             f"first sample, got {sample.shape[0]}")
+        from sklearn.cluster import KMeans
+
+        km = KMeans(n_clusters=self.nb_candidates, n_init=1, max_iter=100, random_state=self.seed)
+        km.fit(sample.detach().cpu().numpy().astype("float64"))
+        return torch.as_tensor(km.cluster_centers_, dtype=torch.float32, device=self.device)
+
+    def _build_sae(self, sample: Tensor | None) -> torch.nn.Module:
+        from overcomplete.sae import RATopKSAE
+
+        points = (torch.zeros(self.nb_candidates, self.d_model, device=self.device) if sample is None
+                  else self._candidates(sample))
+        return RATopKSAE(self.d_model, nb_concepts=self.nb_concepts, points=points, top_k=self.top_k,
+                         delta=self.delta, use_multiplier=True, device=self.device)
 
 
 # --------------------------------------------------------------------------- Semi-NMF
@@ -1110,3 +1593,871 @@ class SemiNMFConceptModel(ConceptModel):
                              f"({self.nb_concepts}, {self.d_model})")
         self._D = D.to(torch.float32).contiguous()
         self._lip = None
+
+
+
+# --------------------------------------------------------------------------- shared solvers
+
+
+def _nonneg_fista(a: Tensor, D: Tensor, iters: int, *, l1: float = 0.0, lip: Tensor | None = None) -> Tensor:
+    """Codes ``z (n_rows, nb_concepts)`` solving ``min_{z >= 0} 0.5 ||a - z D||^2 + l1 * sum(z)``
+    for rows ``a (n_rows, d)`` and a dictionary ``D (nb_concepts, d)``: accelerated projected
+    gradient (FISTA, Beck & Teboulle 2009) from ``z = 0`` with step ``1 / lambda_max(D D^T)``,
+    exactly ``iters`` iterations. Rows are independent, so codes do not depend on batching."""
+    with torch.no_grad():
+        q = D @ D.T
+        p = a @ D.T
+        if lip is None:
+            lip = torch.linalg.eigvalsh(q.to(torch.float64)).max().clamp_min(1e-12).to(a.dtype)
+        inv_lip = 1.0 / lip
+        z = torch.zeros_like(p)
+        y = z
+        t = 1.0
+        for _ in range(iters):
+            g = y - (y @ q - p) * inv_lip
+            z_next = (g - l1 * inv_lip).clamp_min_(0) if l1 else g.clamp_min_(0)
+            t_next = (1.0 + math.sqrt(1.0 + 4.0 * t * t)) / 2.0
+            y = z_next + ((t - 1.0) / t_next) * (z_next - z)
+            z, t = z_next, t_next
+    return z
+
+
+def _project_simplex(v: Tensor) -> Tensor:
+    """Euclidean projection of each row of ``v (n_rows, k)`` on the probability simplex
+    (Duchi et al. 2008, "Efficient projections onto the l1-ball")."""
+    k = v.shape[1]
+    u, _ = torch.sort(v, dim=1, descending=True)
+    css = u.cumsum(dim=1) - 1.0
+    ind = torch.arange(1, k + 1, device=v.device, dtype=v.dtype)
+    cond = (u - css / ind) > 0
+    rho = (cond * torch.arange(k, device=v.device)).argmax(dim=1, keepdim=True)  # last True
+    theta = css.gather(1, rho) / (rho + 1).to(v.dtype)
+    return (v - theta).clamp_min(0)
+
+
+def _simplex_fista(a: Tensor, D: Tensor, iters: int, lip: Tensor | None = None,
+                   z0: Tensor | None = None) -> Tensor:
+    """Codes on the simplex ``min_{z in simplex} 0.5 ||a - z D||^2`` by FISTA from ``z0`` (default
+    the uniform point), exactly ``iters`` iterations; rows independent."""
+    with torch.no_grad():
+        q = D @ D.T
+        p = a @ D.T
+        if lip is None:
+            lip = torch.linalg.eigvalsh(q.to(torch.float64)).max().clamp_min(1e-12).to(a.dtype)
+        inv_lip = 1.0 / lip
+        z = torch.full_like(p, 1.0 / D.shape[0]) if z0 is None else z0.clone()
+        y = z
+        t = 1.0
+        for _ in range(iters):
+            z_next = _project_simplex(y - (y @ q - p) * inv_lip)
+            t_next = (1.0 + math.sqrt(1.0 + 4.0 * t * t)) / 2.0
+            y = z_next + ((t - 1.0) / t_next) * (z_next - z)
+            z, t = z_next, t_next
+    return z
+
+
+def _rebatch_min(batches: Iterable, size: int, d_model: int) -> Iterator[Tensor]:
+    """Batches of exactly ``size`` rows on the CPU, except the last, which also takes the
+    short remainder (``size <= rows < 2 * size``; fewer only when the whole stream is shorter),
+    so every ``partial_fit`` sees at least ``size`` rows."""
+    prev: Tensor | None = None
+    for b in _rebatch(batches, size, d_model, "cpu"):
+        if prev is None:
+            prev = b
+        elif b.shape[0] < size:
+            prev = torch.cat([prev, b])
+        else:
+            yield prev
+            prev = b
+    if prev is not None:
+        yield prev
+
+
+def _np(x: Tensor):
+    return x.detach().cpu().numpy()
+
+
+def _t(a, device: str) -> Tensor:
+    return torch.as_tensor(a, dtype=torch.float32).to(device).contiguous()
+
+
+# --------------------------------------------------------------------------- linear dictionaries
+
+
+class DictionaryConceptModel(ConceptModel):
+    """Shared base of the concept models whose whole state is tensors: a dictionary
+    ``D (nb_concepts, d_model)`` in the normalised space (``x_hat = (z @ D) * scale + mean``)
+    plus named extra tensors (an encoder matrix, a neuron index...). Subclasses implement
+    ``fit`` and ``_encode_normalized`` and list their extra tensor names in ``_extra_names``;
+    ``self._D`` and ``self._extra`` hold the state. The non-streaming ones inherit the
+    reservoir-sample :meth:`ConceptModel.fit_stream`; ``fit`` on more than ``max_fit_rows``
+    rows then uses a seeded random subset (:meth:`_bounded`).
+    """
+
+    _extra_names: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self._D: Tensor | None = None
+        self._extra: dict[str, Tensor] = {}
+        self._lip: Tensor | None = None
+
+    def _bounded(self, activations: Tensor, min_rows: int = 2) -> Tensor:
+        """Rows ``(n, d_model)`` as float32; a seeded random subset of ``max_fit_rows`` when more (logged)."""
+        x = _as_rows(activations, self.d_model).detach()
+        n = x.shape[0]
+        if n < min_rows:
+            raise ValueError(f"{self.method} needs at least {min_rows} rows, got {n}")
+        if n > self.max_fit_rows:
+            gen = torch.Generator().manual_seed(self.seed)
+            x = x[torch.randperm(n, generator=gen)[: self.max_fit_rows].to(x.device)]
+            logger.info("%s.fit: using a seeded random subset of %d of %d rows (max_fit_rows)",
+                        self.method, self.max_fit_rows, n)
+        return x
+
+    def _set_state(self, D: Tensor, **extra: Tensor) -> None:
+        D = _t(D, self.device)
+        if tuple(D.shape) != (self.nb_concepts, self.d_model):
+            raise ValueError(f"{self.method}: dictionary has shape {tuple(D.shape)}, expected "
+                             f"({self.nb_concepts}, {self.d_model})")
+        if not torch.isfinite(D).all():
+            raise ValueError(f"{self.method} fit diverged (non-finite dictionary)")
+        self._D = D
+        self._extra = {k: v.to(self.device).contiguous() for k, v in extra.items()}
+        self._lip = None
+        self._fitted = True
+
+    def _fold_mean(self, mean_norm: Tensor) -> None:
+        """Move an offset found by the fit in the normalised space into the input mean, so
+        that ``decode`` stays ``z @ dictionary + decoder_bias``."""
+        self._mean = self._mean + _t(mean_norm, self.device) * self._scale
+
+    def _lipschitz(self) -> Tensor:
+        if self._lip is None:
+            self._lip = torch.linalg.eigvalsh((self._D @ self._D.T).to(torch.float64)).max().clamp_min(1e-12).to(
+                torch.float32)
+        return self._lip
+
+    def _decode_normalized(self, z: Tensor) -> Tensor:
+        return z @ self._D
+
+    def _normalized_dictionary(self) -> Tensor:
+        return self._D
+
+    def _state_tensors(self) -> dict[str, Tensor]:
+        return {"dictionary": self._D, **{f"state.{k}": v for k, v in self._extra.items()}}
+
+    def _load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
+        expected = {"dictionary", *(f"state.{k}" for k in self._extra_names)}
+        if set(tensors) != expected:
+            raise ValueError(f"{self.method} state must hold {sorted(expected)}, got {sorted(tensors)}")
+        self._set_state(tensors["dictionary"],
+                        **{k: tensors[f"state.{k}"] for k in self._extra_names})
+
+
+class _PartialFitModel(DictionaryConceptModel):
+    """Streaming through a scikit-learn estimator's ``partial_fit``: the first ``norm_rows``
+    rows set the normalisation, then every batch (re-cut to at least ``batch_size`` rows)
+    goes to ``partial_fit``; ``epochs`` passes over a re-iterable, one over an iterator."""
+
+    streaming = True
+    _stream_passes_follow_epochs: ClassVar[bool] = True
+
+    def _partial_estimator(self):
+        raise NotImplementedError
+
+    def _fit_input(self, x_norm: Tensor):
+        return _np(x_norm).astype("float64")
+
+    def _adopt(self, est) -> None:
+        raise NotImplementedError
+
+    def fit_stream(self, batches: Iterable[Tensor], *, progress: bool = True) -> "ConceptModel":
+        """Fit on a stream of batches ``(batch, d_model)`` with ``partial_fit``, bounded memory.
+
+        Returns:
+            self.
+
+        Raises:
+            ValueError: wrong batch shape, empty stream, or fewer than ``nb_concepts`` rows.
+        """
+        reiterable = _is_reiterable(batches)
+        epochs = getattr(self, "epochs", 1) if self._stream_passes_follow_epochs else 1
+        n_passes = epochs if reiterable else 1
+        size = max(self.batch_size, self.nb_concepts)
+        first = _rebatch_min(_progress(batches, progress, f"{self.method} pass 1"), size, self.d_model)
+        head: list[Tensor] = []
+        n_head = 0
+        for b in first:
+            head.append(b)
+            n_head += b.shape[0]
+            if n_head >= self.norm_rows:
+                break
+        if n_head == 0:
+            raise ValueError("fit_stream got an empty stream")
+        if n_head < self.nb_concepts:
+            raise ValueError(f"{self.method} needs at least nb_concepts={self.nb_concepts} rows, got {n_head}")
+        self.set_normalization(torch.cat(head))
+        est = self._partial_estimator()
+        rows = 0
+        t0 = time.perf_counter()
+        for p in range(n_passes):
+            stream = _chain(head, first) if p == 0 else _rebatch_min(batches, size, self.d_model)
+            for b in stream:
+                rows += b.shape[0]
+                est.partial_fit(self._fit_input(self.normalize(b).cpu()))
+        self._adopt(est)
+        self.n_fit_rows = rows // n_passes
+        logger.info("%s: streamed %d rows x %d passes in %.1fs", self.method, self.n_fit_rows, n_passes,
+                    time.perf_counter() - t0)
+        return self
+
+
+# --------------------------------------------------------------------------- neurons
+
+
+@register_concept_model
+class NeuronsConceptModel(DictionaryConceptModel):
+    """Neurons as concepts (the identity baseline, Interpreto's ``NeuronsAsConcepts``).
+
+    Concept ``j`` is the activation dimension ``neurons[j]``: codes ``z = x[:, neurons] - mean[neurons]``
+    (``(n_rows, nb_concepts)``, activation units; ``mean = 0`` with ``center=False``, the pure
+    identity), dictionary rows are one-hot ``(nb_concepts, d_model)``, and
+    ``decode(z) = z @ dictionary + mean`` (dimensions left out are reconstructed by their
+    mean). With ``nb_concepts == d_model`` (and no ``neurons``) this is the identity; with
+    fewer, ``neurons`` lists the dimensions, or, when None, the fit keeps the
+    ``nb_concepts`` dimensions of highest variance (ties: lower index). No scaling
+    (``scale = 1``).
+
+    Streaming: one pass of float64 sums (mean and variance per dimension), exact on the
+    whole stream. State: the index ``state.neurons`` (int64 ``(nb_concepts,)``) and the
+    one-hot dictionary.
+
+    Args:
+        nb_concepts: number of neurons kept (``<= d_model``).
+        d_model: activation width.
+        neurons: optional explicit dimension indices (``nb_concepts`` distinct ints).
+        center: subtract the per-dimension mean (default True).
+        other arguments: as :class:`ConceptModel`.
+
+    Raises:
+        ValueError: ``nb_concepts > d_model`` or invalid ``neurons``.
+    """
+
+    method = "neurons"
+    streaming = True
+    _extra_names = ("neurons",)
+
+    def __init__(self, *, nb_concepts: int, d_model: int, neurons: list[int] | None = None, seed: int = 0,
+                 device: str = "cpu", max_fit_rows: int = 10_000, center: bool = True,
+                 outlier_factor: float = 10.0):
+        super().__init__(nb_concepts=nb_concepts, d_model=d_model, seed=seed, device=device,
+                         max_fit_rows=max_fit_rows, center=center, outlier_factor=outlier_factor)
+        if self.nb_concepts > self.d_model:
+            raise ValueError(f"neurons: nb_concepts={self.nb_concepts} > d_model={self.d_model}")
+        if neurons is not None:
+            neurons = [int(i) for i in neurons]
+            if len(neurons) != self.nb_concepts or len(set(neurons)) != len(neurons) or \
+                    not all(0 <= i < self.d_model for i in neurons):
+                raise ValueError(f"neurons must be {self.nb_concepts} distinct indices in [0, {self.d_model})")
+        self.neurons = neurons
+
+    def _from_moments(self, n: int, s: Tensor, s2: Tensor) -> None:
+        if n == 0:
+            raise ValueError("neurons: no rows")
+        mean = s / n
+        var = (s2 / n - mean * mean).clamp_min(0)
+        if self.neurons is not None:
+            idx = torch.tensor(self.neurons, dtype=torch.long)
+        elif self.nb_concepts == self.d_model:
+            idx = torch.arange(self.d_model)
+        else:
+            order = sorted(range(self.d_model), key=lambda i: (-float(var[i]), i))
+            idx = torch.tensor(order[: self.nb_concepts], dtype=torch.long)
+        self._mean = (mean if self.center else torch.zeros_like(mean)).to(torch.float32).to(self.device)
+        self._scale = torch.tensor(1.0, device=self.device)
+        D = torch.zeros(self.nb_concepts, self.d_model)
+        D[torch.arange(self.nb_concepts), idx] = 1.0
+        self._set_state(D, neurons=idx.to(torch.int64))
+        self.n_fit_rows = n
+
+    def fit(self, activations: Tensor) -> "NeuronsConceptModel":
+        """Mean and variance per dimension of ``(n_rows, d_model)``; picks the neurons. Returns self."""
+        x = _as_rows(activations, self.d_model).detach().cpu().to(torch.float64)
+        self._from_moments(x.shape[0], x.sum(0), x.pow(2).sum(0))
+        return self
+
+    def fit_stream(self, batches: Iterable[Tensor], *, progress: bool = True) -> "NeuronsConceptModel":
+        """One pass of per-dimension sums over a stream of ``(batch, d_model)``. Returns self."""
+        n, s, s2 = 0, torch.zeros(self.d_model, dtype=torch.float64), torch.zeros(self.d_model, dtype=torch.float64)
+        for b in _progress(batches, progress, "neurons"):
+            b = _as_rows(b, self.d_model, "batch").detach().cpu().to(torch.float64)
+            n += b.shape[0]
+            s += b.sum(0)
+            s2 += b.pow(2).sum(0)
+        if n == 0:
+            raise ValueError("fit_stream got an empty stream")
+        self._from_moments(n, s, s2)
+        return self
+
+    def _encode_normalized(self, x_norm: Tensor) -> Tensor:
+        return x_norm[:, self._extra["neurons"]].clone()
+
+    def _load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
+        super()._load_state_tensors(tensors)
+        self._extra["neurons"] = self._extra["neurons"].to(torch.int64)
+
+
+# --------------------------------------------------------------------------- PCA / SVD / ICA
+
+
+@register_concept_model
+class PCAConceptModel(_PartialFitModel):
+    """Principal component analysis (Pearson 1901; Hotelling 1933) with scikit-learn.
+
+    Codes are the coordinates on the top ``nb_concepts`` principal axes,
+    ``z = (x_norm - mu) @ V^T`` ``(n_rows, nb_concepts)`` (signed), with orthonormal rows
+    ``V (nb_concepts, d_model)`` as the dictionary and the exact data mean folded into the
+    decoder bias. :meth:`fit` runs ``sklearn.decomposition.PCA`` (seeded) on all the rows it
+    is given; :meth:`fit_stream` streams with ``IncrementalPCA.partial_fit`` (Ross et al.
+    2008), one pass, batches of at least ``max(batch_size, nb_concepts)`` rows. State: ``V``
+    and the explained variance per component (``state.explained_variance``, normalised units).
+
+    Args:
+        batch_size: rows per ``partial_fit``.
+        other arguments: as :class:`ConceptModel`.
+    """
+
+    method = "pca"
+    _extra_names = ("explained_variance",)
+    _stream_passes_follow_epochs = False
+
+    def __init__(self, *, nb_concepts: int, d_model: int, batch_size: int = 1024, seed: int = 0,
+                 device: str = "cpu", max_fit_rows: int = 10_000, center: bool = True, outlier_factor: float = 10.0):
+        super().__init__(nb_concepts=nb_concepts, d_model=d_model, seed=seed, device=device,
+                         max_fit_rows=max_fit_rows, center=center, outlier_factor=outlier_factor)
+        if self.nb_concepts > self.d_model:
+            raise ValueError(f"pca: nb_concepts={self.nb_concepts} > d_model={self.d_model}")
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = int(batch_size)
+
+    def _partial_estimator(self):
+        from sklearn.decomposition import IncrementalPCA
+
+        return IncrementalPCA(n_components=self.nb_concepts)
+
+    def _adopt(self, est) -> None:
+        self._fold_mean(torch.as_tensor(est.mean_))
+        self._set_state(torch.as_tensor(est.components_),
+                        explained_variance=_t(est.explained_variance_, self.device))
+
+    def fit(self, activations: Tensor) -> "PCAConceptModel":
+        """PCA of ``(n_rows, d_model)`` (needs ``n_rows >= nb_concepts``). Returns self."""
+        from sklearn.decomposition import PCA
+
+        x = _as_rows(activations, self.d_model).detach()
+        if x.shape[0] < self.nb_concepts:
+            raise ValueError(f"pca needs at least nb_concepts={self.nb_concepts} rows, got {x.shape[0]}")
+        self.set_normalization(x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(self.seed))
+                                 [: self.norm_rows].to(x.device)])
+        est = PCA(n_components=self.nb_concepts, random_state=self.seed).fit(self._fit_input(self.normalize(x)))
+        self._adopt(est)
+        self.n_fit_rows = int(x.shape[0])
+        return self
+
+    def _encode_normalized(self, x_norm: Tensor) -> Tensor:
+        return x_norm @ self._D.T
+
+
+@register_concept_model
+class SVDConceptModel(DictionaryConceptModel):
+    """Truncated SVD (Eckart & Young 1936; randomized: Halko, Martinsson & Tropp 2011) with
+    ``sklearn.decomposition.TruncatedSVD``: like PCA but, by default, without centring
+    (``center=False``), so the first component carries the mean direction.
+
+    ``z = x_norm @ V^T`` ``(n_rows, nb_concepts)``, orthonormal right singular vectors
+    ``V (nb_concepts, d_model)`` as the dictionary. Not streaming: fits a bounded seeded
+    sample of ``max_fit_rows`` rows. State: ``V`` and the singular values
+    (``state.singular_values``).
+
+    Args:
+        n_iter: randomized SVD power iterations.
+        other arguments: as :class:`ConceptModel` (``center`` defaults to False).
+    """
+
+    method = "svd"
+    streaming = False
+    _extra_names = ("singular_values",)
+
+    def __init__(self, *, nb_concepts: int, d_model: int, n_iter: int = 7, seed: int = 0, device: str = "cpu",
+                 max_fit_rows: int = 10_000, center: bool = False, outlier_factor: float = 10.0):
+        super().__init__(nb_concepts=nb_concepts, d_model=d_model, seed=seed, device=device,
+                         max_fit_rows=max_fit_rows, center=center, outlier_factor=outlier_factor)
+        if self.nb_concepts >= self.d_model:
+            raise ValueError(f"svd: nb_concepts must be < d_model={self.d_model}, got {self.nb_concepts}")
+        self.n_iter = int(n_iter)
+
+    def fit(self, activations: Tensor) -> "SVDConceptModel":
+        """Truncated SVD of (a bounded seeded sample of) ``(n_rows, d_model)``. Returns self."""
+        from sklearn.decomposition import TruncatedSVD
+
+        x = self._bounded(activations, min_rows=self.nb_concepts + 1)
+        self.set_normalization(x)
+        est = TruncatedSVD(n_components=self.nb_concepts, n_iter=self.n_iter, random_state=self.seed)
+        est.fit(_np(self.normalize(x)).astype("float64"))
+        self._set_state(torch.as_tensor(est.components_), singular_values=_t(est.singular_values_, self.device))
+        self.n_fit_rows = int(x.shape[0])
+        return self
+
+    def _encode_normalized(self, x_norm: Tensor) -> Tensor:
+        return x_norm @ self._D.T
+
+
+@register_concept_model
+class ICAConceptModel(DictionaryConceptModel):
+    """Independent component analysis (FastICA: Hyvärinen & Oja 2000, "Independent
+    component analysis: algorithms and applications", Neural Networks 13) with
+    ``sklearn.decomposition.FastICA`` (unit-variance whitening, seeded).
+
+    ``z = (x_norm - mu) @ U^T`` ``(n_rows, nb_concepts)`` with the unmixing matrix
+    ``U (nb_concepts, d_model)`` (``state.unmixing``, whitening included); the dictionary is
+    the mixing matrix ``A^T (nb_concepts, d_model)``, so ``x_hat = z @ A^T`` is the projection
+    on the top-``nb_concepts`` principal subspace (the same reconstruction as PCA, with
+    independent rather than orthogonal axes). The ICA mean is folded into the decoder bias.
+    Not streaming: fits a bounded seeded sample of ``max_fit_rows`` rows.
+
+    Args:
+        max_iter: FastICA iterations.
+        tol: FastICA tolerance.
+        other arguments: as :class:`ConceptModel`.
+    """
+
+    method = "ica"
+    streaming = False
+    _extra_names = ("unmixing",)
+
+    def __init__(self, *, nb_concepts: int, d_model: int, max_iter: int = 400, tol: float = 1e-4, seed: int = 0,
+                 device: str = "cpu", max_fit_rows: int = 10_000, center: bool = True, outlier_factor: float = 10.0):
+        super().__init__(nb_concepts=nb_concepts, d_model=d_model, seed=seed, device=device,
+                         max_fit_rows=max_fit_rows, center=center, outlier_factor=outlier_factor)
+        if self.nb_concepts > self.d_model:
+            raise ValueError(f"ica: nb_concepts={self.nb_concepts} > d_model={self.d_model}")
+        self.max_iter = int(max_iter)
+        self.tol = float(tol)
+
+    def fit(self, activations: Tensor) -> "ICAConceptModel":
+        """FastICA on (a bounded seeded sample of) ``(n_rows, d_model)``. Returns self."""
+        import warnings
+
+        from sklearn.decomposition import FastICA
+
+        x = self._bounded(activations, min_rows=self.nb_concepts + 1)
+        self.set_normalization(x)
+        est = FastICA(n_components=self.nb_concepts, whiten="unit-variance", max_iter=self.max_iter, tol=self.tol,
+                      random_state=self.seed)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            est.fit(_np(self.normalize(x)).astype("float64"))
+        for w in caught:
+            logger.info("ica: %s", w.message)
+        self._fold_mean(torch.as_tensor(est.mean_))
+        self._set_state(torch.as_tensor(est.mixing_.T), unmixing=_t(est.components_, self.device))
+        self.n_fit_rows = int(x.shape[0])
+        return self
+
+    def _encode_normalized(self, x_norm: Tensor) -> Tensor:
+        return x_norm @ self._extra["unmixing"].T
+
+
+# --------------------------------------------------------------------------- k-means
+
+
+@register_concept_model
+class KMeansConceptModel(_PartialFitModel):
+    """k-means clustering (Lloyd 1982; k-means++ seeding: Arthur & Vassilvitskii 2007;
+    mini-batch: Sculley 2010) with scikit-learn.
+
+    Each concept is a centroid ``c_j`` (dictionary ``C (nb_concepts, d_model)``, normalised
+    space); the code of a row is the one-hot indicator of its nearest centroid
+    ``(n_rows, nb_concepts)``, so ``decode`` returns that centroid. (overcomplete's
+    ``SkKMeans`` returns distances, which do not decode to a reconstruction.)
+    :meth:`fit` runs ``KMeans`` (``n_init=1``, seeded) on the rows it is given;
+    :meth:`fit_stream` streams with ``MiniBatchKMeans.partial_fit`` (``epochs`` passes over a
+    re-iterable, one over an iterator). State: the centroids.
+
+    Args:
+        batch_size: rows per ``partial_fit``.
+        epochs: passes over a re-iterable stream.
+        max_iter: Lloyd iterations of the in-memory fit.
+        other arguments: as :class:`ConceptModel`.
+    """
+
+    method = "kmeans"
+
+    def __init__(self, *, nb_concepts: int, d_model: int, batch_size: int = 1024, epochs: int = 3,
+                 max_iter: int = 100, seed: int = 0, device: str = "cpu", max_fit_rows: int = 10_000,
+                 center: bool = True, outlier_factor: float = 10.0):
+        super().__init__(nb_concepts=nb_concepts, d_model=d_model, seed=seed, device=device,
+                         max_fit_rows=max_fit_rows, center=center, outlier_factor=outlier_factor)
+        if int(batch_size) < 1 or int(epochs) < 1 or int(max_iter) < 1:
+            raise ValueError("batch_size, epochs and max_iter must be >= 1")
+        self.batch_size = int(batch_size)
+        self.epochs = int(epochs)
+        self.max_iter = int(max_iter)
+
+    def _partial_estimator(self):
+        from sklearn.cluster import MiniBatchKMeans
+
+        return MiniBatchKMeans(n_clusters=self.nb_concepts, random_state=self.seed, n_init=1)
+
+    def _adopt(self, est) -> None:
+        self._set_state(torch.as_tensor(est.cluster_centers_))
+
+    def fit(self, activations: Tensor) -> "KMeansConceptModel":
+        """k-means on ``(n_rows, d_model)`` (needs ``n_rows >= nb_concepts``). Returns self."""
+        from sklearn.cluster import KMeans
+
+        x = _as_rows(activations, self.d_model).detach()
+        if x.shape[0] < self.nb_concepts:
+            raise ValueError(f"kmeans needs at least nb_concepts={self.nb_concepts} rows, got {x.shape[0]}")
+        self.set_normalization(x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(self.seed))
+                                 [: self.norm_rows].to(x.device)])
+        est = KMeans(n_clusters=self.nb_concepts, n_init=1, max_iter=self.max_iter, random_state=self.seed)
+        self._adopt(est.fit(self._fit_input(self.normalize(x))))
+        self.n_fit_rows = int(x.shape[0])
+        return self
+
+    def _encode_normalized(self, x_norm: Tensor) -> Tensor:
+        d2 = self._D.pow(2).sum(dim=1) - 2 * (x_norm @ self._D.T)  # ||x - c||^2 - ||x||^2
+        z = torch.zeros(x_norm.shape[0], self.nb_concepts, device=x_norm.device)
+        return z.scatter_(1, d2.argmin(dim=1, keepdim=True), 1.0)
+
+
+# --------------------------------------------------------------------------- NMF family
+
+
+@register_concept_model
+class NMFConceptModel(_PartialFitModel):
+    """Non-negative matrix factorisation (Lee & Seung 1999, "Learning the parts of objects by
+    non-negative matrix factorization", Nature 401; as used for concepts by CRAFT, Fel et
+    al. 2023) with scikit-learn: ``x_nn ~= z @ H`` with ``z >= 0`` ``(n_rows, nb_concepts)`` and
+    ``H >= 0`` ``(nb_concepts, d_model)``.
+
+    NMF needs non-negative input, and residual-stream activations are signed. raylens makes
+    them non-negative by a shift (default ``nonneg="shift"``): the decoder bias is a
+    per-dimension low quantile ``b`` (``shift_quantile``) of the first rows, and the fit sees
+    ``max((x - b) / scale, 0)`` (rows below ``b`` on a dimension are clipped there, for the
+    fit only). ``nonneg="relu"`` instead fits ``max(x / scale, 0)`` (bias 0; the negative part
+    of activations is lost). Encoding any row solves the NNLS problem
+    ``min_{z >= 0} ||x_norm - z H||^2`` by FISTA (``encode_iters`` iterations from 0:
+    deterministic and row-independent), not sklearn's ``transform``.
+
+    :meth:`fit` runs ``sklearn.decomposition.NMF`` (coordinate descent, NNDSVDA init) on the
+    rows it is given; :meth:`fit_stream` streams with ``MiniBatchNMF.partial_fit`` (Lefèvre
+    et al. 2011 online NMF), ``epochs`` passes over a re-iterable. State: ``H``.
+
+    Args:
+        nonneg: ``"shift"`` or ``"relu"`` (see above).
+        shift_quantile: quantile of each dimension used as the shift.
+        max_iter: iterations of the in-memory fit.
+        batch_size: rows per ``partial_fit``.
+        epochs: passes over a re-iterable stream.
+        encode_iters: FISTA iterations when encoding.
+        other arguments: as :class:`ConceptModel`.
+    """
+
+    method = "nmf"
+
+    def __init__(self, *, nb_concepts: int, d_model: int, nonneg: str = "shift", shift_quantile: float = 0.001,
+                 max_iter: int = 300, batch_size: int = 1024, epochs: int = 3, encode_iters: int = 200,
+                 seed: int = 0, device: str = "cpu", max_fit_rows: int = 10_000, outlier_factor: float = 10.0):
+        super().__init__(nb_concepts=nb_concepts, d_model=d_model, seed=seed, device=device,
+                         max_fit_rows=max_fit_rows, center=False, outlier_factor=outlier_factor)
+        if nonneg not in ("shift", "relu"):
+            raise ValueError(f"nonneg must be 'shift' or 'relu', got {nonneg!r}")
+        if not 0 <= shift_quantile < 0.5:
+            raise ValueError(f"shift_quantile must be in [0, 0.5), got {shift_quantile}")
+        if min(int(max_iter), int(batch_size), int(epochs), int(encode_iters)) < 1:
+            raise ValueError("max_iter, batch_size, epochs and encode_iters must be >= 1")
+        self.nonneg = nonneg
+        self.shift_quantile = float(shift_quantile)
+        self.max_iter = int(max_iter)
+        self.batch_size = int(batch_size)
+        self.epochs = int(epochs)
+        self.encode_iters = int(encode_iters)
+
+    def set_normalization(self, sample: Tensor) -> None:
+        """Scale as :class:`ConceptModel`; the offset is the per-dimension ``shift_quantile``
+        of ``sample`` (``nonneg="shift"``) or zero (``"relu"``)."""
+        sample = _as_rows(sample, self.d_model, "sample").detach().cpu()
+        if sample.shape[0] == 0:
+            raise ValueError("cannot estimate the input normalisation from an empty sample")
+        _, scale = _robust_stats(sample, True, self.outlier_factor)
+        if self.nonneg == "shift":
+            shift = torch.quantile(sample.to(torch.float64), self.shift_quantile, dim=0).to(torch.float32)
+        else:
+            shift = torch.zeros(self.d_model)
+        self._mean, self._scale = shift.to(self.device), scale.to(self.device)
+
+    def _fit_input(self, x_norm: Tensor):
+        return _np(x_norm.clamp_min(0)).astype("float64")
+
+    def _partial_estimator(self):
+        from sklearn.decomposition import MiniBatchNMF
+
+        return MiniBatchNMF(n_components=self.nb_concepts, init="nndsvda", batch_size=self.batch_size,
+                            random_state=self.seed)
+
+    def _adopt(self, est) -> None:
+        self._set_state(torch.as_tensor(est.components_))
+
+    def fit(self, activations: Tensor) -> "NMFConceptModel":
+        """NMF of the shifted (or rectified) rows ``(n_rows, d_model)``. Returns self."""
+        import warnings
+
+        from sklearn.decomposition import NMF
+
+        x = _as_rows(activations, self.d_model).detach()
+        if x.shape[0] < 2:
+            raise ValueError(f"nmf needs at least 2 rows, got {x.shape[0]}")
+        self.set_normalization(x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(self.seed))
+                                 [: self.norm_rows].to(x.device)])
+        est = NMF(n_components=self.nb_concepts, init="nndsvda", solver="cd", max_iter=self.max_iter,
+                  random_state=self.seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # ConvergenceWarning at max_iter: logged below
+            est.fit(self._fit_input(self.normalize(x)))
+        logger.info("nmf: %d iterations, reconstruction error %.4g", est.n_iter_, est.reconstruction_err_)
+        self._adopt(est)
+        self.n_fit_rows = int(x.shape[0])
+        return self
+
+    def _encode_normalized(self, x_norm: Tensor) -> Tensor:
+        return _nonneg_fista(x_norm, self._D, self.encode_iters, lip=self._lipschitz())
+
+
+@register_concept_model
+class ConvexNMFConceptModel(DictionaryConceptModel):
+    """Convex NMF (Ding, Li & Jordan 2010, "Convex and Semi-Nonnegative Matrix
+    Factorizations", IEEE TPAMI 32(1)), wrapping ``overcomplete.optimization.ConvexNMF``.
+
+    ``x_norm ~= z @ D`` with ``z >= 0`` ``(n_rows, nb_concepts)`` and atoms that are non-negative
+    combinations of the fit rows, ``D = W A`` (``W >= 0`` ``(nb_concepts, n_fit)``, ``A`` the
+    normalised fit rows), so each concept is a weighted mix of real (centred) activations;
+    works on signed data. Centred by default: overcomplete's projected-gradient (Adam)
+    solver converges far faster on centred rows (measured on SmolLM2 layer 15, 32 concepts,
+    held-out explained variance 0.45 after 500 iterations centred vs 0.21 after 1000
+    uncentred). The fit is seeded. Encoding new rows is NNLS on ``D`` by FISTA
+    (deterministic, row-independent). Not streaming: fits a bounded seeded sample of
+    ``max_fit_rows`` rows (``W`` is ``nb_concepts x n_fit``). State: ``D``.
+
+    Args:
+        max_iter: solver iterations.
+        tol: solver tolerance on the codes.
+        l1_penalty: L1 penalty on the codes during the fit.
+        encode_iters: FISTA iterations when encoding.
+        other arguments: as :class:`ConceptModel`.
+    """
+
+    method = "convex_nmf"
+    streaming = False
+
+    def __init__(self, *, nb_concepts: int, d_model: int, max_iter: int = 500, tol: float = 1e-4,
+                 l1_penalty: float = 0.0, encode_iters: int = 200, seed: int = 0, device: str = "cpu",
+                 max_fit_rows: int = 4096, center: bool = True, outlier_factor: float = 10.0):
+        super().__init__(nb_concepts=nb_concepts, d_model=d_model, seed=seed, device=device,
+                         max_fit_rows=max_fit_rows, center=center, outlier_factor=outlier_factor)
+        if int(max_iter) < 1 or int(encode_iters) < 1:
+            raise ValueError("max_iter and encode_iters must be >= 1")
+        self.max_iter = int(max_iter)
+        self.tol = float(tol)
+        self.l1_penalty = float(l1_penalty)
+        self.encode_iters = int(encode_iters)
+
+    def fit(self, activations: Tensor) -> "ConvexNMFConceptModel":
+        """Convex NMF of (a bounded seeded sample of) ``(n_rows, d_model)``. Returns self."""
+        x = self._bounded(activations, min_rows=self.nb_concepts)
+        self.set_normalization(x)
+        a = self.normalize(x)
+        _overcomplete()
+        from overcomplete.optimization import ConvexNMF
+
+        est = ConvexNMF(self.nb_concepts, device=self.device, tol=self.tol, solver="pgd",
+                        l1_penalty=self.l1_penalty)
+        with _seeded(self.seed), torch.enable_grad():
+            est.fit(a, max_iter=self.max_iter)
+        self._set_state(est.get_dictionary().detach())
+        self.n_fit_rows = int(x.shape[0])
+        return self
+
+    def _encode_normalized(self, x_norm: Tensor) -> Tensor:
+        return _nonneg_fista(x_norm, self._D, self.encode_iters, lip=self._lipschitz())
+
+
+def _furthest_sum(a: Tensor, k: int, seed: int) -> Tensor:
+    """FurthestSum initialisation of archetypal analysis (Mørup & Hansen 2012): indices of
+    ``k`` rows of ``a (n, d)``, each maximising its summed distance to those already chosen,
+    from a seeded random start (which is then replaced, as in the paper)."""
+    n = a.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    start = int(torch.randint(n, (1,), generator=gen))
+    chosen = [start]
+    dist_sum = torch.zeros(n, dtype=torch.float64, device=a.device)
+    sq = a.pow(2).sum(dim=1)
+    for step in range(k + 1):
+        last = chosen[-1]
+        d = (sq - 2 * (a @ a[last]) + sq[last]).clamp_min(0).sqrt().to(torch.float64)
+        dist_sum += d
+        if step == k:
+            break
+        masked = dist_sum.clone()
+        masked[torch.tensor(chosen, device=a.device)] = -1
+        chosen.append(int(masked.argmax()))
+    # drop the random start, keep the k furthest points
+    return torch.tensor(chosen[1:k + 1], dtype=torch.long)
+
+
+@register_concept_model
+class ArchetypalAnalysisConceptModel(DictionaryConceptModel):
+    """Archetypal analysis (Cutler & Breiman 1994, "Archetypal Analysis", Technometrics 36(4)).
+
+    Archetypes ``D = W A`` ``(nb_concepts, d_model)`` are convex combinations of the fit rows
+    ``A`` (rows of ``W (nb_concepts, n_fit)`` on the simplex) and every row is approximated by a
+    convex combination of archetypes: codes ``z (n_rows, nb_concepts)`` on the simplex
+    (non-negative, summing to 1). By default no centring, so dictionary rows are points in
+    activation space.
+
+    Solver (raylens'): FurthestSum initialisation (Mørup & Hansen 2012, "Archetypal analysis
+    for machine learning and data mining"), then ``max_iter`` alternations of a warm-started
+    FISTA step on ``Z`` and ``w_steps`` projected-gradient steps on ``W``, both with the
+    Euclidean projection on the simplex (Duchi et al. 2008). overcomplete 0.3.0's
+    ``ArchetypalAnalysis`` re-applies a softmax to already-stochastic rows at every step,
+    which drives codes to uniform: measured on SmolLM2 layer-15 activations, 32 archetypes,
+    held-out explained variance about 0.00 after 300 or 1000 iterations. Encoding new rows
+    solves ``min_{z in simplex} ||x_norm - z D||^2`` by FISTA from the uniform point
+    (``encode_iters``; deterministic, row-independent). Not streaming: fits a bounded seeded
+    sample of ``max_fit_rows`` rows. State: ``D``.
+
+    Args:
+        max_iter: alternations.
+        z_steps: FISTA iterations on ``Z`` per alternation.
+        w_steps: projected-gradient steps on ``W`` per alternation.
+        encode_iters: FISTA iterations when encoding.
+        other arguments: as :class:`ConceptModel` (``center`` defaults to False).
+    """
+
+    method = "archetypal_analysis"
+    streaming = False
+
+    def __init__(self, *, nb_concepts: int, d_model: int, max_iter: int = 100, z_steps: int = 20,
+                 w_steps: int = 5, encode_iters: int = 200, seed: int = 0, device: str = "cpu",
+                 max_fit_rows: int = 4096, center: bool = False, outlier_factor: float = 10.0):
+        super().__init__(nb_concepts=nb_concepts, d_model=d_model, seed=seed, device=device,
+                         max_fit_rows=max_fit_rows, center=center, outlier_factor=outlier_factor)
+        if min(int(max_iter), int(z_steps), int(w_steps), int(encode_iters)) < 1:
+            raise ValueError("max_iter, z_steps, w_steps and encode_iters must be >= 1")
+        self.max_iter = int(max_iter)
+        self.z_steps = int(z_steps)
+        self.w_steps = int(w_steps)
+        self.encode_iters = int(encode_iters)
+
+    def fit(self, activations: Tensor) -> "ArchetypalAnalysisConceptModel":
+        """Archetypal analysis of (a bounded seeded sample of) ``(n_rows, d_model)``. Returns self."""
+        x = self._bounded(activations, min_rows=self.nb_concepts + 1)
+        self.set_normalization(x)
+        a = self.normalize(x).detach()
+        n, k = a.shape[0], self.nb_concepts
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            W = torch.zeros(k, n, device=a.device)
+            W[torch.arange(k), _furthest_sum(a, k, self.seed).to(a.device)] = 1.0
+            D = W @ a
+            lip_a = torch.linalg.matrix_norm(a.to(torch.float64), ord=2).pow(2).to(torch.float32)
+            Z = None
+            for _ in range(self.max_iter):
+                Z = _simplex_fista(a, D, self.z_steps, z0=Z)
+                ztz = Z.T @ Z
+                step = 1.0 / (torch.linalg.eigvalsh(ztz.to(torch.float64)).max().clamp_min(1e-12).to(torch.float32)
+                              * lip_a)
+                zta = Z.T @ a
+                for _ in range(self.w_steps):
+                    W = _project_simplex(W - ((ztz @ D - zta) @ a.T) * step)
+                    D = W @ a
+        self._set_state(D)
+        self.n_fit_rows = n
+        logger.info("archetypal_analysis: %d archetypes from %d rows in %.1fs", k, n, time.perf_counter() - t0)
+        return self
+
+    def _encode_normalized(self, x_norm: Tensor) -> Tensor:
+        return _simplex_fista(x_norm, self._D, self.encode_iters, lip=self._lipschitz())
+
+
+@register_concept_model
+class DictionaryLearningConceptModel(_PartialFitModel):
+    """Sparse dictionary learning with non-negative codes (Olshausen & Field 1996; online /
+    mini-batch: Mairal et al. 2009, "Online dictionary learning for sparse coding"), with
+    ``sklearn.decomposition.MiniBatchDictionaryLearning`` (coordinate descent,
+    ``positive_code=True``).
+
+    ``min 0.5 ||x_norm - z D||^2 + alpha ||z||_1`` with ``z >= 0`` ``(n_rows, nb_concepts)``
+    and unit-norm atoms ``D (nb_concepts, d_model)``. Encoding solves that lasso per row by
+    FISTA (``encode_iters`` iterations from 0; deterministic, row-independent).
+    :meth:`fit` runs ``max_iter`` epochs of mini-batches on the rows it is given;
+    :meth:`fit_stream` streams with ``partial_fit`` (``epochs`` passes over a re-iterable).
+    State: ``D``.
+
+    Args:
+        alpha: L1 weight (normalised rows have a norm of about 1).
+        batch_size: rows per mini-batch.
+        max_iter: epochs of the in-memory fit.
+        epochs: passes over a re-iterable stream.
+        encode_iters: FISTA iterations when encoding.
+        other arguments: as :class:`ConceptModel`.
+    """
+
+    method = "dictionary_learning"
+
+    def __init__(self, *, nb_concepts: int, d_model: int, alpha: float = 0.05, batch_size: int = 256,
+                 max_iter: int = 10, epochs: int = 3, encode_iters: int = 200, seed: int = 0, device: str = "cpu",
+                 max_fit_rows: int = 10_000, center: bool = True, outlier_factor: float = 10.0):
+        super().__init__(nb_concepts=nb_concepts, d_model=d_model, seed=seed, device=device,
+                         max_fit_rows=max_fit_rows, center=center, outlier_factor=outlier_factor)
+        if not alpha >= 0:
+            raise ValueError(f"alpha must be >= 0, got {alpha}")
+        if min(int(batch_size), int(max_iter), int(epochs), int(encode_iters)) < 1:
+            raise ValueError("batch_size, max_iter, epochs and encode_iters must be >= 1")
+        self.alpha = float(alpha)
+        self.batch_size = int(batch_size)
+        self.max_iter = int(max_iter)
+        self.epochs = int(epochs)
+        self.encode_iters = int(encode_iters)
+
+    def _estimator(self, max_iter: int | None):
+        from sklearn.decomposition import MiniBatchDictionaryLearning
+
+        kw = {} if max_iter is None else {"max_iter": max_iter}
+        return MiniBatchDictionaryLearning(n_components=self.nb_concepts, alpha=self.alpha, batch_size=self.batch_size,
+                                           fit_algorithm="cd", transform_algorithm="lasso_cd", positive_code=True,
+                                           random_state=self.seed, **kw)
+
+    def _partial_estimator(self):
+        return self._estimator(None)
+
+    def _adopt(self, est) -> None:
+        self._set_state(torch.as_tensor(est.components_))
+
+    def fit(self, activations: Tensor) -> "DictionaryLearningConceptModel":
+        """Mini-batch dictionary learning on ``(n_rows, d_model)``. Returns self."""
+        x = _as_rows(activations, self.d_model).detach()
+        if x.shape[0] < self.nb_concepts:
+            raise ValueError(f"dictionary_learning needs at least nb_concepts={self.nb_concepts} rows, "
+                             f"got {x.shape[0]}")
+        self.set_normalization(x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(self.seed))
+                                 [: self.norm_rows].to(x.device)])
+        self._adopt(self._estimator(self.max_iter).fit(self._fit_input(self.normalize(x))))
+        self.n_fit_rows = int(x.shape[0])
+        return self
+
+    def _encode_normalized(self, x_norm: Tensor) -> Tensor:
+        return _nonneg_fista(x_norm, self._D, self.encode_iters, l1=self.alpha, lip=self._lipschitz())

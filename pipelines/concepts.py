@@ -18,61 +18,24 @@ import ray
 from actors.model_worker import ModelWorker
 from actors.trainer import ConceptTrainer
 from raylens.config import ConceptJobConfig, ConfigError
-from raylens.data.corpora import iter_corpus
-from raylens.io.schemas import DOCUMENTS_SCHEMA, tensor_array
-from raylens.io.store import OutputStore, shard_name
+from raylens.io.schemas import tensor_array
+from pipelines.common import say as _say
+from pipelines.common import check_job_key, write_corpus_shards
+from raylens.io.store import OutputStore
 
 log = logging.getLogger(__name__)
 
 
-def _say(msg: str) -> None:
-    print(f"[raylens] {msg}", flush=True)
-
-
 def check_config(store: OutputStore, cfg: ConceptJobConfig) -> None:
     """Refuse to resume into an output URI written with different extraction settings."""
-    key = cfg.extraction_key()
-    if store.exists("job_key.json"):
-        old = store.read_json("job_key.json")
-        if old != key:
-            diffs = [f"{s}.{k}" for s in key for k in key[s] if old.get(s, {}).get(k) != key[s][k]]
-            raise ConfigError(
-                f"output_uri {cfg.output_uri!r} holds results made with other settings ({', '.join(diffs)}); "
-                "use a new output_uri or delete the old one")
-    else:
-        store.write_json("job_key.json", key)
-    store.write_json("config.json", cfg.model_dump())
+    check_job_key(store, cfg.extraction_key(), cfg.model_dump(), cfg.output_uri)
 
 
 def write_documents(store: OutputStore, cfg: ConceptJobConfig) -> list[str]:
-    """Stream the corpus into ``documents/`` shards of ``shard_size`` rows (once)."""
-    if store.exists("documents", "_manifest.json"):
-        return store.read_json("documents/_manifest.json")["shards"]
+    """Stream the corpus into ``documents/`` shards of ``extraction.shard_size`` rows (once)."""
     c = cfg.corpus
-    size = cfg.extraction.shard_size
-    shards, buf, n = [], [], 0
-    chunks = iter_corpus(c.source, text_column=c.text_column, label_column=c.label_column,
-                         limit=c.limit, shuffle_seed=c.shuffle_seed, chunk_rows=size)
-
-    def flush(tables: list[pa.Table]) -> None:
-        name = shard_name(len(shards))
-        store.write_shard("documents", name, pa.concat_tables(tables).cast(DOCUMENTS_SCHEMA))
-        shards.append(name)
-
-    for chunk in chunks:
-        buf.append(chunk)
-        n += chunk.num_rows
-        while n >= size:
-            whole = pa.concat_tables(buf)
-            flush([whole.slice(0, size)])
-            rest = whole.slice(size)
-            buf, n = ([rest] if rest.num_rows else []), rest.num_rows
-    if n:
-        flush(buf)
-    if not shards:
-        raise ConfigError(f"corpus.source {c.source!r} produced no documents")
-    store.write_json("documents/_manifest.json", {"shards": shards})
-    return shards
+    return write_corpus_shards(store, c.source, text_column=c.text_column, label_column=c.label_column,
+                               limit=c.limit, shuffle_seed=c.shuffle_seed, shard_size=cfg.extraction.shard_size)
 
 
 def extract(store: OutputStore, cfg: ConceptJobConfig, shards: list[str]) -> dict:

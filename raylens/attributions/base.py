@@ -334,6 +334,25 @@ class AttributionExplainer:
 
     explain = __call__
 
+    def generate(self, inputs: str | Sequence[str]) -> list[list[int]]:
+        """The greedy continuations a call with ``targets=None`` explains (causal LMs only): one
+        list of output token ids per input, at most ``max_new_tokens`` long, cut before the first
+        end-of-sequence token. Generating once and passing the ids as targets to several methods
+        explains the same output with each of them.
+
+        Raises:
+            ValueError: the model is not a causal LM, or an input is empty or too long.
+        """
+        if self.task != "causal_lm":
+            raise ValueError(f"generate() needs a causal LM, this model's task is {self.task!r}")
+        texts = [inputs] if isinstance(inputs, str) else list(inputs)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return [self._generate(self._prepare(i, t, None)) for i, t in enumerate(texts)]
+        finally:
+            self.model.train(was_training)
+
     def validate(self, inputs: str | Sequence[str], targets: Any = None) -> list[str | None]:
         """Check inputs and targets without running the model: one error message per input (None
         when it can be explained). For jobs that record bad rows instead of failing a batch;

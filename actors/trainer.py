@@ -13,7 +13,7 @@ import time
 import pyarrow as pa
 import torch
 
-from raylens.concepts.interpret import top_activating, top_examples_table
+from raylens.concepts.interpret import non_activating_table, quantile_sample, scan_concepts, top_examples_table
 from raylens.concepts.metrics import reconstruction_metrics
 from raylens.concepts.models import build_concept_model, load_concept_model
 from raylens.config import ConceptJobConfig
@@ -51,6 +51,7 @@ class ConceptTrainer:
         fit_s = time.perf_counter() - t0
         with tempfile.TemporaryDirectory() as tmp:
             model.save(tmp)
+            self.store.remove("concept_model")  # no stale file of an earlier fit (another method) stays
             self.store.upload_dir(tmp, "concept_model")
         rows = []
         for split in ("train", "heldout"):
@@ -62,18 +63,36 @@ class ConceptTrainer:
         return {"fit_seconds": fit_s, "metrics": rows, "n_fit_rows": model.n_fit_rows}
 
     def top_examples(self) -> list[float]:
-        """Write ``concepts/top_examples.parquet``; returns each concept's firing frequency."""
+        """One pass over the activation shards: write ``concepts/top_examples.parquet``, and
+        (when configured) ``concepts/sampled_examples.parquet`` (activating examples sampled
+        evenly over activation quantiles, with a ``quantile`` column) and
+        ``concepts/non_activating.parquet`` (runs of text where a concept does not fire).
+        Returns each concept's firing frequency."""
         model = load_concept_model(self.store.download_dir("concept_model"))
         interp = self.cfg.interpretation
         batches = self.store.iter_shard_batches(
             "activations", columns=["doc_id", "unit", "char_start", "char_end", "activation"])
-        best, freq, n_rows = top_activating(model, batches, k=interp.top_k_examples, device=self.device)
+        sampled = interp.sampled_per_quantile > 0
+        scan = scan_concepts(model, batches, k=interp.top_k_examples,
+                             n_pool=interp.sample_pool_size if sampled else 0,
+                             n_quiet=interp.non_activating_per_concept,
+                             min_quiet_chars=interp.non_activating_min_chars, seed=self.cfg.seed, device=self.device)
+        best = scan["best"]
+        picked = quantile_sample(scan["pool"], n_quantiles=interp.sample_quantiles,
+                                 per_quantile=interp.sampled_per_quantile, seed=self.cfg.seed) if sampled else None
         wanted = set(int(d) for d in best["doc_id"].flatten().tolist() if d >= 0)
+        for t in ([picked["doc_id"]] if picked else []) + [scan["quiet"]["doc_id"]]:
+            wanted |= set(int(d) for d in t.flatten().tolist() if d >= 0)
         docs: dict[int, str] = {}
         for rb in self.store.iter_shard_batches("documents", columns=["doc_id", "text"]):
             for d, t in zip(rb.column("doc_id").to_pylist(), rb.column("text").to_pylist()):
                 if d in wanted:
                     docs[d] = t
-        table = top_examples_table(best, docs, context_chars=interp.context_chars)
-        self.store.write_table("concepts/top_examples.parquet", table)
-        return freq.tolist()
+        self.store.write_table("concepts/top_examples.parquet",
+                               top_examples_table(best, docs, context_chars=interp.context_chars))
+        if picked is not None:
+            self.store.write_table("concepts/sampled_examples.parquet",
+                                   top_examples_table(picked, docs, context_chars=interp.context_chars))
+        if interp.non_activating_per_concept:
+            self.store.write_table("concepts/non_activating.parquet", non_activating_table(scan["quiet"], docs))
+        return scan["frequency"].tolist()

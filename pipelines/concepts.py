@@ -82,38 +82,108 @@ def _importance_texts(store: OutputStore, n: int) -> tuple[list[int], list[str]]
     return ids, texts
 
 
-def _label(cfg: ConceptJobConfig, top: pa.Table, vocab: pa.Table, order: list[int]) -> dict[int, dict]:
-    """LLM labels for the most important concepts (a local server is started when none is given)."""
-    from raylens.concepts.labels import LabelerConfig, label_concepts
+def _rows_by_concept(table: pa.Table | None) -> dict[int, list[dict]]:
+    out: dict[int, list[dict]] = {}
+    for r in ([] if table is None else table.to_pylist()):
+        out.setdefault(r["concept"], []).append(r)
+    return out
+
+
+def _example(r: dict) -> dict:
+    return {"text": r["context"], "spans": [[r["span_start"], r["span_end"]]], "activation": r["activation"],
+            "doc_id": r["doc_id"], "unit": r["unit"], "quantile": r.get("quantile")}
+
+
+def _label_and_score(cfg: ConceptJobConfig, store: OutputStore, top: pa.Table, vocab: pa.Table,
+                     order: list[int]) -> tuple[dict[int, dict], list[dict]]:
+    """LLM labels for the most important concepts, then Delphi detection/fuzzing scores of the
+    first ``score_max_concepts`` labelled ones (a local server is started when none is given).
+
+    Never raises for an endpoint problem (a local server that does not start included): the
+    affected concepts get an error each, so the finished tables are kept and the report written.
+    """
+    import os
+
+    from raylens.concepts.labels import LabelerConfig, choose_sampled_examples, label_concepts
+    from raylens.concepts.scoring import score_labels
 
     lab = cfg.interpretation.labels
     chosen = order[: lab.max_concepts]
     if not lab.enabled or not chosen:
-        return {}
-    ex = top.to_pylist()
+        return {}, []
+    tops = _rows_by_concept(top)
+    sampled = _rows_by_concept(store.read_table("concepts/sampled_examples.parquet")
+                               if store.exists("concepts/sampled_examples.parquet") else None)
+    quiet = _rows_by_concept(store.read_table("concepts/non_activating.parquet")
+                             if store.exists("concepts/non_activating.parquet") else None)
     voc = vocab.filter(pa.compute.equal(vocab["direction"], "promoted")).to_pylist()
-    concepts = {
-        c: {"examples": [{"text": r["context"], "spans": [[r["span_start"], r["span_end"]]],
-                          "activation": r["activation"]} for r in ex if r["concept"] == c],
-            "top_tokens": [r["token"] for r in voc if r["concept"] == c]}
-        for c in chosen
-    }
-    import os
+    how = {"top+quantile": "quantile", "top+random": "random"}.get(lab.example_sampling)
+    concepts, shown = {}, {}
+    for c in chosen:
+        ex = [_example(r) for r in tops.get(c, [])]
+        shown[c] = sorted(ex, key=lambda e: -e["activation"])[: lab.n_examples]
+        extra = choose_sampled_examples([_example(r) for r in sampled.get(c, [])], lab.n_sampled_examples, how,
+                                        exclude=shown[c], seed=cfg.seed, concept=c) if how else []
+        shown[c] = shown[c] + extra
+        concepts[c] = {"examples": ex, "top_tokens": [r["token"] for r in voc if r["concept"] == c],
+                       "sampled_examples": extra, "sampled_how": how or "quantile"}
 
-    def run(base_url: str, model: str, concurrency: int) -> dict[int, dict]:
-        lc = LabelerConfig(base_url=base_url, model=model, api_key=os.environ.get(lab.api_key_env, "EMPTY"),
-                           max_concurrency=concurrency, timeout_s=lab.timeout_s, n_examples=lab.n_examples,
-                           max_tokens=lab.max_tokens, cache_path=_label_cache(cfg))
-        return label_concepts(concepts, lc, progress=True)
+    def score_inputs(labels: dict[int, dict]) -> dict[int, dict]:
+        """Activating examples the labeler did not see (all of them when it saw every one),
+        and the concept's non-activating runs."""
+        todo = [c for c in chosen if labels.get(c, {}).get("label")][: lab.score_max_concepts]
+        out = {}
+        for c in todo:
+            seen = {(e["doc_id"], e["unit"]) for e in shown[c]}
+            every = {(r["doc_id"], r["unit"]): _example(r) for r in tops.get(c, []) + sampled.get(c, [])}
+            unseen = [e for k, e in every.items() if k not in seen]
+            out[c] = {"label": labels[c]["label"], "examples": unseen or list(every.values()),
+                      "non_activating": [r["text"] for r in quiet.get(c, [])]}
+        return out
+
+    def run(base_url: str, model: str, concurrency: int) -> tuple[dict[int, dict], list[dict]]:
+        common = dict(base_url=base_url, model=model, api_key=os.environ.get(lab.api_key_env, "EMPTY"),
+                      max_concurrency=concurrency, timeout_s=lab.timeout_s, cache_path=_label_cache(cfg))
+        labels = label_concepts(concepts, LabelerConfig(n_examples=lab.n_examples, max_tokens=lab.max_tokens,
+                                                        **common), progress=True)
+        to_score = score_inputs(labels)
+        missing = _unscored(chosen, labels, len(to_score), lab.score_max_concepts)
+        if not to_score:
+            return labels, missing
+        _say(f"labels: scoring {len(to_score)} labels (detection and fuzzing)")
+        t0 = time.perf_counter()
+        scores = score_labels(to_score, LabelerConfig(max_tokens=lab.score_max_tokens, **common),
+                              n_activating=lab.score_n_activating, n_non_activating=lab.score_n_non_activating,
+                              n_fuzzing=lab.score_n_fuzzing, sampling=lab.score_sampling,
+                              n_quantiles=cfg.interpretation.sample_quantiles,
+                              examples_per_prompt=lab.score_examples_per_prompt, seed=cfg.seed, progress=True)
+        _say(f"labels: scored in {time.perf_counter() - t0:.1f}s; " + ", ".join(
+            f"#{r['concept']} detection {r['detection_accuracy']} fuzzing {r['fuzzing_accuracy']}" for r in scores))
+        return labels, scores + missing
 
     if lab.base_url:
         return run(lab.base_url, lab.model or lab.serve_model, lab.max_concurrency)
     from raylens.concepts.serve import LocalLLMServer
 
     _say(f"labels: starting a local OpenAI-compatible server with {lab.serve_model} on loopback")
-    with LocalLLMServer(lab.serve_model) as server:
+    try:
+        server = LocalLLMServer(lab.serve_model).start()
+    except Exception as e:  # keep the finished work: every concept records why it has no label
+        err = f"the local LLM server ({lab.serve_model}) did not start: {type(e).__name__}: {e}"
+        _say("labels: " + err)
+        labels = {c: {"label": None, "error": err, "prompt_hash": "", "cached": False} for c in chosen}
+        return labels, _unscored(chosen, labels, 0, lab.score_max_concepts)
+    try:
         # `transformers serve` generates one request at a time: queued requests would only time out.
         return run(server.base_url, lab.model or server.model_name, 1)
+    finally:
+        server.stop()
+
+
+def _unscored(chosen: list[int], labels: dict[int, dict], n_scored: int, n_max: int) -> list[dict]:
+    """Error rows for the concepts that would have been scored but have no label (endpoint down)."""
+    return [{"concept": c, "label": None, "error": f"not scored: no label ({labels.get(c, {}).get('error')})"}
+            for c in chosen if not labels.get(c, {}).get("label")][: max(0, n_max - n_scored)]
 
 
 def _label_cache(cfg: ConceptJobConfig) -> str | None:
@@ -172,12 +242,18 @@ def run_concept_job(cfg: ConceptJobConfig, *, on_stage: Callable[[str], None] | 
     order = sorted(range(C), key=lambda c: -abs(float(grad_mean[c])))  # the report's order
     _say("labels: " + ("LLM labels for the most important concepts" if cfg.interpretation.labels.enabled
                        else "disabled"))
-    labels = _label(cfg, top, vocab, order)
+    labels, scores = _label_and_score(cfg, store, top, vocab, order)
+    if scores:
+        from raylens.concepts.scoring import scores_table
+
+        store.write_table("concepts/label_scores.parquet", scores_table(scores))
+    elif store.exists("concepts/label_scores.parquet"):  # from an earlier run with scoring on
+        store.remove("concepts/label_scores.parquet")
 
     from pipelines.report import write_concepts_table_and_report
 
     report = write_concepts_table_and_report(store, cfg, top, vocab, grad_mean, cxg_mean, frequency, labels,
-                                             fit, ext)
+                                             fit, ext, scores=scores)
     total = time.perf_counter() - t_start
     _say(f"done in {total:.0f}s")
     return {"output_uri": cfg.output_uri, "report": report, "fit": fit, "extract": ext, "seconds": total}

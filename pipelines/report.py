@@ -21,13 +21,22 @@ CONCEPTS_SCHEMA = pa.schema([
     pa.field("frequency", pa.float32()),
     pa.field("top_tokens", pa.list_(pa.string())),
     pa.field("bottom_tokens", pa.list_(pa.string())),
+    pa.field("detection_accuracy", pa.float32()),
+    pa.field("fuzzing_accuracy", pa.float32()),
+    pa.field("label_score_error", pa.string()),
 ])
 
 
 def write_concepts_table_and_report(store: OutputStore, cfg: ConceptJobConfig, top: pa.Table, vocab: pa.Table,
-                                    grad_mean, cxg_mean, frequency, labels: dict, fit: dict, ext: dict) -> str:
-    """Write ``concepts/concepts.parquet`` and ``report.html``; returns the report's path."""
+                                    grad_mean, cxg_mean, frequency, labels: dict, fit: dict, ext: dict,
+                                    scores: list[dict] | None = None) -> str:
+    """Write ``concepts/concepts.parquet`` and ``report.html``; returns the report's path.
+
+    ``scores``: `raylens.concepts.scoring.score_labels` rows (``concept`` an int); their
+    detection and fuzzing accuracies (0.5 = chance) go into both, null for unscored concepts.
+    """
     C = cfg.concepts.nb_concepts
+    by_concept = {int(r["concept"]): r for r in (scores or [])}
     voc = vocab.to_pylist()
     ex = top.to_pylist()
     concepts = []
@@ -42,6 +51,9 @@ def write_concepts_table_and_report(store: OutputStore, cfg: ConceptJobConfig, t
             "frequency": float(frequency[c]),
             "top_tokens": [r["token"] for r in voc if r["concept"] == c and r["direction"] == "promoted"],
             "bottom_tokens": [r["token"] for r in voc if r["concept"] == c and r["direction"] == "suppressed"],
+            "detection_accuracy": by_concept.get(c, {}).get("detection_accuracy"),
+            "fuzzing_accuracy": by_concept.get(c, {}).get("fuzzing_accuracy"),
+            "label_score_error": by_concept.get(c, {}).get("error"),
         })
     store.write_table("concepts/concepts.parquet", pa.Table.from_pylist(concepts, schema=CONCEPTS_SCHEMA))
     for c in concepts:
@@ -55,6 +67,7 @@ def write_concepts_table_and_report(store: OutputStore, cfg: ConceptJobConfig, t
         "held-out explained variance": held.get("explained_variance"),
         "held-out mean L0": held.get("mean_l0"), "dead concepts": held.get("dead_fraction"),
         "importance": "mean concept-to-output gradient of the predicted output (signed)",
+        **_score_summary(scores or []),
         "output": cfg.output_uri,
     }
     local = store.local_path("report.html")
@@ -65,6 +78,16 @@ def write_concepts_table_and_report(store: OutputStore, cfg: ConceptJobConfig, t
         p = render_concept_report(concepts, Path(tmp) / "report.html", summary=summary)
         store.write_bytes("report.html", p.read_bytes())
     return store.path("report.html")
+
+
+def _score_summary(scores: list[dict]) -> dict:
+    out = {}
+    for task in ("detection", "fuzzing"):
+        vals = [r[f"{task}_accuracy"] for r in scores if r.get(f"{task}_accuracy") is not None]
+        if scores:
+            out[f"label {task} accuracy"] = (f"{sum(vals) / len(vals):.2f} mean over {len(vals)} concepts "
+                                             "(0.5 = chance)") if vals else "none (see label_scores.parquet)"
+    return out
 
 
 __all__ = ["CONCEPTS_SCHEMA", "write_concepts_table_and_report"]

@@ -79,7 +79,7 @@ class ConceptsConfig(_Section):
 
 
 class LabelsConfig(_Section):
-    """LLM labels through any OpenAI-compatible endpoint."""
+    """LLM labels through any OpenAI-compatible endpoint, and their Delphi scores."""
 
     enabled: bool = True
     base_url: str | None = Field(None, description="e.g. http://127.0.0.1:8000/v1; null = start a local server")
@@ -89,8 +89,23 @@ class LabelsConfig(_Section):
     max_concepts: int = Field(32, ge=0, description="label the most important N concepts")
     max_concurrency: int = Field(4, gt=0, description="requests in flight (the local server uses 1)")
     timeout_s: float = Field(120.0, gt=0, description="per-request timeout in seconds")
-    n_examples: int = Field(8, gt=0)
+    n_examples: int = Field(8, gt=0, description="top-activating examples in a label prompt")
     max_tokens: int = Field(24, gt=0)
+    example_sampling: Literal["top", "top+quantile", "top+random"] = Field(
+        "top", description="label prompt examples: the top ones only; or also `n_sampled_examples` weaker "
+                           "activating ones from concepts/sampled_examples.parquet, spread over the activation "
+                           "quantiles (top+quantile) or drawn at random (top+random)")
+    n_sampled_examples: int = Field(4, ge=0, description="sampled examples added to a label prompt (top+...)")
+    score_max_concepts: int = Field(
+        4, ge=0, description="score the labels of the most important N labelled concepts (Delphi detection and "
+                             "fuzzing); 0 = no scoring")
+    score_n_activating: int = Field(3, ge=0, description="activating excerpts per concept for detection")
+    score_n_non_activating: int = Field(3, ge=0, description="non-activating excerpts per concept for detection")
+    score_n_fuzzing: int = Field(4, ge=0, description="activating excerpts per concept for fuzzing")
+    score_sampling: Literal["quantiles", "top"] = Field(
+        "quantiles", description="how scoring draws activating examples from those the labeler did not see")
+    score_examples_per_prompt: int = Field(1, gt=0, description="excerpts per scoring request (1: small models)")
+    score_max_tokens: int = Field(6, gt=0, description="generation budget of one scoring reply")
 
 
 class InterpretationConfig(_Section):
@@ -99,7 +114,24 @@ class InterpretationConfig(_Section):
     top_k_examples: int = Field(10, gt=0)
     vocab_top_k: int = Field(10, gt=0)
     context_chars: int = Field(120, ge=0)
+    sample_pool_size: int = Field(
+        256, gt=0, description="activating rows kept per concept (a seeded uniform reservoir) to sample from")
+    sample_quantiles: int = Field(5, gt=0, description="activation bins of concepts/sampled_examples.parquet")
+    sampled_per_quantile: int = Field(
+        4, ge=0, description="examples per bin in concepts/sampled_examples.parquet; 0 = no file")
+    non_activating_per_concept: int = Field(
+        20, ge=0, description="runs of text where a concept does not fire, kept per concept in "
+                              "concepts/non_activating.parquet (the negatives of label scoring); 0 = none")
+    non_activating_min_chars: int = Field(120, ge=1, description="shortest such run (characters)")
     labels: LabelsConfig = Field(default_factory=LabelsConfig)
+
+    @model_validator(mode="after")
+    def _sampling_needs_samples(self) -> "InterpretationConfig":
+        lab = self.labels
+        if lab.enabled and lab.example_sampling != "top" and lab.n_sampled_examples and not self.sampled_per_quantile:
+            raise ValueError(f"labels.example_sampling is {lab.example_sampling!r} but sampled_per_quantile is 0 "
+                             "(no sampled examples are kept)")
+        return self
 
 
 class ImportanceConfig(_Section):

@@ -263,6 +263,22 @@ def test_bad_concepts_and_parameters(fake, tmp_path):
         score_labels(concepts, {"base_url": "x"})
 
 
+def test_few_or_no_negatives_keep_detection_balanced_and_fuzzing_scored(fake, tmp_path):
+    concepts = _concepts()
+    concepts["animals"]["non_activating"] = concepts["animals"]["non_activating"][:2]  # 2 of 4 wanted
+    concepts["colors"]["non_activating"] = []
+    out = {r["concept"]: r for r in score_labels(concepts, _cfg(tmp_path), n_activating=4, n_non_activating=4,
+                                                  n_fuzzing=4, progress=False)}
+    few = out["animals"]
+    assert few["error"] is None and few["detection_n_examples"] == 4  # 2 activating + 2 non-activating
+    assert (few["detection_tp"], few["detection_tn"]) == (2, 2) and few["fuzzing_n_examples"] == 4
+    none = out["colors"]
+    assert "non-activating" in none["error"] and "detection not scored" in none["error"]
+    assert none["detection_n_examples"] == 0 and none["detection_accuracy"] is None
+    assert none["fuzzing_n_examples"] == 4 and none["fuzzing_accuracy"] == 1.0
+    assert out["numbers"]["detection_n_examples"] == 8
+
+
 def test_down_endpoint_gives_per_concept_errors(tmp_path):
     url = f"http://127.0.0.1:{free_loopback_port()}/v1"
     cfg = LabelerConfig(base_url=url, model="m", max_retries=1, timeout_s=5, cache_path=str(tmp_path / "c.json"))

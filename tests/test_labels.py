@@ -13,6 +13,7 @@ from raylens.concepts.labels import (
     LabelerConfig,
     build_label_prompt,
     check_endpoint,
+    choose_sampled_examples,
     label_concepts,
     mark_spans,
     parse_label,
@@ -102,6 +103,60 @@ def test_build_label_prompt_orders_and_marks_examples():
     assert "<<cat>>" in short and "dog" not in short and "Top tokens" not in short
     with pytest.raises(ValueError):
         build_label_prompt([])
+
+
+SAMPLED = [  # weaker examples of concept 0, as concepts/sampled_examples.parquet gives them
+    {"text": "a weekend in Lisbon", "spans": [[13, 19]], "activation": 0.4, "doc_id": 5, "unit": 4, "quantile": 1},
+    {"text": "near Oslo", "spans": [[5, 9]], "activation": 0.1, "doc_id": 6, "unit": 2, "quantile": 0},
+    {"text": "Madrid again", "spans": [[0, 6]], "activation": 0.9, "doc_id": 7, "unit": 0, "quantile": 2},
+]
+
+
+def test_sampled_examples_get_their_own_section_and_change_the_hash(tmp_path):
+    top = CONCEPTS[0]["examples"]
+    base = build_label_prompt(top, ["Paris"])
+    assert build_label_prompt(top, ["Paris"], sampled=[]) == base  # top-only prompts are unchanged
+    msgs = build_label_prompt(top, ["Paris"], max_examples=2, sampled=SAMPLED)
+    assert msgs[:3] == base[:3]
+    lines = msgs[-1]["content"].splitlines()
+    assert lines[1:3] == ["1. I moved to <<Paris>> last year", "2. the train from <<London>> was late"]
+    assert lines[3] == "More excerpts, sampled across weaker activation levels:"
+    assert lines[4:7] == ["3. <<Madrid>> again", "4. a weekend in <<Lisbon>>", "5. near <<Oslo>>"]
+    assert lines[7] == "Top tokens: Paris" and lines[8] == "Label:"
+    rnd = build_label_prompt(top, None, sampled=SAMPLED[:1], sampled_how="random")[-1]["content"]
+    assert "sampled at random among all activating ones:" in rnd
+    with pytest.raises(ValueError, match="sampled_how"):
+        build_label_prompt(top, None, sampled=SAMPLED, sampled_how="bottom")
+    # the prompt hash (the cache key) follows the examples: top-only unchanged, sampled ones new
+    cfg = LabelerConfig(base_url=_dead_url(), model="m", max_retries=0, timeout_s=5)
+    plain = {0: CONCEPTS[0]}
+    mixed = {0: {**CONCEPTS[0], "sampled_examples": SAMPLED, "sampled_how": "quantile"}}
+    empty = {0: {**CONCEPTS[0], "sampled_examples": []}}
+    h = {name: label_concepts(c, cfg, progress=False)[0]["prompt_hash"]
+         for name, c in (("plain", plain), ("mixed", mixed), ("empty", empty))}
+    assert h["plain"] == h["empty"] != h["mixed"]
+
+
+def test_choose_sampled_examples_spreads_bins_and_is_seeded():
+    rows = [{"doc_id": d, "unit": 0, "quantile": d // 3, "activation": float(d), "text": f"t{d}", "spans": []}
+            for d in range(15)]  # 5 bins of 3
+    got = choose_sampled_examples(rows, 3, "quantile", seed=0, concept=4)
+    assert [r["quantile"] for r in got] == [4, 2, 0]  # evenly spaced bins, highest first
+    assert choose_sampled_examples(rows, 3, "quantile", seed=0, concept=4) == got
+    assert len({r["quantile"] for r in choose_sampled_examples(rows, 5, "quantile", seed=1, concept=4)}) == 5
+    seven = choose_sampled_examples(rows, 7, "quantile", seed=0, concept=4)
+    assert len(seven) == 7 and len({r["doc_id"] for r in seven}) == 7
+    assert [r["activation"] for r in seven] == sorted((r["activation"] for r in seven), reverse=True)
+    # already shown examples are never picked again
+    shown = rows[::2]
+    for how in ("quantile", "random"):
+        picked = choose_sampled_examples(rows, 20, how, exclude=shown, seed=0, concept=1)
+        assert {r["doc_id"] for r in picked} == {r["doc_id"] for r in rows[1::2]}
+    r1 = choose_sampled_examples(rows, 4, "random", seed=0, concept=1)
+    assert r1 == choose_sampled_examples(rows, 4, "random", seed=0, concept=1)
+    assert {tuple(r["doc_id"] for r in choose_sampled_examples(rows, 4, "random", seed=s, concept=1))
+            for s in range(5)} != {tuple(r["doc_id"] for r in r1)}
+    assert choose_sampled_examples([], 4, "random") == [] and choose_sampled_examples(rows, 0, "random") == []
 
 
 def test_parse_label_cleans_replies():

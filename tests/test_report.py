@@ -250,3 +250,22 @@ def test_summary_and_self_contained(tmp_path):
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", raw)
     assert "@import" not in raw and "url(" not in raw
     assert isinstance(out, type(tmp_path))
+
+
+def test_label_scores_shown_per_card(tmp_path):
+    concepts = [concept(0, 2.0, detection_accuracy=0.8333, fuzzing_accuracy=0.5),
+                concept(1, 1.0, detection_accuracy=None, fuzzing_accuracy=None,
+                        label_score_error="LLM endpoint http://127.0.0.1:9/v1 is unreachable <b>"),
+                concept(2, 0.5)]
+    out = render_concept_report(concepts, tmp_path / "r.html")
+    t = parse(out)
+    raw = out.read_text(encoding="utf-8")
+    cards = [c.split("</section>")[0] for c in re.split(r'<section class="card', raw)[1:]]
+    assert len(cards) == 3
+    assert ">detection<" in cards[0] and ">0.833<" in cards[0] and ">fuzzing<" in cards[0] and ">0.5<" in cards[0]
+    assert "0.5 = chance" in cards[0]  # the tooltip says what the number means
+    assert "scoring errors" in cards[1] and "unreachable &lt;b&gt;" in cards[1] and ">detection<" in cards[1]
+    assert "detection" not in cards[2]  # an unscored concept shows no score
+    meta = json.loads(t.scripts[0])
+    assert meta["concepts"][0]["detection_accuracy"] == pytest.approx(0.8333)
+    assert meta["concepts"][2]["fuzzing_accuracy"] is None

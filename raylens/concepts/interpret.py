@@ -4,6 +4,17 @@
   the usual first look at a dictionary feature, e.g. Bricken et al. 2023, "Towards
   Monosemanticity"): stream the activation table, encode each batch, keep for every concept
   its ``k`` highest activations with the row they came from. Memory is ``O(k x nb_concepts)``.
+* Sampled activating inputs (the top examples only show a concept at its strongest; Paulo et
+  al. 2024, "Automatically Interpreting Millions of Features in Large Language Models",
+  arXiv 2410.13928, explain and score features on examples drawn across activation
+  quantiles too): the same pass keeps, per concept, a seeded uniform reservoir of its
+  activating rows (``activation > 0``); `quantile_sample` splits a concept's reservoir into
+  equal-count activation bins and draws the same number from each. Memory is
+  ``O(n_pool x nb_concepts)``.
+* Non-activating contexts (the negatives of detection scoring, `raylens.concepts.scoring`):
+  the same pass keeps, per concept, a seeded reservoir of *quiet runs*: maximal runs of
+  consecutive units of one document where the concept does not fire
+  (``activation <= 0``), at least ``min_quiet_chars`` characters long.
 * Vocabulary projection ("logit lens", nostalgebraist 2020; applied to dictionary
   directions as in Bricken et al. 2023): the decoder direction of each concept, scaled by the
   final norm's weight when the model has one, times the unembedding matrix; the highest
@@ -35,6 +46,206 @@ TOP_EXAMPLES_SCHEMA = pa.schema(
         pa.field("span_end", pa.int32()),
     ]
 )
+#: `top_examples_table` of a `quantile_sample`: the top-example columns plus the activation bin.
+SAMPLED_EXAMPLES_SCHEMA = TOP_EXAMPLES_SCHEMA.append(pa.field("quantile", pa.int32()))
+
+
+def _merge_smallest(keys: torch.Tensor, cols: dict[str, torch.Tensor], new_keys: torch.Tensor,
+                    new_cols: dict[str, torch.Tensor], k: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Keep, per column (concept), the ``k`` entries with the smallest keys of old + new rows."""
+    allk = torch.cat([keys, new_keys])
+    kept, idx = torch.topk(allk, min(k, allk.shape[0]), dim=0, largest=False, sorted=True)
+    out = {name: torch.gather(torch.cat([cols[name], new_cols[name]]), 0, idx) for name in cols}
+    return kept, out
+
+
+def _quiet_runs(fired: np.ndarray, doc: np.ndarray, unit: np.ndarray, cs: np.ndarray, ce: np.ndarray,
+                min_chars: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Maximal runs of consecutive units of one document where a concept does not fire.
+
+    Args: ``fired`` ``(m, C)`` bool; ``doc``, ``unit``, ``cs``, ``ce`` ``(m,)`` (rows in
+    stream order; a run breaks where the document changes or units are not consecutive).
+    Returns ``(concept, doc_id, char_start, char_end)`` of the runs at least ``min_chars`` long.
+    """
+    m = fired.shape[0]
+    quiet = ~fired
+    brk = np.ones(m + 1, dtype=bool)  # brk[i]: a run cannot continue from row i-1 to row i
+    if m > 1:
+        brk[1:m] = (doc[1:] != doc[:-1]) | (unit[1:] != unit[:-1] + 1)
+    prev_quiet = np.vstack([np.zeros((1, quiet.shape[1]), bool), quiet[:-1]])
+    next_quiet = np.vstack([quiet[1:], np.zeros((1, quiet.shape[1]), bool)])
+    start = quiet & (brk[:m, None] | ~prev_quiet)
+    end = quiet & (brk[1:, None] | ~next_quiet)
+    s_c, s_r = np.nonzero(start.T)  # concept-major, rows ascending: starts and ends pair up
+    _, e_r = np.nonzero(end.T)
+    lo, hi = cs[s_r], ce[e_r]
+    keep = (hi - lo) >= min_chars
+    return s_c[keep], doc[s_r][keep], lo[keep], hi[keep]
+
+
+@torch.no_grad()
+def scan_concepts(
+    concept_model,
+    batches: Iterable[pa.RecordBatch | pa.Table],
+    *,
+    k: int = 10,
+    n_pool: int = 0,
+    n_quiet: int = 0,
+    min_quiet_chars: int = 0,
+    seed: int = 0,
+    device: str = "cpu",
+) -> dict:
+    """One pass over the activation rows: top ``k`` rows per concept, a seeded uniform
+    reservoir of ``n_pool`` activating rows per concept, and a seeded reservoir of ``n_quiet``
+    non-activating runs per concept.
+
+    Args:
+        concept_model: a fitted :class:`raylens.concepts.models.ConceptModel`.
+        batches: record batches with the activation schema, in the job's order (rows of a
+            document together, by ``unit``): ``doc_id``, ``unit``, ``char_start``,
+            ``char_end``, ``activation``.
+        k: top examples kept per concept (as :func:`top_activating`).
+        n_pool: activating rows (``activation > 0``) kept per concept, a uniform random
+            sample without replacement (random keys, Efraimidis & Spirakis 2006, unweighted).
+        n_quiet: non-activating runs kept per concept, a uniform random sample of the runs.
+        min_quiet_chars: shortest run kept (characters of the document).
+        seed: seed of both reservoirs; the same rows in the same order give the same samples.
+
+    Returns:
+        ``{"best", "frequency", "n_rows"}`` as :func:`top_activating` returns them, plus
+        ``"pool"``: ``value`` (float ``(n_pool, nb_concepts)``, ``-inf`` for empty slots) and
+        ``doc_id``, ``unit``, ``char_start``, ``char_end`` (int64, ``-1`` for empty slots),
+        in random order; and ``"quiet"``: ``doc_id``, ``char_start``, ``char_end`` (int64
+        ``(n_quiet, nb_concepts)``, ``-1`` for empty slots).
+    """
+    C = concept_model.nb_concepts
+    keys = ("doc_id", "unit", "char_start", "char_end")
+    best = {"value": torch.full((k, C), -float("inf"))}
+    best.update({key: torch.full((k, C), -1, dtype=torch.long) for key in keys})
+    pool_key = torch.full((n_pool, C), float("inf"))
+    pool = {"value": torch.full((n_pool, C), -float("inf"))}
+    pool.update({key: torch.full((n_pool, C), -1, dtype=torch.long) for key in keys})
+    gen = torch.Generator().manual_seed(int(seed))
+    rng = np.random.default_rng(int(seed))
+    q_cols = ("doc_id", "char_start", "char_end")
+    q_key = np.full((0,), np.inf)
+    q = {name: np.zeros(0, np.int64) for name in ("concept", *q_cols)}
+    carry: dict[str, np.ndarray] | None = None  # rows of the last, maybe unfinished, document
+    fired = torch.zeros(C, dtype=torch.long)
+    n_rows = 0
+
+    def add_quiet(rows: dict[str, np.ndarray]) -> None:
+        nonlocal q_key, q
+        c, d, lo, hi = _quiet_runs(rows["fired"], rows["doc_id"], rows["unit"], rows["char_start"],
+                                   rows["char_end"], min_quiet_chars)
+        if not len(c):
+            return
+        allk = np.concatenate([q_key, rng.random(len(c))])
+        cols = {"concept": np.concatenate([q["concept"], c]), "doc_id": np.concatenate([q["doc_id"], d]),
+                "char_start": np.concatenate([q["char_start"], lo]), "char_end": np.concatenate([q["char_end"], hi])}
+        order = np.lexsort((allk, cols["concept"]))
+        conc = cols["concept"][order]
+        first = np.searchsorted(conc, conc, side="left")
+        keep = order[(np.arange(len(order)) - first) < n_quiet]
+        q_key, q = allk[keep], {name: v[keep] for name, v in cols.items()}
+
+    for batch in batches:
+        x = torch.from_numpy(tensor_column_to_numpy(batch.column("activation")).astype(np.float32))
+        if x.shape[0] == 0:
+            continue
+        z = concept_model.encode(x.to(device)).float().cpu()  # (n_rows, nb_concepts)
+        fired += (z != 0).sum(0)
+        n_rows += z.shape[0]
+        meta = {key: torch.from_numpy(batch.column(key).to_numpy().astype(np.int64)) for key in keys}
+        vals = torch.cat([best["value"], z])  # (k + n_rows, C)
+        top_vals, top_idx = torch.topk(vals, min(k, vals.shape[0]), dim=0, sorted=True)
+        if top_vals.shape[0] < k:
+            pad = k - top_vals.shape[0]
+            top_vals = torch.cat([top_vals, torch.full((pad, C), -float("inf"))])
+            top_idx = torch.cat([top_idx, torch.zeros((pad, C), dtype=torch.long)])
+        for key in keys:
+            col = torch.cat([best[key], meta[key][:, None].expand(-1, C)])
+            best[key] = torch.gather(col, 0, top_idx)
+        best["value"] = top_vals
+        if n_pool:
+            rk = torch.rand(z.shape, generator=gen)
+            rk[~(z > 0)] = float("inf")
+            new = {"value": z, **{key: meta[key][:, None].expand(-1, C) for key in keys}}
+            pool_key, pool = _merge_smallest(pool_key, pool, rk, new, n_pool)
+        if n_quiet:
+            rows = {key: meta[key].numpy() for key in keys}
+            rows["fired"] = (z > 0).numpy()
+            if carry is not None:
+                rows = {name: np.concatenate([carry[name], rows[name]]) for name in rows}
+            last = np.flatnonzero(rows["doc_id"] != rows["doc_id"][-1])
+            cut = int(last[-1]) + 1 if len(last) else 0  # the last document may go on in the next batch
+            carry = {name: v[cut:] for name, v in rows.items()}
+            if cut:
+                add_quiet({name: v[:cut] for name, v in rows.items()})
+    if n_quiet and carry is not None and len(carry["doc_id"]):
+        add_quiet(carry)
+    empty = ~torch.isfinite(pool_key)
+    pool["value"][empty] = -float("inf")
+    for key in keys:
+        pool[key][empty] = -1
+    quiet = {name: np.full((n_quiet, C), -1, np.int64) for name in q_cols}
+    if n_quiet and len(q_key):
+        first = np.searchsorted(q["concept"], q["concept"], side="left")
+        slot = np.arange(len(q_key)) - first
+        for name in q_cols:
+            quiet[name][slot, q["concept"]] = q[name]
+    return {"best": best, "frequency": fired.float() / max(n_rows, 1), "n_rows": n_rows, "pool": pool,
+            "quiet": {name: torch.from_numpy(v) for name, v in quiet.items()}}
+
+
+def quantile_sample(
+    pool: dict[str, torch.Tensor],
+    *,
+    n_quantiles: int = 5,
+    per_quantile: int = 4,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Draw ``per_quantile`` rows from each of ``n_quantiles`` activation bins of every concept's reservoir.
+
+    The bins of a concept are consecutive, equal-count slices of its reservoir rows sorted by
+    activation (``numpy.array_split``: earlier, lower bins get the remainder), so they estimate
+    the quantiles of the concept's activating rows. A bin with fewer rows gives all of them.
+
+    Args:
+        pool: ``scan_concepts(...)["pool"]``.
+
+    Returns:
+        ``best``-like tensors (``value``, ``doc_id``, ``unit``, ``char_start``, ``char_end``,
+        and ``quantile``: the bin, 0 = lowest activations, ``n_quantiles - 1`` = highest), shape
+        ``(n_quantiles * per_quantile, nb_concepts)``, each column sorted by decreasing
+        activation, ``-inf``/``-1`` padded. Seeded: the same pool gives the same sample.
+    """
+    if n_quantiles < 1 or per_quantile < 0:
+        raise ValueError(f"n_quantiles must be >= 1 and per_quantile >= 0, got {n_quantiles}, {per_quantile}")
+    n, C = pool["value"].shape
+    m = n_quantiles * per_quantile
+    names = ("doc_id", "unit", "char_start", "char_end")
+    out = {"value": torch.full((m, C), -float("inf"))}
+    out.update({name: torch.full((m, C), -1, dtype=torch.long) for name in (*names, "quantile")})
+    rng = np.random.default_rng(int(seed))
+    for c in range(C):
+        v = pool["value"][:, c].numpy()
+        rows = np.flatnonzero(np.isfinite(v))
+        if not len(rows) or not m:
+            continue
+        rows = rows[np.argsort(v[rows], kind="stable")]  # ascending activation
+        chosen, bins = [], []
+        for b, part in enumerate(np.array_split(rows, min(n_quantiles, len(rows)))):
+            take = part[rng.permutation(len(part))[:per_quantile]]
+            chosen += take.tolist()
+            bins += [b if len(rows) >= n_quantiles else int(b * n_quantiles // len(rows))] * len(take)
+        order = sorted(range(len(chosen)), key=lambda i: -v[chosen[i]])
+        for slot, i in enumerate(order):
+            out["value"][slot, c] = float(v[chosen[i]])
+            out["quantile"][slot, c] = bins[i]
+            for name in names:
+                out[name][slot, c] = pool[name][chosen[i], c]
+    return out
 
 
 @torch.no_grad()
@@ -61,31 +272,8 @@ def top_activating(
         where each concept is non-zero; ``n_rows`` the number of rows streamed. Ties keep the
         row seen first.
     """
-    C = concept_model.nb_concepts
-    keys = ("doc_id", "unit", "char_start", "char_end")
-    best = {"value": torch.full((k, C), -float("inf"))}
-    best.update({key: torch.full((k, C), -1, dtype=torch.long) for key in keys})
-    fired = torch.zeros(C, dtype=torch.long)
-    n_rows = 0
-    for batch in batches:
-        x = torch.from_numpy(tensor_column_to_numpy(batch.column("activation")).astype(np.float32))
-        if x.shape[0] == 0:
-            continue
-        z = concept_model.encode(x.to(device)).float().cpu()  # (n_rows, nb_concepts)
-        fired += (z != 0).sum(0)
-        n_rows += z.shape[0]
-        meta = {key: torch.from_numpy(batch.column(key).to_numpy().astype(np.int64)) for key in keys}
-        vals = torch.cat([best["value"], z])  # (k + n_rows, C)
-        top_vals, top_idx = torch.topk(vals, min(k, vals.shape[0]), dim=0, sorted=True)
-        if top_vals.shape[0] < k:
-            pad = k - top_vals.shape[0]
-            top_vals = torch.cat([top_vals, torch.full((pad, C), -float("inf"))])
-            top_idx = torch.cat([top_idx, torch.zeros((pad, C), dtype=torch.long)])
-        for key in keys:
-            col = torch.cat([best[key], meta[key][:, None].expand(-1, C)])
-            best[key] = torch.gather(col, 0, top_idx)
-        best["value"] = top_vals
-    return best, fired.float() / max(n_rows, 1), n_rows
+    out = scan_concepts(concept_model, batches, k=k, device=device)
+    return out["best"], out["frequency"], out["n_rows"]
 
 
 def top_examples_table(
@@ -97,9 +285,14 @@ def top_examples_table(
     """Rows ``(concept, rank, activation, doc_id, unit, char_start, char_end, text, context,
     span_start, span_end)`` from :func:`top_activating`'s ``best``; ``context`` is a window of
     about ``context_chars`` characters on each side of the unit, and ``[span_start, span_end)``
-    locates the activating unit inside it. ``documents`` maps doc_id to its full text."""
+    locates the activating unit inside it. ``documents`` maps doc_id to its full text.
+
+    With a ``quantile`` entry in ``best`` (:func:`quantile_sample`), the table has
+    :data:`SAMPLED_EXAMPLES_SCHEMA`: the same columns plus ``quantile``; ``rank`` is then the
+    rank among the concept's sampled examples."""
     k, C = best["value"].shape
-    rows: dict[str, list] = {f.name: [] for f in TOP_EXAMPLES_SCHEMA}
+    schema = SAMPLED_EXAMPLES_SCHEMA if "quantile" in best else TOP_EXAMPLES_SCHEMA
+    rows: dict[str, list] = {f.name: [] for f in schema}
     for c in range(C):
         for r in range(k):
             v = float(best["value"][r, c])
@@ -120,7 +313,39 @@ def top_examples_table(
             rows["context"].append(text[lo:hi])
             rows["span_start"].append(s - lo)
             rows["span_end"].append(e - lo)
-    return pa.Table.from_pydict(rows, schema=TOP_EXAMPLES_SCHEMA)
+            if "quantile" in best:
+                rows["quantile"].append(int(best["quantile"][r, c]))
+    return pa.Table.from_pydict(rows, schema=schema)
+
+
+NON_ACTIVATING_SCHEMA = pa.schema(
+    [
+        pa.field("concept", pa.int32()),
+        pa.field("doc_id", pa.int64()),
+        pa.field("char_start", pa.int32()),
+        pa.field("char_end", pa.int32()),
+        pa.field("text", pa.string()),
+    ]
+)
+
+
+def non_activating_table(quiet: dict[str, torch.Tensor], documents: dict[int, str]) -> pa.Table:
+    """Rows ``(concept, doc_id, char_start, char_end, text)`` from ``scan_concepts(...)["quiet"]``:
+    ``text`` is the document text of the run, where the concept does not fire on any unit."""
+    n, C = quiet["doc_id"].shape
+    rows: dict[str, list] = {f.name: [] for f in NON_ACTIVATING_SCHEMA}
+    for c in range(C):
+        for r in range(n):
+            doc = int(quiet["doc_id"][r, c])
+            if doc < 0:
+                continue
+            s, e = int(quiet["char_start"][r, c]), int(quiet["char_end"][r, c])
+            rows["concept"].append(c)
+            rows["doc_id"].append(doc)
+            rows["char_start"].append(s)
+            rows["char_end"].append(e)
+            rows["text"].append(documents.get(doc, "")[s:e])
+    return pa.Table.from_pydict(rows, schema=NON_ACTIVATING_SCHEMA)
 
 
 VOCAB_SCHEMA = pa.schema(

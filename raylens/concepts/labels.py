@@ -9,8 +9,10 @@ a label of a few words (not a simulation-scored explanation), one request per co
 Entry points:
 
 - `LabelerConfig`: where the endpoint is and how to call it.
-- `build_label_prompt`: examples (+ top tokens) -> chat messages, activating spans
-  marked with ``<<`` ``>>``.
+- `build_label_prompt`: examples (+ top tokens, + optional weaker examples sampled across
+  activation quantiles or at random, under their own heading) -> chat messages,
+  activating spans marked with ``<<`` ``>>``.
+- `choose_sampled_examples`: which sampled examples of a concept go into its prompt.
 - `label_concepts`: concept id -> ``{"label", "error", "prompt_hash", "cached"}``,
   concurrent, retried, cached on disk, never raising for an endpoint problem.
 - `check_endpoint`: fail fast (``ConnectionError``) when the endpoint is unreachable.
@@ -48,8 +50,10 @@ __all__ = [
     "MARK_OPEN",
     "PROMPT_VERSION",
     "LabelerConfig",
+    "SAMPLED_HEADINGS",
     "build_label_prompt",
     "check_endpoint",
+    "choose_sampled_examples",
     "label_concepts",
     "mark_spans",
     "parse_label",
@@ -257,13 +261,33 @@ def _select_examples(examples: Sequence[Mapping[str, Any]], n: int | None) -> li
     return chosen if n is None else chosen[:n]
 
 
-def _user_message(lines: list[str], top_tokens: Sequence[str] | None) -> str:
+#: Headings of the sampled-examples section of a label prompt, by how they were drawn.
+SAMPLED_HEADINGS = {
+    "quantile": "More excerpts, sampled across weaker activation levels:",
+    "random": "More excerpts, sampled at random among all activating ones:",
+}
+
+
+def _user_message(lines: list[str], top_tokens: Sequence[str] | None, sampled: list[str] | None = None,
+                  sampled_how: str = "quantile") -> str:
     body = f"Excerpts (activating tokens marked with {MARK_OPEN} {MARK_CLOSE}):\n"
     body += "\n".join(f"{i + 1}. {line}" for i, line in enumerate(lines))
+    if sampled:
+        body += "\n" + SAMPLED_HEADINGS[sampled_how] + "\n"
+        body += "\n".join(f"{len(lines) + i + 1}. {line}" for i, line in enumerate(sampled))
     toks = [t for t in (_clean(str(t)) for t in ([] if top_tokens is None else top_tokens)) if t][:MAX_TOP_TOKENS]
     if toks:
         body += "\nTop tokens: " + ", ".join(toks)
     return body + "\nLabel:"
+
+
+def _marked_lines(examples: Sequence[Any], what: str) -> list[str]:
+    lines = []
+    for i, ex in enumerate(examples):
+        if not isinstance(ex, Mapping) or "text" not in ex:
+            raise ValueError(f"{what} {i} must be a dict with 'text' and 'spans', got {ex!r:.80}")
+        lines.append(mark_spans(ex["text"], ex.get("spans")))
+    return lines
 
 
 def build_label_prompt(
@@ -271,6 +295,8 @@ def build_label_prompt(
     top_tokens: list[str] | None = None,
     *,
     max_examples: int | None = None,
+    sampled: list[dict] | None = None,
+    sampled_how: str = "quantile",
 ) -> list[dict]:
     """Chat messages asking an LLM for a short label of one concept.
 
@@ -282,29 +308,86 @@ def build_label_prompt(
         top_tokens: optional tokens most associated with the concept (e.g. vocabulary
             projection), listed after the excerpts (at most 12).
         max_examples: keep only this many top examples (``None``: all).
+        sampled: optional weaker activating examples (same form), e.g. drawn across the
+            activation quantiles (`raylens.concepts.interpret.quantile_sample`). They are
+            listed after the top ones, by decreasing activation, under a heading that says
+            how they were drawn, numbered on from the top ones. ``None`` or empty gives the
+            top-only prompt, unchanged (same hash, same cache entries).
+        sampled_how: ``"quantile"`` or ``"random"``: which heading (:data:`SAMPLED_HEADINGS`).
 
     Returns:
         OpenAI chat messages: a system instruction, one worked example (user/assistant),
         and the user turn for this concept, ending in ``"Label:"``.
 
     Raises:
-        ValueError: no examples, or an example's text or spans are malformed.
+        ValueError: no examples, or an example's text or spans are malformed, or an
+            unknown ``sampled_how``.
     """
     if not examples:
         raise ValueError("cannot build a label prompt without examples")
-    chosen = _select_examples(examples, max_examples)
-    lines = []
-    for i, ex in enumerate(chosen):
-        if not isinstance(ex, Mapping) or "text" not in ex:
-            raise ValueError(f"example {i} must be a dict with 'text' and 'spans', got {ex!r:.80}")
-        lines.append(mark_spans(ex["text"], ex.get("spans")))
+    if sampled_how not in SAMPLED_HEADINGS:
+        raise ValueError(f"sampled_how must be one of {sorted(SAMPLED_HEADINGS)}, got {sampled_how!r}")
+    lines = _marked_lines(_select_examples(examples, max_examples), "example")
+    extra = _marked_lines(_select_examples(sampled, None), "sampled example") if sampled else None
     shot = [mark_spans(e["text"], e["spans"]) for e in _SHOT_EXAMPLES]
     return [
         {"role": "system", "content": _SYSTEM},
         {"role": "user", "content": _user_message(shot, _SHOT_TOP_TOKENS)},
         {"role": "assistant", "content": _SHOT_ANSWER},
-        {"role": "user", "content": _user_message(lines, top_tokens)},
+        {"role": "user", "content": _user_message(lines, top_tokens, extra, sampled_how)},
     ]
+
+
+def choose_sampled_examples(
+    sampled: Sequence[Mapping[str, Any]],
+    n: int,
+    how: str,
+    *,
+    exclude: Sequence[Mapping[str, Any]] = (),
+    seed: int = 0,
+    concept: Any = None,
+) -> list[Mapping[str, Any]]:
+    """Pick ``n`` of a concept's sampled activating examples for its label prompt.
+
+    Args:
+        sampled: rows of ``concepts/sampled_examples.parquet`` for one concept (each with
+            ``quantile``; ``doc_id`` and ``unit`` identify the activating unit).
+        how: ``"quantile"``: spread over the bins, from the highest to the lowest
+            (``n`` bins evenly spaced over those present, then round-robin); ``"random"``:
+            a seeded uniform draw.
+        exclude: examples already in the prompt (same ``doc_id`` and ``unit``: left out).
+        seed, concept: the draw depends on (seed, concept) only.
+
+    Returns:
+        Up to ``n`` rows, by decreasing activation.
+    """
+    import numpy as np
+
+    seen = {(e.get("doc_id"), e.get("unit")) for e in exclude}
+    pool = [r for r in sampled if (r.get("doc_id"), r.get("unit")) not in seen]
+    if n <= 0 or not pool:
+        return []
+    digest = hashlib.sha256(f"{int(seed)}\x1f{concept!r}\x1flabel-sample".encode()).digest()
+    rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+    if how == "random":
+        chosen = [pool[int(i)] for i in rng.permutation(len(pool))[:n]]
+    elif how == "quantile":
+        bins: dict[int, list] = {}
+        for r in pool:
+            bins.setdefault(int(r.get("quantile") or 0), []).append(r)
+        for rows in bins.values():
+            rows[:] = [rows[int(i)] for i in rng.permutation(len(rows))]
+        order = sorted(bins, reverse=True)
+        first = [order[int(round(i))] for i in np.linspace(0, len(order) - 1, min(n, len(order)))]
+        sequence = list(dict.fromkeys(first)) + [b for b in order if b not in first]
+        chosen = []
+        while len(chosen) < n and any(bins[b] for b in sequence):
+            for b in sequence:
+                if bins[b] and len(chosen) < n:
+                    chosen.append(bins[b].pop(0))
+    else:
+        raise ValueError(f"how must be 'quantile' or 'random', got {how!r}")
+    return _select_examples(chosen, None)
 
 
 _PREFIX = re.compile(
@@ -654,8 +737,10 @@ def label_concepts(
 
     Args:
         concepts: concept id -> ``{"examples": [{"text", "spans", "activation"}, ...],
-            "top_tokens": [str, ...]}`` (see `build_label_prompt`; ``top_tokens`` optional).
-            The ``config.n_examples`` highest-activation examples go into the prompt.
+            "top_tokens": [str, ...], "sampled_examples": [...], "sampled_how": str}`` (see
+            `build_label_prompt`; all but ``examples`` optional). The ``config.n_examples``
+            highest-activation examples go into the prompt, then all ``sampled_examples``
+            (e.g. from `choose_sampled_examples`) under their own heading.
         config: the endpoint and request settings.
         progress: show a tqdm bar on stderr.
 
@@ -689,7 +774,10 @@ def label_concepts(
             if not isinstance(concept, Mapping):
                 raise ValueError(f"concept must be a dict, got {type(concept).__name__}")
             examples = concept.get("examples")
-            messages = build_label_prompt([] if examples is None else list(examples), concept.get("top_tokens"), max_examples=config.n_examples)
+            messages = build_label_prompt([] if examples is None else list(examples), concept.get("top_tokens"),
+                                          max_examples=config.n_examples,
+                                          sampled=list(concept.get("sampled_examples") or []),
+                                          sampled_how=concept.get("sampled_how", "quantile"))
         except Exception as e:
             results[cid] = {"label": None, "error": f"bad concept {cid!r}: {e}", "prompt_hash": "", "cached": False}
             continue

@@ -356,29 +356,33 @@ def shuffle_labels(labels: Mapping[Any, str], *, seed: int = 0) -> dict[Any, str
 # ---------------------------------------------------------------------------- main entry
 def _plan_concept(cid: Any, concept: Mapping[str, Any], corpus: Sequence[Any] | None, *, n_activating: int,
                   n_non_activating: int, n_fuzzing: int, sampling: str, n_quantiles: int, seed: int,
-                  max_chars: int) -> dict[str, list[dict]]:
-    """The examples of one concept: ``{"detection": [...], "fuzzing": [...]}``, each item
-    ``{"excerpt", "truth", "kind"}`` in a seeded random order."""
+                  max_chars: int) -> dict[str, Any]:
+    """The examples of one concept: ``{"detection": [...], "fuzzing": [...], "error": str | None}``,
+    each item ``{"excerpt", "truth", "kind"}`` in a seeded random order; ``error`` says why
+    detection has no examples (no non-activating text)."""
     examples = concept.get("examples")
     if not examples:
         raise ValueError("no activating examples")
     examples = [ex for ex in examples if isinstance(ex, Mapping) and isinstance(ex.get("text"), str)]
     if not examples:
         raise ValueError("activating examples must be dicts with 'text' (and 'spans', 'activation')")
-    plan: dict[str, list[dict]] = {"detection": [], "fuzzing": []}
+    plan: dict[str, Any] = {"detection": [], "fuzzing": [], "error": None}
 
-    if n_activating or n_non_activating:
+    pool = concept.get("non_activating")
+    pool = list(pool) if pool is not None else list(corpus or [])
+    shown = {ex["text"] for ex in examples}
+    pool = [t for t in (_text_of(p) for p in pool) if t.strip() and t not in shown]
+    if n_non_activating and not pool:  # detection needs both classes; fuzzing does not
+        plan["error"] = ("no non-activating examples: give the concept 'non_activating' or a corpus "
+                         "(detection not scored)")
+    elif n_activating or n_non_activating:
         rng = _rng(seed, cid, "detection")
+        if n_non_activating and len(pool) < n_non_activating:  # keep the set balanced
+            n_activating = min(n_activating, len(pool))
         pos = _sample_activating(examples, n_activating, sampling, n_quantiles, rng)
         for ex in pos:
             plan["detection"].append({"excerpt": mark_spans(ex["text"], ex.get("spans"), max_chars=max_chars,
                                                              mark=False), "truth": 1, "kind": "activating"})
-        pool = concept.get("non_activating")
-        pool = list(pool) if pool is not None else list(corpus or [])
-        shown = {ex["text"] for ex in examples}
-        pool = [t for t in (_text_of(p) for p in pool) if t.strip() and t not in shown]
-        if n_non_activating and not pool:
-            raise ValueError("no non-activating examples: give the concept 'non_activating' or a corpus")
         for j in rng.choice(len(pool), size=min(n_non_activating, len(pool)), replace=False) if pool else []:
             text = pool[int(j)]
             plan["detection"].append({"excerpt": mark_spans(text, [], mark=False,
@@ -434,7 +438,10 @@ def score_labels(
             them; texts equal to one of the concept's activating examples are skipped).
         n_activating: activating examples per concept for detection (truth 1).
         n_non_activating: random non-activating excerpts per concept for detection (truth 0);
-            keep it equal to ``n_activating`` so 0.5 is chance.
+            keep it equal to ``n_activating`` so 0.5 is chance. A concept with fewer
+            non-activating texts gets that many activating excerpts too (the set stays
+            balanced); one with none is not scored on detection (its ``error`` says so; its
+            fuzzing score is still computed).
         n_fuzzing: activating examples per concept for fuzzing (examples with spans only);
             half (rounded up) have their true spans marked (truth 1), the others as many
             random words of the same excerpt (truth 0).
@@ -498,6 +505,8 @@ def score_labels(
         except Exception as e:
             rows[cid]["error"] = f"bad concept {cid!r}: {e}"
             continue
+        if plan["error"]:
+            rows[cid]["error"] = f"concept {cid!r}: {plan['error']}"
         for task in ("detection", "fuzzing"):
             recs = [{"task": task, "kind": p["kind"], "excerpt": p["excerpt"], "truth": p["truth"],
                      "answer": None, "error": None, "cached": False} for p in plan[task]]

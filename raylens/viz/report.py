@@ -226,6 +226,27 @@ def _bar_html(imp: float | None, max_abs: float) -> str:
     )
 
 
+_SCORE_TIP = {
+    "detection": "Delphi detection: share of held-out excerpts (half activating, half not) the scorer LLM "
+                 "told apart from the label alone. 0.5 = chance, 1 = perfect.",
+    "fuzzing": "Delphi fuzzing: share of activating excerpts where the scorer LLM told the truly activating "
+               "marked words from random marked words, given the label. 0.5 = chance, 1 = perfect.",
+}
+
+
+def _score_html(det: float | None, fuzz: float | None, err: Any) -> str:
+    """The label-score stats of a card (nothing when the concept's label was not scored)."""
+    if det is None and fuzz is None and not err:
+        return ""
+    out = ""
+    for task, v in (("detection", det), ("fuzzing", fuzz)):
+        out += (f'<div class="stat" title="{_esc(_SCORE_TIP[task])}"><span class="k">{task}</span>'
+                f'<span class="v score">{_esc(_fmt_num(v) if _finite(v) else "—")}</span></div>')
+    if err:
+        out += f'<details class="lerr"><summary>scoring errors</summary><pre>{_esc(err)}</pre></details>'
+    return out
+
+
 def _card_html(c: dict, rank: int, max_abs: float, visible: int) -> str:
     cid = c.get("concept")
     label = c.get("label")
@@ -234,6 +255,9 @@ def _card_html(c: dict, rank: int, max_abs: float, visible: int) -> str:
     imp = _to_float(c.get("importance"))
     ixa = _to_float(c.get("importance_x_activation"))
     freq = _to_float(c.get("frequency"))
+    det = _to_float(c.get("detection_accuracy"))
+    fuzz = _to_float(c.get("fuzzing_accuracy"))
+    score_err = c.get("label_score_error")
     top = list(c.get("top_tokens") or [])
     bottom = list(c.get("bottom_tokens") or [])
     examples = list(c.get("examples") or [])
@@ -275,6 +299,7 @@ def _card_html(c: dict, rank: int, max_abs: float, visible: int) -> str:
         f'<span class="v">{_esc(_fmt_num(ixa, signed=True))}</span></div>'
         f'<div class="stat"><span class="k">frequency</span>'
         f'<span class="v">{_esc(_fmt_freq(freq))}</span></div>'
+        f"{_score_html(det, fuzz, score_err)}"
         "</div>"
         '<div class="toks">'
         f'<div class="trow"><span class="k">promotes</span><span class="chips">{_chips(top, "pos")}</span></div>'
@@ -416,6 +441,9 @@ def render_concept_report(
             * ``importance_x_activation`` (float | None): mean concept x gradient.
             * ``frequency`` (float | None): share of corpus tokens (in [0, 1]) on which
               the concept fires; displayed as a percentage.
+            * ``detection_accuracy`` / ``fuzzing_accuracy`` (float | None): Delphi scores of
+              the label (`raylens.concepts.scoring`; 0.5 = chance), shown when present;
+              ``label_score_error`` (str | None): why scoring failed, shown collapsed.
             * ``top_tokens`` / ``bottom_tokens`` (list[str]): vocabulary tokens the
               concept's decoder direction promotes / suppresses (raw tokenizer strings;
               byte-level "Ġ" markers, SentencePiece "▁" and whitespace are shown readably).
@@ -467,6 +495,8 @@ def render_concept_report(
                 "importance": _json_num(_to_float(c.get("importance"))),
                 "importance_x_activation": _json_num(_to_float(c.get("importance_x_activation"))),
                 "frequency": _json_num(_to_float(c.get("frequency"))),
+                "detection_accuracy": _json_num(_to_float(c.get("detection_accuracy"))),
+                "fuzzing_accuracy": _json_num(_to_float(c.get("fuzzing_accuracy"))),
                 "top_tokens": [str(t) for t in (c.get("top_tokens") or [])],
                 "bottom_tokens": [str(t) for t in (c.get("bottom_tokens") or [])],
                 "n_examples": len(c.get("examples") or []),

@@ -47,6 +47,8 @@ def _config(out: Path, **over):
         "importance.n_samples": 16,
         "interpretation.labels.max_concepts": 3,
         "interpretation.labels.n_examples": 4,
+        "interpretation.labels.example_sampling": "top+quantile",
+        "interpretation.labels.n_sampled_examples": 2,
         "resources.num_workers": 2,
         "resources.cpus_per_worker": 1,
     }
@@ -180,6 +182,167 @@ def test_labels_came_from_the_local_server(job, llm_server):
     assert len(labelled) == cfg.interpretation.labels.max_concepts
     assert all(0 < len(c["label"]) <= 200 for c in labelled)
     assert llm_server.count_requests("/v1/chat/completions", 200) >= len(labelled)
+
+
+def test_sampled_and_non_activating_examples(job):
+    """concepts/sampled_examples.parquet: activating rows of every activation quantile, each the
+    row it claims; concepts/non_activating.parquet: runs where the concept really is silent."""
+    cfg, _, store = job
+    interp = cfg.interpretation
+    model = load_concept_model(store.download_dir("concept_model"))
+    acts = _activations(store)
+    z = model.encode(torch.from_numpy(tensor_column_to_numpy(acts["activation"]).astype(np.float32))).numpy()
+    doc, unit = acts["doc_id"].to_numpy(), acts["unit"].to_numpy()
+    cs, ce = acts["char_start"].to_numpy(), acts["char_end"].to_numpy()
+    sampled = store.read_table("concepts/sampled_examples.parquet")
+    top = store.read_table("concepts/top_examples.parquet")
+    assert sampled.schema.names == top.schema.names + ["quantile"]
+    rows = sampled.to_pylist()
+    per = interp.sample_quantiles * interp.sampled_per_quantile
+    for c in range(cfg.concepts.nb_concepts):
+        mine = [r for r in rows if r["concept"] == c]
+        n_act = int((z[:, c] > 0).sum())
+        assert len(mine) == min(per, n_act)
+        if n_act >= interp.sample_pool_size:  # a full reservoir: every bin is represented
+            assert sorted({r["quantile"] for r in mine}) == list(range(interp.sample_quantiles))
+        for r in mine:
+            i = np.flatnonzero((doc == r["doc_id"]) & (unit == r["unit"]))[0]
+            assert float(z[i, c]) == pytest.approx(r["activation"], rel=1e-4, abs=1e-5) and r["activation"] > 0
+    quiet = store.read_table("concepts/non_activating.parquet").to_pylist()
+    assert quiet and len({r["concept"] for r in quiet}) > cfg.concepts.nb_concepts // 2
+    for r in quiet:
+        inside = (doc == r["doc_id"]) & (cs >= r["char_start"]) & (ce <= r["char_end"])
+        assert inside.any() and (z[inside, r["concept"]] <= 0).all()
+        assert len(r["text"]) == r["char_end"] - r["char_start"] >= interp.non_activating_min_chars
+
+
+def test_label_prompts_held_the_sampled_examples(job):
+    """With example_sampling top+quantile, each label's cached prompt is the top examples plus
+    the chosen sampled ones (the cache is keyed by the prompt's hash)."""
+    from raylens.concepts.labels import (LabelerConfig, _cache_key, _prompt_hash, build_label_prompt,
+                                         choose_sampled_examples)
+
+    cfg, _, store = job
+    lab = cfg.interpretation.labels
+    cache = json.loads(Path(store.local_path("concepts", "labels_cache.json")).read_text())["entries"]
+    concepts = store.read_table("concepts/concepts.parquet").to_pylist()
+    vocab = store.read_table("concepts/vocabulary.parquet").to_pylist()
+    ex = {name: store.read_table(f"concepts/{name}.parquet").to_pylist() for name in ("top_examples", "sampled_examples")}
+
+    def as_ex(r):
+        return {"text": r["context"], "spans": [[r["span_start"], r["span_end"]]], "activation": r["activation"],
+                "doc_id": r["doc_id"], "unit": r["unit"], "quantile": r.get("quantile")}
+
+    lc = LabelerConfig(base_url="http://127.0.0.1:1/v1", model=lab.model, max_tokens=lab.max_tokens)
+    n_sampled = 0
+    for c in (c["concept"] for c in concepts if c["label"]):
+        top = sorted((as_ex(r) for r in ex["top_examples"] if r["concept"] == c), key=lambda e: -e["activation"])
+        chosen = choose_sampled_examples([as_ex(r) for r in ex["sampled_examples"] if r["concept"] == c],
+                                         lab.n_sampled_examples, "quantile", exclude=top[: lab.n_examples],
+                                         seed=cfg.seed, concept=c)
+        n_sampled += len(chosen)
+        tokens = [r["token"] for r in vocab if r["concept"] == c and r["direction"] == "promoted"]
+        msgs = build_label_prompt(top, tokens, max_examples=lab.n_examples, sampled=chosen)
+        assert _cache_key(lab.model, _prompt_hash(msgs, lc)) in cache
+    assert n_sampled == lab.n_sampled_examples * lab.max_concepts
+
+
+def test_labels_are_scored_detection_and_fuzzing(job):
+    cfg, result, store = job
+    lab = cfg.interpretation.labels
+    scores = store.read_table("concepts/label_scores.parquet").to_pylist()
+    concepts = {c["concept"]: c for c in store.read_table("concepts/concepts.parquet").to_pylist()}
+    labelled = [c for c in concepts.values() if c["label"]]
+    assert len(scores) == min(lab.score_max_concepts, len(labelled))
+    print()
+    for r in scores:
+        c = concepts[int(r["concept"])]
+        assert r["label"] == c["label"]
+        assert r["detection_n_examples"] == lab.score_n_activating + lab.score_n_non_activating, r["error"]
+        assert 0 < r["fuzzing_n_examples"] <= lab.score_n_fuzzing
+        assert r["n_errors"] < r["n_examples"], r["error"]
+        for task in ("detection", "fuzzing"):
+            v = r[f"{task}_accuracy"]
+            assert v is None or 0.0 <= v <= 1.0
+            assert c[f"{task}_accuracy"] == (None if v is None else pytest.approx(v, abs=1e-6))
+        print(f"concept {r['concept']} {r['label']!r}: detection {r['detection_accuracy']} "
+              f"fuzzing {r['fuzzing_accuracy']} errors {r['n_errors']}/{r['n_examples']}")
+    unscored = [c for c in concepts.values() if str(c["concept"]) not in {r["concept"] for r in scores}]
+    assert all(c["detection_accuracy"] is None and c["fuzzing_accuracy"] is None for c in unscored)
+    html = Path(result["report"]).read_text()
+    assert html.count('<span class="k">detection</span>') == len(scores)
+
+
+def test_down_endpoint_keeps_the_work_and_records_errors(job, tmp_path):
+    """Labels and scores against a closed port: every concept gets an error, the tables and
+    the report are still written."""
+    import shutil
+
+    from pipelines.concepts import _label_and_score
+    from pipelines.report import write_concepts_table_and_report
+    from raylens.concepts.serve import free_loopback_port
+
+    cfg, result, store = job
+    out = tmp_path / "copy"
+    shutil.copytree(store.root, out)
+    (out / "concepts" / "labels_cache.json").unlink()
+    url = f"http://127.0.0.1:{free_loopback_port()}/v1"
+    down = _config(out, **{"interpretation.labels.base_url": url, "interpretation.labels.model": "m",
+                           "interpretation.labels.example_sampling": "top+quantile",
+                           "interpretation.labels.n_sampled_examples": 2})
+    copy = OutputStore(str(out))
+    C = down.concepts.nb_concepts
+    top, vocab = copy.read_table("concepts/top_examples.parquet"), copy.read_table("concepts/vocabulary.parquet")
+    labels, scores = _label_and_score(down, copy, top, vocab, list(range(C)))
+    assert len(labels) == down.interpretation.labels.max_concepts
+    assert all(r["label"] is None and url in r["error"] for r in labels.values())
+    assert len(scores) == min(down.interpretation.labels.score_max_concepts, len(labels))
+    assert all(r["error"].startswith("not scored: no label") and url in r["error"] for r in scores)
+    imp = copy.read_table("concepts/importance.parquet")
+    fit = {"metrics": copy.read_table("concepts/metrics.parquet").to_pylist()}
+    report = write_concepts_table_and_report(copy, down, top, vocab, imp["gradient"].to_numpy(),
+                                             imp["concept_x_gradient"].to_numpy(), [0.1] * C, labels, fit, {},
+                                             scores=scores)
+    table = copy.read_table("concepts/concepts.parquet").to_pylist()
+    assert sum(1 for r in table if r["label_score_error"]) == len(scores)
+    assert "scoring errors" in Path(report).read_text()
+
+
+@pytest.mark.parametrize("method, params", [("pca", {}), ("ica", {"max_fit_rows": 3000})])
+def test_job_runs_end_to_end_with_other_methods(job, tmp_path, method, params, llm_server, ray_session):
+    """A streaming non-SAE method (PCA) and a sample-fit method (ICA) through the whole job, on
+    a copy of the job's output: the finished activation shards are reused, everything after
+    them (fit, examples, vocabulary, importance; labels and their scores for PCA) is redone."""
+    import shutil
+
+    from pipelines.concepts import run_concept_job
+
+    cfg, _, store = job
+    out = tmp_path / "copy"
+    shutil.copytree(store.root, out)
+    labels = {"interpretation.labels.base_url": llm_server.base_url,
+              "interpretation.labels.model": llm_server.model_name,
+              "interpretation.labels.max_concepts": 1, "interpretation.labels.score_max_concepts": 1} \
+        if method == "pca" else {"interpretation.labels.enabled": False}
+    other = _config(out, **{"concepts.method": method, "concepts.nb_concepts": 8, "concepts.params": params,
+                            "importance.n_samples": 4, **labels})
+    result = run_concept_job(other)
+    assert result["extract"]["n_shards"] == 0  # nothing extracted again
+    copy = OutputStore(str(out))
+    model = load_concept_model(out / "concept_model")
+    assert model.method == method and model.dictionary.shape == (8, 576)
+    held = next(m for m in result["fit"]["metrics"] if m["split"] == "heldout")
+    print(f"{method}: held-out explained variance {held['explained_variance']:.3f}")
+    assert held["explained_variance"] > 0.4  # measured 0.57 (pca), 0.58 (ica); random dictionaries < 0.05
+    top = copy.read_table("concepts/top_examples.parquet")
+    assert set(top["concept"].to_pylist()) == set(range(8))
+    concepts = copy.read_table("concepts/concepts.parquet").to_pylist()
+    assert len(concepts) == 8 and Path(result["report"]).exists()
+    if method == "pca":
+        assert sum(1 for c in concepts if c["label"]) == 1
+        assert copy.read_table("concepts/label_scores.parquet").num_rows == 1
+    else:
+        assert not any(c["label"] for c in concepts) and not copy.exists("concepts/label_scores.parquet")
 
 
 def test_bad_config_names_the_field():

@@ -404,16 +404,7 @@ def test_killed_worker_leaves_exactly_one_row_per_unit(job, tmp_path, ray_sessio
     runner = threading.Thread(target=lambda: result.update(extract(store, cfg2, shards)))
     runner.start()
 
-    def worker_pids() -> list[int]:
-        pids = []
-        for d in Path("/proc").iterdir():
-            if d.name.isdigit():
-                try:
-                    if b"ModelWorker" in (d / "cmdline").read_bytes():
-                        pids.append(int(d.name))
-                except OSError:
-                    pass
-        return pids
+    from tests.procs import session_worker_pids as worker_pids
 
     killed = None
     deadline = time.time() + 300

@@ -195,3 +195,35 @@ def test_real_activations_from_the_job_parquet(smollm, tmp_path):
         inside = (doc == r["doc_id"]) & (cs >= r["char_start"]) & (ce <= r["char_end"])
         assert inside.any() and (z[inside, r["concept"]] <= 0).all()
         assert len(r["text"]) >= 40
+
+
+@pytest.mark.slow
+def test_classifier_cls_rows_carry_the_predicted_class(smollm):
+    """A sequence classifier at granularity cls: each activation row holds the class the full
+    model predicts (one forward gives both), and the same activation as the early-stopping
+    split forward; other models and granularities leave the column null."""
+    from raylens.models import load_model
+    from raylens.io.schemas import tensor_column_to_numpy
+    from raylens.models.split import SplitModel
+
+    torch.set_num_threads(1)
+    texts = ["A wonderful, moving film with a superb cast.", "Dull, badly acted and far too long.",
+             "I expected more, but the ending was great.", "Worst sequel ever made.",
+             "Fun for the whole family.", "The plot made no sense at all and I left early."]
+    clf = load_model("minilm-movie-sentiment", device="cpu")
+    split = SplitModel(clf, 3)
+    table, _ = split.extract(texts, list(range(6)), granularity="cls", batch_size=4, dtype="float32")
+    assert table.schema.field("predicted_class").type == pa.int32()
+    with torch.no_grad():
+        for t, pred, act in zip(texts, table["predicted_class"].to_pylist(),
+                                tensor_column_to_numpy(table["activation"])):
+            enc = clf.tokenizer(t, return_tensors="pt")
+            assert pred == int(clf.model(**enc).logits.argmax(-1))
+            ids, mask = split.pad(split.encode([t], 128))
+            ref = split.hidden(ids, mask)[0, 0].float().numpy()  # the nnsight path, stopped after layer 3
+            np.testing.assert_allclose(act, ref, rtol=1e-4, atol=1e-4)
+    assert len(set(table["predicted_class"].to_pylist())) == 2  # both sentiments occur
+    tok, _ = split.extract(texts[:2], [0, 1], granularity="token")
+    assert tok["predicted_class"].null_count == tok.num_rows
+    lm, _ = SplitModel(smollm, 3).extract(texts[:2], [0, 1], granularity="cls")
+    assert lm["predicted_class"].null_count == lm.num_rows

@@ -31,6 +31,9 @@ def activations_schema(d_model: int, dtype: str = "float16") -> pa.Schema:
         char_start, char_end (int32): character span of the unit in the document text.
         token_start, token_end (int32): token span ``[start, end)`` the unit covers.
         text (string): the unit's text (the token, word or sentence).
+        predicted_class (int32, nullable): the class the model predicts for the document,
+            for a sequence classifier at granularity ``cls`` (one full forward gives both);
+            null otherwise.
         activation (fixed_shape_tensor<dtype>[d_model]): the split-point activation of the
             unit, the mean over its tokens for coarser granularities.
     """
@@ -45,6 +48,7 @@ def activations_schema(d_model: int, dtype: str = "float16") -> pa.Schema:
             pa.field("token_start", pa.int32()),
             pa.field("token_end", pa.int32()),
             pa.field("text", pa.string()),
+            pa.field("predicted_class", pa.int32()),
             pa.field("activation", pa.fixed_shape_tensor(ACTIVATION_DTYPES[dtype], [d_model])),
         ]
     )

@@ -167,6 +167,21 @@ class SplitModel:
         out = trace_split_output(self._nnsight(), self._envoy(), input_ids, attention_mask)
         return out[0] if isinstance(out, tuple) else out
 
+    @torch.no_grad()
+    def hidden_and_prediction(self, input_ids: torch.Tensor,
+                              attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Split-point activations and the predicted class (argmax of the logits) of a sequence
+        classifier, from one full forward (a hook on the split module reads its output)."""
+        seen: dict[str, torch.Tensor] = {}
+
+        def capture(h: torch.Tensor) -> torch.Tensor:
+            seen["h"] = h
+            return h
+
+        with self.replace_output(capture):
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return seen["h"], logits.argmax(-1)
+
     @contextlib.contextmanager
     def replace_output(self, fn: Callable[[torch.Tensor], torch.Tensor]):
         """Within the block, the split module's output ``h`` of shape ``(n_samples, n_tokens,
@@ -258,7 +273,9 @@ class SplitModel:
 
         Returns:
             ``(table, issues)``: the activation table (schema :func:`raylens.io.schemas.activations_schema`,
-            ``n_units`` rows, ordered by ``doc_id`` then ``unit``) and one dict ``{doc_id, stage,
+            ``n_units`` rows, ordered by ``doc_id`` then ``unit``; ``predicted_class`` set for a
+            sequence classifier at granularity ``cls``, whose forward then runs to the end,
+            null otherwise) and one dict ``{doc_id, stage,
             error}`` per empty or truncated document (empty ones produce no rows).
 
         Raises:
@@ -281,16 +298,25 @@ class SplitModel:
         todo = [i for i, u in enumerate(units) if u]
         todo.sort(key=lambda i: len(encoded[i].input_ids))
         per_doc: dict[int, np.ndarray] = {}
+        # A classifier's prediction costs the rest of the forward: only at granularity cls, where
+        # the row is the one the classification head reads (the forward then does not stop early).
+        predict = granularity == "cls" and self.loaded.task == "sequence_classification"
+        predicted: dict[int, int] = {}
         for b in range(0, len(todo), batch_size):
             idx = todo[b: b + batch_size]
             ids, mask = self.pad([encoded[i] for i in idx])
-            h = self.hidden(ids, mask).float()
+            if predict:
+                h, pred = self.hidden_and_prediction(ids, mask)
+                h = h.float()
+                predicted.update({i: int(pred[row]) for row, i in enumerate(idx)})
+            else:
+                h = self.hidden(ids, mask).float()
             for row, i in enumerate(idx):
                 per_doc[i] = np.stack([h[row, u.tokens].mean(0).cpu().numpy() for u in units[i]])
             if progress is not None:
                 progress(len(idx))
         cols: dict[str, list] = {k: [] for k in ("doc_id", "unit", "char_start", "char_end", "token_start",
-                                               "token_end", "text")}
+                                               "token_end", "text", "predicted_class")}
         acts = []
         for i in sorted(per_doc, key=lambda i: doc_ids[i]):
             for k, u in enumerate(units[i]):
@@ -301,6 +327,7 @@ class SplitModel:
                 cols["token_start"].append(min(u.tokens))
                 cols["token_end"].append(max(u.tokens) + 1)
                 cols["text"].append(u.text)
+                cols["predicted_class"].append(predicted.get(i))
             acts.append(per_doc[i])
         values = np.concatenate(acts) if acts else np.zeros((0, self.d_model), np.float32)
         schema = activations_schema(self.d_model, dtype)

@@ -139,6 +139,17 @@ class Saliency(GradientExplainer):
     Token score ``g . x`` (``input_x_gradient=True``, signed) or ``||g||_2`` (unsigned); element
     score = sum over its tokens. One forward+backward row per input and target.
 
+    Faithfulness (measured, ``tests/test_attributions_models.py``): on transformer token
+    embeddings the signed ``g . x`` ranks elements *worse than random* on deletion: the
+    fine-tuned MiniLM sentiment classifier, 12 real reviews, deletion AUC 0.71 vs 0.66 for
+    random rankings (the negated scores reach 0.55, so the sign is anti-correlated with the
+    effect of masking), and the same with softmax or log-softmax scores. ``g . x`` is a
+    first-order estimate of moving the embedding to zero, which masking does not do. The
+    gradient norm (``input_x_gradient=False``) beats random (0.60 vs 0.66); prefer it, or
+    :class:`IntegratedGradients`, to rank words with such a model. On SmolLM2 explaining
+    log-probabilities both forms beat random (-3.65 signed, -3.84 norm vs -2.84); with raw logits
+    the signed form did not (-2.76).
+
     Args:
         input_x_gradient: multiply by the input embedding (default True).
     """
@@ -168,6 +179,11 @@ class IntegratedGradients(GradientExplainer):
     (2.5% at 16 steps, 0.05% at 64). Check
     ``scores.sum(1)`` against ``f(x) - f(baseline)`` when it matters.
 
+    Explain the score you care about: on SmolLM2, IG of the raw logits (32 steps, zero baseline)
+    ranks words worse than random on deletion of the log-probability (-2.69 vs -2.84 over 6 short
+    reviews), IG of the log-softmax much better (-4.06); see
+    ``tests/test_attributions_models.py``.
+
     Decoders without a BOS token (SmolLM2) use their first token as an attention sink; moving it
     makes every path rough. Start such inputs with a special token (e.g. ``<|im_start|>``, or the
     chat template): special tokens are never elements, so they stay put.
@@ -192,7 +208,9 @@ class SmoothGrad(GradientExplainer):
 
     Mean gradient over ``n_samples`` noisy copies of the input embeddings, times the input:
     ``mean_k(g_k) . x`` (signed), or ``||mean_k g_k||_2`` with ``input_x_gradient=False``.
-    Rows: ``n_samples`` per input and target.
+    Rows: ``n_samples`` per input and target. Like :class:`Saliency`, the signed form ranks
+    elements worse than random on deletion on the real models measured (MiniLM classifier: 0.69
+    vs 0.66); the norm form beats random (0.60).
 
     Args:
         n_samples: noisy copies (default 20).

@@ -377,7 +377,8 @@ def test_seed_reproducible(name, clf):
 def test_one_forward_per_batch_and_one_backward_per_batch(smollm, monkeypatch):
     """All target tokens of a row are scored in one forward (Occlusion: n_elements + 1 rows whatever
     the number of target tokens); gradient methods run one (target-vectorised) backward per batch,
-    never one per row, and a row counts once per target against batch_size."""
+    never one per row; batch_size counts forward rows; target_chunk splits the vectorised
+    backward over the targets without changing a score."""
     calls = []
     handle = smollm.model.register_forward_hook(
         lambda mod, args, kwargs, out: calls.append(out.logits.shape[0]), with_kwargs=True)
@@ -390,11 +391,16 @@ def test_one_forward_per_batch_and_one_backward_per_batch(smollm, monkeypatch):
         real_grad = torch.autograd.grad
         monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: grads.append(k.get("is_grads_batched")) or
                             real_grad(*a, **k))
-        out = IntegratedGradients(smollm, n_steps=6, batch_size=8)(PARIS, targets=" Paris.")[0]
+        out = IntegratedGradients(smollm, n_steps=6, batch_size=4)(PARIS, targets=" Paris.")[0]
         assert len(out.targets) == 2
-        # 8 // 2 = 4 rows per batch: 6 rows in batches of 4 and 2, one vectorised backward each,
+        # 6 rows in batches of 4 and 2, one vectorised backward each (both targets at once),
         # then one forward of the unperturbed input for target_scores
         assert calls == [4, 2, 1] and grads == [True, True]
+        calls.clear()
+        grads.clear()
+        chunked = IntegratedGradients(smollm, n_steps=6, batch_size=4, target_chunk=1)(PARIS, targets=" Paris.")[0]
+        assert calls == [4, 2, 1] and grads == [True, True, True, True]  # one pass per target and batch
+        np.testing.assert_allclose(chunked.scores, out.scores, rtol=1e-5, atol=1e-6)
     finally:
         handle.remove()
 

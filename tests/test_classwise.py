@@ -44,7 +44,7 @@ N_TEXTS = 200
 def sentiment():
     from raylens.models import load_model
     from raylens.models.builtins import builtin_model_path
-    from raylens.models.classifier import heldout_reviews
+    from raylens.models.zoo.classifier import heldout_reviews
     from raylens.models.split import SplitModel
 
     loaded = load_model("minilm-movie-sentiment", device="cpu")

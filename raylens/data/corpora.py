@@ -15,12 +15,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from raylens.models.builtins import BUILTIN_CORPORA, builtin_corpus_path
+from raylens.data.builtins import BUILTIN_CORPORA, builtin_corpus_path
 
 log = logging.getLogger(__name__)
-
-DOCUMENT_COLUMNS = ("doc_id", "text", "label")
-
 
 def _iter_source(source: str, text_column: str, label_column: str | None, chunk_rows: int) -> Iterator[pa.Table]:
     """Yield tables with columns ``text`` and ``label`` (string or null) from any source."""

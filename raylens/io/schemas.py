@@ -68,11 +68,3 @@ def tensor_column_to_numpy(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
         return np.concatenate([c.to_numpy_ndarray() for c in column.chunks])
     return column.to_numpy_ndarray()
 
-
-ERRORS_SCHEMA = pa.schema(
-    [
-        pa.field("doc_id", pa.int64()),
-        pa.field("stage", pa.string()),
-        pa.field("error", pa.string()),
-    ]
-)

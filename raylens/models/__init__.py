@@ -1,6 +1,7 @@
 """Model loading (built-in offline names, local folders, hub ids) and split points."""
 
-from raylens.models.builtins import BUILTIN_CORPORA, BUILTIN_MODELS, builtin_corpus_path, builtin_model_path
+from raylens.data.builtins import BUILTIN_CORPORA, builtin_corpus_path
+from raylens.models.builtins import BUILTIN_MODELS, builtin_model_path
 from raylens.models.loading import LoadedModel, load_model
 
 __all__ = [

@@ -285,22 +285,35 @@ class SplitModel:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
         if len(texts) != len(doc_ids):
             raise ValueError(f"{len(texts)} texts but {len(doc_ids)} doc_ids")
-        issues: list[dict] = []
         texts = [t if isinstance(t, str) else "" for t in texts]
         encoded = self.encode(texts, max_tokens) if texts else []
         units = [self.units(t, e, granularity, exclude_first_tokens) if t.strip() else [] for t, e in zip(texts, encoded)]
+        issues: list[dict] = []
         for doc, t, e, u in zip(doc_ids, texts, encoded, units):
             if not t.strip() or not u:
                 issues.append({"doc_id": int(doc), "stage": "extract", "error": "empty text: no tokens, skipped"})
             elif e.truncated:
                 issues.append({"doc_id": int(doc), "stage": "extract",
                                "error": f"truncated to max_tokens={max_tokens}"})
-        todo = [i for i, u in enumerate(units) if u]
-        todo.sort(key=lambda i: len(encoded[i].input_ids))
-        per_doc: dict[int, np.ndarray] = {}
         # A classifier's prediction costs the rest of the forward: only at granularity cls, where
         # the row is the one the classification head reads (the forward then does not stop early).
         predict = granularity == "cls" and self.loaded.task == "sequence_classification"
+        per_doc, predicted = self.unit_activations(encoded, units, batch_size=batch_size, predict=predict,
+                                                   progress=progress)
+        return self.activation_table(doc_ids, units, per_doc, predicted, dtype), issues
+
+    def unit_activations(self, encoded: Sequence[Encoded], units: Sequence[Sequence[Unit]], *, batch_size: int,
+                         predict: bool = False, progress: Callable[[int], None] | None = None,
+                         ) -> tuple[dict[int, np.ndarray], dict[int, int]]:
+        """Mean split-point activation of every unit, documents batched by length.
+
+        Returns:
+            ``(per_doc, predicted)``: document index -> float32 ``(n_units, d_model)`` for every
+            document with units; document index -> predicted class when ``predict`` (a sequence
+            classifier's full forward), else empty.
+        """
+        todo = sorted((i for i, u in enumerate(units) if u), key=lambda i: len(encoded[i].input_ids))
+        per_doc: dict[int, np.ndarray] = {}
         predicted: dict[int, int] = {}
         for b in range(0, len(todo), batch_size):
             idx = todo[b: b + batch_size]
@@ -315,6 +328,12 @@ class SplitModel:
                 per_doc[i] = np.stack([h[row, u.tokens].mean(0).cpu().numpy() for u in units[i]])
             if progress is not None:
                 progress(len(idx))
+        return per_doc, predicted
+
+    def activation_table(self, doc_ids: Sequence[int], units: Sequence[Sequence[Unit]],
+                         per_doc: dict[int, np.ndarray], predicted: dict[int, int], dtype: str) -> pa.Table:
+        """The activation table (schema :func:`raylens.io.schemas.activations_schema`) of
+        :meth:`unit_activations`' output, ordered by ``doc_id`` then ``unit``."""
         cols: dict[str, list] = {k: [] for k in ("doc_id", "unit", "char_start", "char_end", "token_start",
                                                "token_end", "text", "predicted_class")}
         acts = []
@@ -332,5 +351,4 @@ class SplitModel:
         values = np.concatenate(acts) if acts else np.zeros((0, self.d_model), np.float32)
         schema = activations_schema(self.d_model, dtype)
         arrays = [pa.array(cols[f.name], f.type) for f in schema if f.name != "activation"]
-        table = pa.Table.from_arrays(arrays + [tensor_array(values, dtype)], schema=schema)
-        return table, issues
+        return pa.Table.from_arrays(arrays + [tensor_array(values, dtype)], schema=schema)

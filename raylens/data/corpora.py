@@ -90,6 +90,46 @@ def _select(table: pa.Table, text_column: str, label_column: str | None, source:
     return pa.table({"text": texts, "label": labels})
 
 
+def corpus_columns(source: str) -> list[str]:
+    """The column names of a corpus, reading only its schema (Parquet footer, CSV header, the
+    first JSON line; a built-in's are ``text`` and ``label``).
+
+    Raises:
+        FileNotFoundError: not a built-in, an existing file or folder, an object-store URI, or a
+            ``datasets`` name whose builder can be opened.
+    """
+    if source in BUILTIN_CORPORA:
+        return ["text", "label"]
+    path = Path(source)
+    if path.exists() or "://" in source:
+        suffix = path.suffix.lower()
+        if suffix in (".jsonl", ".json"):
+            import json
+
+            with open(path, encoding="utf-8", errors="replace") as fh:
+                first = fh.readline()
+            return list(json.loads(first)) if first.strip() else []
+        import pyarrow.dataset as ds
+
+        if suffix in (".csv", ".tsv"):
+            import pyarrow.csv as pcsv
+
+            fmt = ds.CsvFileFormat(parse_options=pcsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ","))
+            return ds.dataset(source, format=fmt).schema.names
+        return ds.dataset(source, format="parquet").schema.names
+    try:
+        import datasets
+
+        name, _, config = source.partition(":")
+        features = datasets.load_dataset_builder(name, config or None).info.features
+    except Exception as exc:
+        raise FileNotFoundError(
+            f"corpus {source!r} is not a built-in ({sorted(BUILTIN_CORPORA)}), not an existing file, and "
+            f"opening it with `datasets` failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from None
+    return list(features or [])
+
+
 def iter_corpus(
     source: str,
     *,

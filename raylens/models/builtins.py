@@ -8,7 +8,7 @@ from pathlib import Path
 
 from raylens.assets import Wheel
 from raylens.models.wheels import WHEEL_MODELS, BuiltinModel, wheel_model_path
-from raylens.models.zoo.classifier import build_sentiment_classifier
+from raylens.models.zoo.classifier import BASE_MODEL, build_sentiment_classifier, default_folder
 
 #: Every built-in model name -> its spec (``kind == "finetuned"``: built by a zoo recipe).
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
@@ -49,4 +49,20 @@ def builtin_model_path(name: str) -> Path:
     return wheel_model_path(name)
 
 
-__all__ = ["BUILTIN_MODELS", "BuiltinModel", "Wheel", "builtin_model_path"]
+def builtin_config_path(name: str) -> Path:
+    """A folder whose ``config.json`` describes built-in model ``name`` (architecture, layers,
+    hidden size), without training anything: a recipe's model that is not built yet answers with
+    the folder of the model it is fine-tuned from (same architecture and layers, no task head).
+
+    Raises:
+        KeyError: ``name`` is not a built-in model.
+    """
+    if name not in BUILTIN_MODELS:
+        raise KeyError(f"unknown built-in model {name!r}; known: {sorted(BUILTIN_MODELS)}")
+    if BUILTIN_MODELS[name].kind == "finetuned":
+        built = default_folder()
+        return built if (built / ".complete").exists() else wheel_model_path(BASE_MODEL)
+    return wheel_model_path(name)
+
+
+__all__ = ["BUILTIN_MODELS", "BuiltinModel", "Wheel", "builtin_config_path", "builtin_model_path"]

@@ -9,10 +9,13 @@ Layout under the output URI (a local path or any pyarrow filesystem URI such as 
     concept_model/                  model.safetensors + config.json
     concepts/*.parquet              per-concept tables; report.html
 
-A shard file is written to a temporary name and moved into place, then its marker is
-written; a reader trusts only marked shards, and a rerun skips them, so a crash or a
-killed worker never leaves a half shard or a duplicate row. pyarrow's dataset readers
-ignore names starting with ``_`` or ``.``, so markers and temporaries never leak into reads.
+A shard file is written, then its marker: the marker is the commit. A reader trusts only
+marked shards and a rerun skips them, so a crash or a killed worker never leaves a half shard
+or a duplicate row. On a local filesystem a file is written to a temporary name and renamed
+into place (a rename is atomic there); on an object store (``s3://``...) each object is
+written once, at its final key: an upload becomes visible only when it completes, and a rename
+would be a server-side copy of the whole object (refused above 5 GiB on S3). pyarrow's dataset
+readers ignore names starting with ``_`` or ``.``, so markers and temporaries never leak into reads.
 """
 
 from __future__ import annotations
@@ -65,13 +68,30 @@ class OutputStore:
         return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
 
     # ---- tables -----------------------------------------------------------------
-    def write_table(self, rel: str, table: pa.Table, *, compression: str = "zstd") -> None:
-        """Write ``table`` to ``rel`` atomically (temporary name, then move)."""
+    @property
+    def is_local(self) -> bool:
+        """True on the local filesystem (writes go through a temporary name and a rename)."""
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
+    def staging_path(self, rel: str) -> str:
+        """Where to write ``rel`` before :meth:`commit`: a hidden temporary sibling on a local
+        filesystem, the final key itself on an object store (written once, no copy)."""
         final = self.path(rel)
         self.fs.create_dir(posixpath.dirname(final), recursive=True)
-        tmp = posixpath.join(posixpath.dirname(final), f".tmp-{uuid.uuid4().hex}-{posixpath.basename(final)}")
-        pq.write_table(table, tmp, filesystem=self.fs, compression=compression)
-        self.fs.move(tmp, final)
+        if not self.is_local:
+            return final
+        return posixpath.join(posixpath.dirname(final), f".tmp-{uuid.uuid4().hex}-{posixpath.basename(final)}")
+
+    def commit(self, staged: str, rel: str) -> None:
+        """Move a file written at :meth:`staging_path` into place (nothing to do on an object store)."""
+        if staged != self.path(rel):
+            self.fs.move(staged, self.path(rel))
+
+    def write_table(self, rel: str, table: pa.Table, *, compression: str = "zstd") -> None:
+        """Write ``table`` to ``rel``, never visible half-written (see the module docstring)."""
+        staged = self.staging_path(rel)
+        pq.write_table(table, staged, filesystem=self.fs, compression=compression)
+        self.commit(staged, rel)
 
     def read_table(self, rel: str, columns: list[str] | None = None) -> pa.Table:
         return pq.read_table(self.path(rel), filesystem=self.fs, columns=columns)
@@ -85,12 +105,11 @@ class OutputStore:
             return json.loads(fh.read().decode())
 
     def write_bytes(self, rel: str, data: bytes) -> None:
-        final = self.path(rel)
-        self.fs.create_dir(posixpath.dirname(final), recursive=True)
-        tmp = posixpath.join(posixpath.dirname(final), f".tmp-{uuid.uuid4().hex}")
-        with self.fs.open_output_stream(tmp) as fh:
+        """Write ``data`` to ``rel``, never visible half-written (see the module docstring)."""
+        staged = self.staging_path(rel)
+        with self.fs.open_output_stream(staged) as fh:
             fh.write(data)
-        self.fs.move(tmp, final)
+        self.commit(staged, rel)
 
     # ---- shards -----------------------------------------------------------------
     def marker(self, kind: str, shard: str) -> str:

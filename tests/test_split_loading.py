@@ -60,3 +60,35 @@ def test_module_path_split_and_bad_split_point():
     assert load_split_model("smollm2-135m", "model.norm").module_path == "model.norm"  # outside the stack: full
     with pytest.raises(ValueError, match="out of range"):
         load_split_model("smollm2-135m", 99)
+
+
+def test_float16_overflow_is_reported_and_kept_out_of_the_fit(smollm, tmp_path):
+    """A bfloat16-range activation above 65,504 becomes inf as float16: the document gets an
+    issue naming the fix, and the activation stream leaves those rows out and counts them."""
+    from raylens.io.readers import ActivationStream
+    from raylens.io.store import OutputStore
+
+    split = SplitModel(smollm, 5)
+    real_hidden = split.hidden
+
+    def huge_first_doc(ids, mask):
+        h = real_hidden(ids, mask).clone()
+        h[0, :, 0] = 1e6  # the shortest document of the batch (sorted by length)
+        return h
+
+    split.hidden = huge_first_doc
+    texts = ["Bad", "A long and thoughtful film about memory."]
+    table, issues = split.extract(texts, [0, 1], granularity="token", batch_size=4)
+    assert [i["doc_id"] for i in issues] == [0] and "65,504" in issues[0]["error"]
+    assert "activation_dtype: float32" in issues[0]["error"]
+    x = tensor_column_to_numpy(table["activation"])
+    doc = table["doc_id"].to_numpy()
+    assert np.isinf(x[doc == 0]).any() and np.isfinite(x[doc == 1]).all()
+    store = OutputStore(str(tmp_path / "out"))
+    store.write_shard("activations", "shard-00000", table)
+    stream = ActivationStream(store, batch_rows=4)
+    rows = torch.cat(list(stream))
+    assert len(rows) == int((doc == 1).sum()) and torch.isfinite(rows).all()
+    assert stream.n_nonfinite == int((doc == 0).sum())
+    table32, issues32 = split.extract(texts, [0, 1], granularity="token", dtype="float32")
+    assert issues32 == [] and np.isfinite(tensor_column_to_numpy(table32["activation"])).all()

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from typing import Literal
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from raylens.io.schemas import tensor_column_to_numpy
@@ -31,7 +32,9 @@ class ActivationStream:
     several epochs without holding the data), keeps the ``split`` rows (``"train"``,
     ``"heldout"`` or ``"all"``; see :func:`heldout_mask`) and, when ``shuffle_buffer`` > 0,
     mixes rows through a seeded shuffle buffer of that many rows (a new permutation each
-    pass), since rows of one document arrive together.
+    pass), since rows of one document arrive together. Rows with a NaN or an infinite value
+    (a float16 overflow, see :func:`raylens.models.split.float16_overflow_issues`) are left out
+    and counted in ``n_nonfinite`` (rows dropped by the last full pass).
 
     Args:
         store: the job's output store.
@@ -60,16 +63,23 @@ class ActivationStream:
         self.heldout_fraction, self.batch_rows = heldout_fraction, batch_rows
         self.shuffle_buffer, self.seed, self.max_rows = shuffle_buffer, seed, max_rows
         self._epoch = 0
+        self.n_nonfinite = 0
 
     def _rows(self) -> Iterator[np.ndarray]:
+        dropped = 0
         for rb in self.store.iter_shard_batches(self.kind, columns=["doc_id", "activation"],
                                                 batch_rows=self.batch_rows):
             x = tensor_column_to_numpy(rb.column("activation"))
+            finite = np.isfinite(x).all(axis=1)
+            if not finite.all():
+                dropped += int((~finite).sum())
+                x, rb = x[finite], rb.filter(pa.array(finite))
             if self.split != "all":
                 held = heldout_mask(rb.column("doc_id").to_numpy(), self.heldout_fraction)
                 x = x[held] if self.split == "heldout" else x[~held]
             if len(x):
                 yield x.astype(np.float32)
+        self.n_nonfinite = dropped
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         rng = np.random.default_rng(self.seed + self._epoch)

@@ -81,6 +81,25 @@ def resolve_split_point(model: torch.nn.Module, split_point: int | str) -> str:
     return split_point
 
 
+#: The largest finite float16 value; bfloat16 and float32 activations can exceed it.
+FLOAT16_MAX = 65504.0
+
+
+def float16_overflow_issues(per_doc: dict[int, np.ndarray], doc_ids: Sequence[int]) -> list[dict]:
+    """One issue per document whose activations exceed float16's range (``|x| > 65,504``): stored
+    as float16 they become ``inf`` (those rows are left out of the fit by
+    :class:`raylens.io.readers.ActivationStream`). Bfloat16 models reach such values (a massive
+    activation); ``extraction.activation_dtype: float32`` stores them exactly."""
+    out = []
+    for i, values in per_doc.items():
+        n = int(np.count_nonzero(np.abs(values) > FLOAT16_MAX))
+        if n:
+            out.append({"doc_id": int(doc_ids[i]), "stage": "extract",
+                        "error": f"{n} activation values beyond float16's range (|x| > 65,504) stored as inf; "
+                                 "those rows are left out of the fit; use extraction.activation_dtype: float32"})
+    return out
+
+
 def load_split_model(name_or_path: str, split_point: int | str, *, task: str | None = None,
                      dtype: str = "float32", device: str | None = None, device_map: str | dict | None = None,
                      truncate: bool = True) -> "SplitModel":
@@ -331,6 +350,8 @@ class SplitModel:
         predict = granularity == "cls" and self.loaded.task == "sequence_classification"
         per_doc, predicted = self.unit_activations(encoded, units, batch_size=batch_size, predict=predict,
                                                    progress=progress)
+        if dtype == "float16":
+            issues += float16_overflow_issues(per_doc, doc_ids)
         return self.activation_table(doc_ids, units, per_doc, predicted, dtype), issues
 
     def unit_activations(self, encoded: Sequence[Encoded], units: Sequence[Sequence[Unit]], *, batch_size: int,

@@ -20,15 +20,8 @@ from torch import Tensor
 from raylens._compat import import_overcomplete
 from raylens.concepts.models.base import ConceptModel
 from raylens.concepts.models.params import Param, positive_int
-from raylens.concepts.models.streaming import (
-    as_rows,
-    chain,
-    is_reiterable,
-    progress_bar,
-    rebatch,
-    seeded,
-    take_head,
-)
+from raylens.concepts.models.streaming import as_rows, chain, is_reiterable, progress_bar, rebatch, seeded
+from raylens.concepts.models.streaming import take_head
 
 __all__ = ["SAEConceptModel", "TOP_K", "default_top_k", "sae_train_step"]
 

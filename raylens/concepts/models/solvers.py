@@ -9,6 +9,7 @@ deterministic and do not depend on which rows share a batch.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -22,10 +23,26 @@ def lipschitz(D: Tensor) -> Tensor:
     return torch.linalg.eigvalsh((D @ D.T).to(torch.float64)).max().clamp_min(1e-12).to(torch.float32)
 
 
-def _momentum(t: float) -> tuple[float, float]:
-    """``(t_next, (t - 1) / t_next)``: FISTA's step-size sequence (Beck & Teboulle 2009)."""
-    t_next = (1.0 + math.sqrt(1.0 + 4.0 * t * t)) / 2.0
-    return t_next, (t - 1.0) / t_next
+def _fista(a: Tensor, D: Tensor, iters: int, lip: Tensor | None, start: Callable[[Tensor], Tensor],
+           prox: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """FISTA (Beck & Teboulle 2009) on ``0.5 ||a - z D||^2`` per row of ``a (n_rows, d)``:
+    ``z = start(p)`` with ``p = a D^T (n_rows, nb_concepts)``, then exactly ``iters`` steps
+    ``z = prox(y - grad(y) / L, 1 / L)`` with momentum, ``L = lip`` (computed when None)."""
+    with torch.no_grad():
+        q = D @ D.T
+        p = a @ D.T
+        if lip is None:
+            lip = lipschitz(D).to(a.dtype)
+        inv_lip = 1.0 / lip
+        z = start(p)
+        y = z
+        t = 1.0
+        for _ in range(iters):
+            z_next = prox(y - (y @ q - p) * inv_lip, inv_lip)
+            t_next = (1.0 + math.sqrt(1.0 + 4.0 * t * t)) / 2.0
+            y = z_next + ((t - 1.0) / t_next) * (z_next - z)
+            z, t = z_next, t_next
+    return z
 
 
 def nonneg_fista(a: Tensor, D: Tensor, iters: int, *, l1: float = 0.0, lip: Tensor | None = None) -> Tensor:
@@ -34,22 +51,11 @@ def nonneg_fista(a: Tensor, D: Tensor, iters: int, *, l1: float = 0.0, lip: Tens
     gradient (FISTA, Beck & Teboulle 2009) from ``z = 0`` with step ``1 / lambda_max(D D^T)``
     (``lip``, computed when None), exactly ``iters`` iterations. Rows are independent, so codes
     do not depend on batching."""
-    with torch.no_grad():
-        q = D @ D.T
-        p = a @ D.T
-        if lip is None:
-            lip = torch.linalg.eigvalsh(q.to(torch.float64)).max().clamp_min(1e-12).to(a.dtype)
-        inv_lip = 1.0 / lip
-        z = torch.zeros_like(p)
-        y = z
-        t = 1.0
-        for _ in range(iters):
-            g = y - (y @ q - p) * inv_lip
-            z_next = (g - l1 * inv_lip).clamp_min_(0) if l1 else g.clamp_min_(0)
-            t, beta = _momentum(t)
-            y = z_next + beta * (z_next - z)
-            z = z_next
-    return z
+
+    def prox(g: Tensor, inv_lip: Tensor) -> Tensor:
+        return (g - l1 * inv_lip).clamp_min_(0) if l1 else g.clamp_min_(0)
+
+    return _fista(a, D, iters, lip, torch.zeros_like, prox)
 
 
 def project_simplex(v: Tensor) -> Tensor:
@@ -70,18 +76,8 @@ def simplex_fista(a: Tensor, D: Tensor, iters: int, lip: Tensor | None = None,
     """Codes on the simplex ``min_{z in simplex} 0.5 ||a - z D||^2`` for rows ``a (n_rows, d)``,
     ``D (nb_concepts, d)``, by FISTA from ``z0`` (default the uniform point), exactly ``iters``
     iterations; rows independent. Returns ``(n_rows, nb_concepts)``."""
-    with torch.no_grad():
-        q = D @ D.T
-        p = a @ D.T
-        if lip is None:
-            lip = torch.linalg.eigvalsh(q.to(torch.float64)).max().clamp_min(1e-12).to(a.dtype)
-        inv_lip = 1.0 / lip
-        z = torch.full_like(p, 1.0 / D.shape[0]) if z0 is None else z0.clone()
-        y = z
-        t = 1.0
-        for _ in range(iters):
-            z_next = project_simplex(y - (y @ q - p) * inv_lip)
-            t, beta = _momentum(t)
-            y = z_next + beta * (z_next - z)
-            z = z_next
-    return z
+
+    def start(p: Tensor) -> Tensor:
+        return torch.full_like(p, 1.0 / D.shape[0]) if z0 is None else z0.clone()
+
+    return _fista(a, D, iters, lip, start, lambda g, inv_lip: project_simplex(g))

@@ -26,14 +26,21 @@ from raylens.concepts.metrics import (
     reconstruction_mse,
 )
 from raylens.concepts.models import (
+    JUMP_KERNELS,
     ConceptModel,
+    DictionaryConceptModel,
+    Param,
     SemiNMFConceptModel,
     TopKSAEConceptModel,
     available_methods,
     build_concept_model,
+    check_params,
+    concept_model_class,
     load_concept_model,
+    register_concept_model,
     reservoir_sample,
     sae_train_step,
+    unregister_concept_model,
 )
 
 D_MODEL = 64
@@ -115,6 +122,142 @@ def test_registry_and_unknown_method():
     assert TopKSAEConceptModel.streaming and TopKSAEConceptModel.method == "topk_sae"
     with pytest.raises(RuntimeError, match="not fitted"):
         m.encode(torch.zeros(2, 8))
+
+
+def test_check_params_rejects_unknown_names_and_out_of_range_values():
+    with pytest.raises(ValueError, match=r"^method: unknown concept method 'not_a_method'"):
+        check_params("not_a_method", {}, nb_concepts=8)
+    with pytest.raises(ValueError, match=r"^top_kk: unknown parameter of topk_sae; known: \[") as err:
+        check_params("topk_sae", {"top_kk": 8}, nb_concepts=8)
+    assert "'top_k'" in str(err.value) and "'outlier_factor'" in str(err.value)
+    bad = [
+        ("topk_sae", {"top_k": 1000}, r"^top_k: must be <= nb_concepts \(8\), got 1000$"),
+        ("topk_sae", {"top_k": 0}, r"^top_k: must be >= 1, got 0$"),
+        ("topk_sae", {"lr": -1e-3}, r"^lr: must be > 0, got -0.001$"),
+        ("topk_sae", {"lr": "fast"}, r"^lr: must be a number, got 'fast'$"),
+        ("vanilla_sae", {"epochs": -2}, r"^epochs: must be >= 1, got -2$"),
+        ("topk_sae", {"batch_size": 1.5}, r"^batch_size: must be an integer"),
+        ("semi_nmf", {"solver": "adam"}, r"^solver: must be one of \['mu', 'pgd'\], got 'adam'$"),
+        ("semi_nmf", {"l1_penalty": 0.1}, r"^l1_penalty: only used by solver='pgd'"),
+        ("jumprelu_sae", {"kernel": "box"}, r"^kernel: must be one of"),
+        ("batchtopk_sae", {"threshold_momentum": 1.0}, r"^threshold_momentum: must be < 1"),
+        ("nmf", {"center": True}, r"^center: unknown parameter of nmf"),
+        ("archetypal_sae", {"nb_candidates": 4}, r"^nb_candidates: must be >= nb_concepts \(8\), got 4$"),
+        ("neurons", {"neurons": [1, 1, 2, 3, 4, 5, 6, 7]}, r"^neurons: must be 8 distinct indices"),
+        ("pca", {}, r"^nb_concepts: must be <= d_model \(4\) for pca, got 8$", 4),
+        ("svd", {"seed": 1}, r"^nb_concepts: must be < d_model \(8\) for svd", 8),
+    ]
+    for method, params, message, *d_model in bad:
+        d_model = d_model[0] if d_model else 16
+        with pytest.raises(ValueError, match=message):
+            check_params(method, params, nb_concepts=8, d_model=d_model)
+        with pytest.raises(ValueError, match=message):  # building runs the same check
+            build_concept_model(method, nb_concepts=8, d_model=d_model, **params)
+    with pytest.raises(ValueError, match=r"^nb_concepts: not a method parameter"):
+        check_params("topk_sae", {"nb_concepts": 8}, nb_concepts=8)
+    with pytest.raises(ValueError, match=r"^nb_concepts: must be >= 1, got 0$"):
+        check_params("pca", {}, nb_concepts=0)
+    # checks that need d_model wait until it is known
+    check_params("pca", {}, nb_concepts=8)
+    # values are coerced as the constructors always did (YAML may give "1e-3" as a string)
+    assert build_concept_model("topk_sae", nb_concepts=8, d_model=16, lr="1e-3", epochs=2.0).get_params()["lr"] == 1e-3
+
+
+def test_every_method_accepts_its_defaults():
+    for method in available_methods():
+        check_params(method, {}, nb_concepts=4)
+        check_params(method, {}, nb_concepts=4, d_model=8)
+        params = build_concept_model(method, nb_concepts=4, d_model=8).get_params()
+        declared = concept_model_class(method).declared_params()
+        assert set(params) == {"nb_concepts", "d_model", *declared}, method
+        check_params(method, {k: v for k, v in params.items() if k not in ("nb_concepts", "d_model")},
+                     nb_concepts=4, d_model=8)
+
+
+def test_construction_is_cheap_and_kernels_match_overcomplete():
+    """Constructors only store parameters: a 65,536 x 8,192 SAE (4 GiB of weights) is built in
+    no time; its overcomplete module appears only when fitted, loaded or asked for."""
+    import time
+
+    from raylens._compat import import_overcomplete
+
+    t0 = time.perf_counter()
+    for method in ("topk_sae", "batchtopk_sae", "jumprelu_sae", "vanilla_sae", "mp_sae", "archetypal_sae"):
+        build_concept_model(method, nb_concepts=65_536, d_model=8_192, device="cuda")
+    assert time.perf_counter() - t0 < 1.0
+    import_overcomplete()
+    from overcomplete.sae import JumpSAE
+
+    assert set(JUMP_KERNELS) == set(JumpSAE._KERNELS)
+
+
+@pytest.fixture
+def toy_method():
+    """A concept model defined and registered by this test file alone; unregistered after."""
+
+    @register_concept_model
+    class RandomDirectionsConceptModel(DictionaryConceptModel):
+        """Toy: ``nb_concepts`` seeded random unit directions ``(nb_concepts, d_model)``; codes
+        ``(n_rows, nb_concepts)`` are least-squares coordinates on them. Not streaming."""
+
+        method = "toy_random_directions"
+        parameters = {"gain": Param(1.0, float, low=0, low_open=True, doc="scales the directions")}
+
+        def fit(self, activations):
+            x = self._bounded(activations)
+            self.set_normalization(x)
+            d = torch.randn(self.nb_concepts, self.d_model, generator=torch.Generator().manual_seed(self.seed))
+            self._set_state(self.gain * d / d.norm(dim=1, keepdim=True))
+            self.n_fit_rows = int(x.shape[0])
+            return self
+
+        def _encode_normalized(self, x_norm):
+            return x_norm @ torch.linalg.pinv(self._D)
+
+    yield RandomDirectionsConceptModel
+    unregister_concept_model(RandomDirectionsConceptModel.method)
+    assert RandomDirectionsConceptModel.method not in available_methods()
+
+
+def test_a_toy_method_registered_from_a_test_file(tmp_path, data, toy_method):
+    assert "toy_random_directions" in available_methods()
+    with pytest.raises(ValueError, match=r"^gain: must be > 0"):
+        check_params("toy_random_directions", {"gain": 0}, nb_concepts=4)
+    model = build_concept_model("toy_random_directions", nb_concepts=4, d_model=D_MODEL, gain=2.0, seed=3)
+    assert type(model) is toy_method and not model.streaming
+    model.fit_stream(_batches(data["train"], 500), progress=False)  # the base's reservoir sample
+    x = data["test"][:50]
+    z = model.encode(x)
+    assert z.shape == (50, 4)
+    unit = build_concept_model("toy_random_directions", nb_concepts=4, d_model=D_MODEL, seed=3)
+    torch.testing.assert_close(model.dictionary, 2.0 * unit.fit(data["train"]).dictionary)
+    loaded = load_concept_model(model.save(tmp_path))
+    assert type(loaded) is toy_method and loaded.get_params() == model.get_params()
+    assert torch.equal(loaded.encode(x), z) and torch.equal(loaded.decode(z), model.decode(z))
+
+
+def test_saved_models_hold_no_device_and_load_anywhere(tmp_path, data):
+    model = build_concept_model("topk_sae", **{**SAE_PARAMS, "epochs": 1}).fit(data["train"][:1000])
+    x = data["test"][:20]
+    z = model.encode(x)
+    model.device = "cuda"  # as if trained on a GPU: the tensors are saved from wherever they are
+    model.save(tmp_path / "new")
+    assert "device" not in json.loads((tmp_path / "new" / "config.json").read_text())["params"]
+    assert load_concept_model(tmp_path / "new").device == "cpu"
+    # a folder saved by an earlier raylens on a GPU holds device "cuda": it loads on the CPU too
+    model.device = "cpu"
+    model.save(tmp_path / "old")
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    config["params"]["device"] = "cuda"
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    loaded = load_concept_model(tmp_path / "old")
+    assert loaded.device == ("cuda" if torch.cuda.is_available() else "cpu")
+    on_cpu = load_concept_model(tmp_path / "old", device="cpu")
+    assert on_cpu.device == "cpu" and torch.equal(on_cpu.encode(x), z)
+    assert on_cpu.get_params() == {**model.get_params(), "device": "cpu"}
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"^device: 'cuda' is not available"):
+            load_concept_model(tmp_path / "old", device="cuda")
 
 
 # ----------------------------------------------------------------------------- TopK SAE
@@ -481,9 +624,7 @@ def real_fitted(real):
 
 def _tiny(method):
     """An unfitted model of ``method`` on 8-dim data with 4 concepts."""
-    from raylens.concepts.models import _REGISTRY, _method_params
-
-    top_k = {"top_k": 1} if "top_k" in _method_params(_REGISTRY[method]) else {}
+    top_k = {"top_k": 1} if "top_k" in concept_model_class(method).declared_params() else {}
     return build_concept_model(method, nb_concepts=4, d_model=8, **top_k)
 
 

@@ -83,6 +83,84 @@ def _quiet_runs(fired: np.ndarray, doc: np.ndarray, unit: np.ndarray, cs: np.nda
     return s_c[keep], doc[s_r][keep], lo[keep], hi[keep]
 
 
+_META = ("doc_id", "unit", "char_start", "char_end")
+_QUIET_COLS = ("doc_id", "char_start", "char_end")
+
+
+def _empty_slots(n: int, C: int) -> dict[str, torch.Tensor]:
+    """``value`` ``(n, C)`` of ``-inf`` and the row metadata ``(n, C)`` of ``-1``."""
+    out = {"value": torch.full((n, C), -float("inf"))}
+    out.update({key: torch.full((n, C), -1, dtype=torch.long) for key in _META})
+    return out
+
+
+def _merge_top(best: dict[str, torch.Tensor], z: torch.Tensor, meta: dict[str, torch.Tensor], k: int) -> None:
+    """Keep in ``best`` (``(k, C)`` tensors, in place) the ``k`` largest codes of old + new rows
+    ``z (n_rows, C)``, with their rows' metadata; ties keep the row seen first."""
+    C = z.shape[1]
+    vals = torch.cat([best["value"], z])  # (k + n_rows, C)
+    top_vals, top_idx = torch.topk(vals, min(k, vals.shape[0]), dim=0, sorted=True)
+    if top_vals.shape[0] < k:
+        pad = k - top_vals.shape[0]
+        top_vals = torch.cat([top_vals, torch.full((pad, C), -float("inf"))])
+        top_idx = torch.cat([top_idx, torch.zeros((pad, C), dtype=torch.long)])
+    for key in _META:
+        col = torch.cat([best[key], meta[key][:, None].expand(-1, C)])
+        best[key] = torch.gather(col, 0, top_idx)
+    best["value"] = top_vals
+
+
+class _QuietReservoir:
+    """Seeded reservoir of ``n_quiet`` quiet runs per concept (:func:`_quiet_runs`), fed batch
+    by batch; the rows of a document that may go on in the next batch are carried over."""
+
+    def __init__(self, n_quiet: int, min_chars: int, seed: int):
+        self.n_quiet, self.min_chars = n_quiet, min_chars
+        self.rng = np.random.default_rng(int(seed))
+        self.key = np.full((0,), np.inf)
+        self.kept = {name: np.zeros(0, np.int64) for name in ("concept", *_QUIET_COLS)}
+        self.carry: dict[str, np.ndarray] | None = None  # rows of the last, maybe unfinished, document
+
+    def _add_runs(self, rows: dict[str, np.ndarray]) -> None:
+        c, d, lo, hi = _quiet_runs(rows["fired"], rows["doc_id"], rows["unit"], rows["char_start"],
+                                   rows["char_end"], self.min_chars)
+        if not len(c):
+            return
+        allk = np.concatenate([self.key, self.rng.random(len(c))])
+        q = self.kept
+        cols = {"concept": np.concatenate([q["concept"], c]), "doc_id": np.concatenate([q["doc_id"], d]),
+                "char_start": np.concatenate([q["char_start"], lo]), "char_end": np.concatenate([q["char_end"], hi])}
+        order = np.lexsort((allk, cols["concept"]))
+        conc = cols["concept"][order]
+        first = np.searchsorted(conc, conc, side="left")
+        keep = order[(np.arange(len(order)) - first) < self.n_quiet]
+        self.key, self.kept = allk[keep], {name: v[keep] for name, v in cols.items()}
+
+    def add(self, meta: dict[str, torch.Tensor], z: torch.Tensor) -> None:
+        """Rows of one batch: metadata ``(n_rows,)`` and codes ``(n_rows, C)``, in stream order."""
+        rows = {key: meta[key].numpy() for key in _META}
+        rows["fired"] = (z > 0).numpy()
+        if self.carry is not None:
+            rows = {name: np.concatenate([self.carry[name], rows[name]]) for name in rows}
+        last = np.flatnonzero(rows["doc_id"] != rows["doc_id"][-1])
+        cut = int(last[-1]) + 1 if len(last) else 0  # the last document may go on in the next batch
+        self.carry = {name: v[cut:] for name, v in rows.items()}
+        if cut:
+            self._add_runs({name: v[:cut] for name, v in rows.items()})
+
+    def finish(self, C: int) -> dict[str, torch.Tensor]:
+        """``doc_id``, ``char_start``, ``char_end`` int64 ``(n_quiet, C)``, ``-1`` for empty slots."""
+        if self.carry is not None and len(self.carry["doc_id"]):
+            self._add_runs(self.carry)
+        quiet = {name: np.full((self.n_quiet, C), -1, np.int64) for name in _QUIET_COLS}
+        if len(self.key):
+            q = self.kept
+            slot = np.arange(len(self.key)) - np.searchsorted(q["concept"], q["concept"], side="left")
+            for name in _QUIET_COLS:
+                quiet[name][slot, q["concept"]] = q[name]
+        return {name: torch.from_numpy(v) for name, v in quiet.items()}
+
+
 @torch.no_grad()
 def scan_concepts(
     concept_model,
@@ -119,36 +197,12 @@ def scan_concepts(
         ``(n_quiet, nb_concepts)``, ``-1`` for empty slots).
     """
     C = concept_model.nb_concepts
-    keys = ("doc_id", "unit", "char_start", "char_end")
-    best = {"value": torch.full((k, C), -float("inf"))}
-    best.update({key: torch.full((k, C), -1, dtype=torch.long) for key in keys})
+    best, pool = _empty_slots(k, C), _empty_slots(n_pool, C)
     pool_key = torch.full((n_pool, C), float("inf"))
-    pool = {"value": torch.full((n_pool, C), -float("inf"))}
-    pool.update({key: torch.full((n_pool, C), -1, dtype=torch.long) for key in keys})
     gen = torch.Generator().manual_seed(int(seed))
-    rng = np.random.default_rng(int(seed))
-    q_cols = ("doc_id", "char_start", "char_end")
-    q_key = np.full((0,), np.inf)
-    q = {name: np.zeros(0, np.int64) for name in ("concept", *q_cols)}
-    carry: dict[str, np.ndarray] | None = None  # rows of the last, maybe unfinished, document
+    quiet = _QuietReservoir(n_quiet, min_quiet_chars, seed)
     fired = torch.zeros(C, dtype=torch.long)
     n_rows = 0
-
-    def add_quiet(rows: dict[str, np.ndarray]) -> None:
-        nonlocal q_key, q
-        c, d, lo, hi = _quiet_runs(rows["fired"], rows["doc_id"], rows["unit"], rows["char_start"],
-                                   rows["char_end"], min_quiet_chars)
-        if not len(c):
-            return
-        allk = np.concatenate([q_key, rng.random(len(c))])
-        cols = {"concept": np.concatenate([q["concept"], c]), "doc_id": np.concatenate([q["doc_id"], d]),
-                "char_start": np.concatenate([q["char_start"], lo]), "char_end": np.concatenate([q["char_end"], hi])}
-        order = np.lexsort((allk, cols["concept"]))
-        conc = cols["concept"][order]
-        first = np.searchsorted(conc, conc, side="left")
-        keep = order[(np.arange(len(order)) - first) < n_quiet]
-        q_key, q = allk[keep], {name: v[keep] for name, v in cols.items()}
-
     for batch in batches:
         x = torch.from_numpy(tensor_column_to_numpy(batch.column("activation")).astype(np.float32))
         if x.shape[0] == 0:
@@ -156,46 +210,21 @@ def scan_concepts(
         z = concept_model.encode(x.to(device)).float().cpu()  # (n_rows, nb_concepts)
         fired += (z != 0).sum(0)
         n_rows += z.shape[0]
-        meta = {key: torch.from_numpy(batch.column(key).to_numpy().astype(np.int64)) for key in keys}
-        vals = torch.cat([best["value"], z])  # (k + n_rows, C)
-        top_vals, top_idx = torch.topk(vals, min(k, vals.shape[0]), dim=0, sorted=True)
-        if top_vals.shape[0] < k:
-            pad = k - top_vals.shape[0]
-            top_vals = torch.cat([top_vals, torch.full((pad, C), -float("inf"))])
-            top_idx = torch.cat([top_idx, torch.zeros((pad, C), dtype=torch.long)])
-        for key in keys:
-            col = torch.cat([best[key], meta[key][:, None].expand(-1, C)])
-            best[key] = torch.gather(col, 0, top_idx)
-        best["value"] = top_vals
+        meta = {key: torch.from_numpy(batch.column(key).to_numpy().astype(np.int64)) for key in _META}
+        _merge_top(best, z, meta, k)
         if n_pool:
             rk = torch.rand(z.shape, generator=gen)
             rk[~(z > 0)] = float("inf")
-            new = {"value": z, **{key: meta[key][:, None].expand(-1, C) for key in keys}}
+            new = {"value": z, **{key: meta[key][:, None].expand(-1, C) for key in _META}}
             pool_key, pool = _merge_smallest(pool_key, pool, rk, new, n_pool)
         if n_quiet:
-            rows = {key: meta[key].numpy() for key in keys}
-            rows["fired"] = (z > 0).numpy()
-            if carry is not None:
-                rows = {name: np.concatenate([carry[name], rows[name]]) for name in rows}
-            last = np.flatnonzero(rows["doc_id"] != rows["doc_id"][-1])
-            cut = int(last[-1]) + 1 if len(last) else 0  # the last document may go on in the next batch
-            carry = {name: v[cut:] for name, v in rows.items()}
-            if cut:
-                add_quiet({name: v[:cut] for name, v in rows.items()})
-    if n_quiet and carry is not None and len(carry["doc_id"]):
-        add_quiet(carry)
+            quiet.add(meta, z)
     empty = ~torch.isfinite(pool_key)
     pool["value"][empty] = -float("inf")
-    for key in keys:
+    for key in _META:
         pool[key][empty] = -1
-    quiet = {name: np.full((n_quiet, C), -1, np.int64) for name in q_cols}
-    if n_quiet and len(q_key):
-        first = np.searchsorted(q["concept"], q["concept"], side="left")
-        slot = np.arange(len(q_key)) - first
-        for name in q_cols:
-            quiet[name][slot, q["concept"]] = q[name]
     return {"best": best, "frequency": fired.float() / max(n_rows, 1), "n_rows": n_rows, "pool": pool,
-            "quiet": {name: torch.from_numpy(v) for name, v in quiet.items()}}
+            "quiet": quiet.finish(C)}
 
 
 def quantile_sample(
@@ -375,6 +404,18 @@ def unembedding(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | No
     return W, norm
 
 
+def _concept_logits(D: torch.Tensor, W: torch.Tensor, chunk_vocab: int) -> torch.Tensor:
+    """``D @ W^T`` in float32 ``(n, vocab)`` for float32 directions ``D (n, d_model)`` and the
+    unembedding ``W (vocab, d_model)``; a ``W`` of another dtype is cast ``chunk_vocab`` rows
+    at a time (never the whole matrix)."""
+    if W.dtype == torch.float32:
+        return D @ W.T
+    out = torch.empty(D.shape[0], W.shape[0], dtype=torch.float32, device=D.device)
+    for v0 in range(0, W.shape[0], chunk_vocab):
+        out[:, v0:v0 + chunk_vocab] = D @ W[v0:v0 + chunk_vocab].float().T
+    return out
+
+
 @torch.no_grad()
 def vocabulary_projection(
     dictionary: torch.Tensor,
@@ -382,34 +423,60 @@ def vocabulary_projection(
     tokenizer,
     *,
     k: int = 10,
+    chunk_concepts: int = 512,
+    chunk_vocab: int = 16_384,
 ) -> pa.Table:
     """Top promoted and suppressed tokens of each concept direction.
+
+    Memory: the logits are computed ``chunk_concepts`` concepts at a time, so at most
+    ``chunk_concepts x vocab`` float32 scores exist at once (512 x 128,256 tokens: 250 MiB),
+    plus, when the unembedding is not float32, a float32 copy of ``chunk_vocab x d_model`` of
+    it (16,384 x 4,096: 256 MiB; never of the whole matrix), plus the results
+    (``4 x nb_concepts x k`` values and indices). The bottom ``k`` come from
+    ``topk(largest=False)``, not from a negated copy.
+
+    Up to ``chunk_concepts`` concepts the scores are bitwise those of one product of the
+    whole dictionary; with more, the tokens are the same and the scores differ by float32
+    rounding (the summation order of a BLAS product depends on its shape; measured on
+    SmolLM2: at most 2e-5 on logits of about 20).
 
     Args:
         dictionary: ``(nb_concepts, d_model)`` concept directions in activation space.
         model: the split model (for its unembedding and final norm weight).
         tokenizer: to turn token ids into strings.
         k: tokens per direction.
+        chunk_concepts: concepts scored at a time (the memory budget above).
+        chunk_vocab: unembedding rows cast to float32 at a time (non-float32 models only).
 
     Returns:
         Table with :data:`VOCAB_SCHEMA`: ``direction`` is ``"promoted"`` (largest logits first)
         or ``"suppressed"`` (most negative first); ``score`` is the logit contribution in logit
         units per unit of concept activation.
+
+    Raises:
+        ValueError: ``chunk_concepts`` or ``chunk_vocab`` below 1.
     """
+    if chunk_concepts < 1 or chunk_vocab < 1:
+        raise ValueError(f"chunk_concepts and chunk_vocab must be >= 1, got {chunk_concepts}, {chunk_vocab}")
     W, g = unembedding(model)
     D = dictionary.to(W.device, torch.float32)
     if g is not None:
         D = D * g.float()
-    logits = D @ W.float().T  # (nb_concepts, vocab)
-    k = min(k, logits.shape[1])
-    top = torch.topk(logits, k, dim=1)
-    bottom = torch.topk(-logits, k, dim=1)
+    k = min(k, W.shape[0])
+    parts = {"promoted": ([], []), "suppressed": ([], [])}
+    for c0 in range(0, D.shape[0], chunk_concepts):
+        logits = _concept_logits(D[c0:c0 + chunk_concepts], W, chunk_vocab)  # (chunk, vocab)
+        for direction, largest in (("promoted", True), ("suppressed", False)):
+            top = torch.topk(logits, k, dim=1, largest=largest)
+            parts[direction][0].append(top.values.cpu())
+            parts[direction][1].append(top.indices.cpu())
+        del logits
+    found = {d: (torch.cat(v).tolist(), torch.cat(i).tolist()) for d, (v, i) in parts.items() if v}
     rows: dict[str, list] = {f.name: [] for f in VOCAB_SCHEMA}
     for c in range(D.shape[0]):
-        for direction, vals, ids in (("promoted", top.values[c], top.indices[c]),
-                                     ("suppressed", -bottom.values[c], bottom.indices[c])):
-            toks = tokenizer.convert_ids_to_tokens(ids.tolist())
-            for r, (v, i, t) in enumerate(zip(vals.tolist(), ids.tolist(), toks)):
+        for direction in ("promoted", "suppressed"):
+            vals, ids = found[direction][0][c], found[direction][1][c]
+            for r, (v, i, t) in enumerate(zip(vals, ids, tokenizer.convert_ids_to_tokens(ids))):
                 rows["concept"].append(c)
                 rows["direction"].append(direction)
                 rows["rank"].append(r)

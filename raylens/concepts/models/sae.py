@@ -1,0 +1,360 @@
+"""Sparse autoencoders: the one training step and the shared SAE base.
+
+Every SAE family (:mod:`raylens.concepts.models.sae_variants`) wraps an ``overcomplete.sae``
+module and trains it with the same loop (:class:`SAEConceptModel`, :func:`sae_train_step`);
+all of them stream. overcomplete is imported only through
+:func:`raylens._compat.import_overcomplete`, and only when an SAE module is built.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from raylens._compat import import_overcomplete
+from raylens.concepts.models.base import ConceptModel
+from raylens.concepts.models.params import Param, positive_int
+from raylens.concepts.models.streaming import as_rows, chain, is_reiterable, progress_bar, rebatch, seeded
+from raylens.concepts.models.streaming import take_head
+
+__all__ = ["SAEConceptModel", "TOP_K", "default_top_k", "sae_train_step"]
+
+logger = logging.getLogger(__name__)
+
+
+def default_top_k(nb_concepts: int) -> int:
+    """The default ``top_k`` of the TopK-style SAEs: ``max(nb_concepts // 16, 1)``."""
+    return max(nb_concepts // 16, 1)
+
+
+#: ``top_k`` of the TopK-style SAEs (active latents, or pursuit steps, per row).
+TOP_K = Param(None, int, low=1, high="nb_concepts", derive=default_top_k,
+              doc="active latents per row (default max(nb_concepts // 16, 1))")
+
+
+def sae_train_step(sae: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Tensor,
+                   *, clip_grad: float | None = 1.0, penalty: Callable[..., Tensor] | None = None
+                   ) -> dict[str, float]:
+    """One Adam (or any optimizer) step of an overcomplete SAE on one batch; the single
+    training step that in-memory, streaming and distributed (Ray Train) training all call.
+
+    Loss: mean squared reconstruction error ``mean((batch - x_hat)^2)`` over
+    ``(batch_rows, d_in)``, plus ``penalty(sae, batch, pre_codes, codes, x_hat)`` when given
+    (the sparsity term of L1 or JumpReLU SAEs; TopK-style SAEs need none: Gao et al. 2024,
+    "Scaling and evaluating sparse autoencoders"; a model's own penalty is
+    ``model.penalty``). Gradients are clipped to global norm ``clip_grad`` (None: no
+    clipping). overcomplete's dictionary layer re-projects its atoms on the unit sphere at
+    every training-mode forward.
+
+    Args:
+        sae: an overcomplete SAE (``forward(x) -> (pre_codes, codes, x_hat)``), put in
+            training mode by this function.
+        optimizer: optimizer over ``sae.parameters()``.
+        batch: input rows ``(batch_rows, d_in)`` already in the SAE's input space (for a
+            concept model, ``model.normalize(x)``).
+        clip_grad: global gradient-norm clip.
+        penalty: optional extra loss term (a scalar tensor).
+
+    Returns:
+        ``dict(loss=float, mse=float, explained_variance=float, l0=float)``: total loss and
+        reconstruction loss before the step, explained variance of the batch (1 - SSE/SST,
+        <= 1, higher is better) and the mean number of active codes per row.
+
+    Raises:
+        ValueError: batch is not 2-D or the loss is not finite.
+    """
+    if batch.ndim != 2:
+        raise ValueError(f"batch must be (batch_rows, d_in), got {tuple(batch.shape)}")
+    sae.train()
+    optimizer.zero_grad(set_to_none=True)
+    pre_codes, codes, x_hat = sae(batch)
+    err = (batch - x_hat).pow(2)
+    mse = err.mean()
+    loss = mse if penalty is None else mse + penalty(sae, batch, pre_codes, codes, x_hat)
+    if not torch.isfinite(loss):
+        raise ValueError(f"non-finite SAE loss {loss.item()}")
+    loss.backward()
+    if clip_grad:
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), clip_grad)
+    optimizer.step()
+    with torch.no_grad():
+        sse = err.sum()
+        sst = (batch - batch.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
+        return {
+            "loss": float(loss),
+            "mse": float(mse),
+            "explained_variance": float(1 - sse / sst),
+            "l0": float((codes != 0).sum(dim=1).float().mean()),
+        }
+
+
+class SAEConceptModel(ConceptModel):
+    """Shared base of the sparse-autoencoder concept models (overcomplete ``SAE`` subclasses).
+
+    ``z = encoder((x - mean) / scale)`` of shape ``(n_rows, nb_concepts)``,
+    ``x_hat = (z @ D) * scale + mean`` with the dictionary ``D (nb_concepts, d_model)`` of the
+    SAE in the normalised space; ``mean`` (``(d_model,)``) is a fixed pre-encoder/decoder bias
+    estimated on the first rows. Linear encoders start as ``D^T`` (Gao et al. 2024).
+
+    Training (one loop for every SAE): Adam on the mean squared reconstruction error of
+    normalised rows plus the method's :meth:`penalty`, in minibatches of ``batch_size`` rows,
+    via :func:`sae_train_step`. :meth:`fit` runs ``epochs`` seeded-shuffled passes over an
+    in-memory tensor; :meth:`fit_stream` runs one pass over a one-shot iterator (a
+    generator), or ``epochs`` passes over a re-iterable (a list, a dataset), re-cutting the
+    stream into ``batch_size``-row batches (no shuffling across batches: shuffle upstream).
+    Normalisation statistics are estimated on the first ``norm_rows`` rows of the stream.
+    All SAEs stream (``streaming = True``).
+
+    Construction is cheap: the overcomplete module (:attr:`sae`) is built by ``fit``, by
+    loading, or on first access (untrained, seeded: the initialisation ``fit`` starts from).
+
+    Parameters (besides :class:`ConceptModel`'s):
+        lr: Adam learning rate.
+        epochs: passes over the data.
+        batch_size: rows per training step.
+        clip_grad: global gradient-norm clip (0 disables).
+
+    State: the SAE's ``state_dict`` (``sae.*`` tensors), the fused dictionary of the fit
+    (``dictionary``) and whatever a subclass adds (e.g. BatchTopK's inference threshold),
+    plus the normalisation.
+
+    Subclasses set ``method`` and implement :meth:`_build_sae` (and, when they need them,
+    :meth:`penalty`, :meth:`_extra_sae_tensors`, :meth:`_load_extra_sae_tensors`).
+    """
+
+    streaming = True
+    parameters = {
+        "lr": Param(2e-3, float, low=0, low_open=True, doc="Adam learning rate"),
+        "epochs": positive_int(10, "passes over the data"),
+        "batch_size": positive_int(256, "rows per training step"),
+        "clip_grad": Param(1.0, float, low=0, doc="global gradient-norm clip (0 disables)"),
+    }
+
+    _sae: torch.nn.Module | None = None
+    _dict: Tensor | None = None  # fused dictionary (nb_concepts, d_model)
+    history: Sequence[dict[str, float]] = ()
+
+    @property
+    def sae(self) -> torch.nn.Module:
+        """The overcomplete SAE module (built untrained, seeded, on first access before a fit)."""
+        if self._sae is None:
+            self._sae = self._new_sae(None)
+        return self._sae
+
+    @sae.setter
+    def sae(self, module: torch.nn.Module) -> None:
+        self._sae = module
+
+    # ---- construction
+
+    @abc.abstractmethod
+    def _build_sae(self, sample: Tensor | None) -> torch.nn.Module:
+        """A fresh overcomplete SAE (called under a seeded RNG). ``sample``: normalised rows
+        ``(n_rows, d_model)`` of the training data (None when building a placeholder)."""
+
+    def _new_sae(self, sample: Tensor | None) -> torch.nn.Module:
+        import_overcomplete()
+        with seeded(self.seed):
+            sae = self._build_sae(sample)
+        # Gao et al. 2024: initialise a linear encoder as the transpose of the (unit-norm) decoder.
+        linear = self._encoder_linear(sae)
+        if linear is not None:
+            with torch.no_grad():
+                sae.train()
+                D = sae.get_dictionary().detach()
+                linear.weight.copy_(D / D.norm(dim=1, keepdim=True).clamp_min(1e-8))
+                linear.bias.zero_()
+        return sae
+
+    @staticmethod
+    def _encoder_linear(sae: torch.nn.Module) -> torch.nn.Linear | None:
+        block = getattr(sae.encoder, "final_block", None)
+        if isinstance(block, torch.nn.Sequential) and isinstance(block[0], torch.nn.Linear):
+            return block[0]
+        return None
+
+    # ---- training
+
+    def penalty(self, sae: torch.nn.Module, batch: Tensor, pre_codes: Tensor, codes: Tensor,
+                x_hat: Tensor) -> Tensor | None:
+        """Sparsity term added to the reconstruction loss (None: none, the default)."""
+        return None
+
+    def _penalty_fn(self) -> Callable[..., Tensor] | None:
+        return None if type(self).penalty is SAEConceptModel.penalty else self.penalty
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        """Adam over the SAE parameters with this model's ``lr`` (for external training loops)."""
+        for p in self.sae.parameters():
+            p.requires_grad_(True)
+        return torch.optim.Adam(self.sae.parameters(), lr=self.lr)
+
+    def train_step(self, optimizer: torch.optim.Optimizer, batch_norm: Tensor) -> dict[str, float]:
+        """:func:`sae_train_step` with this model's penalty and clipping, on normalised rows
+        ``(batch_rows, d_model)``."""
+        return sae_train_step(self.sae, optimizer, batch_norm, clip_grad=self.clip_grad or None,
+                              penalty=self._penalty_fn())
+
+    def _train_batches(self, batch_passes: Iterable[Iterable[Tensor]], progress: bool) -> None:
+        """Train over several passes; each element of ``batch_passes`` yields normalised batches."""
+        with torch.enable_grad():  # callers may be inside torch.no_grad()
+            self._train_batches_impl(batch_passes, progress)
+
+    def _train_batches_impl(self, batch_passes: Iterable[Iterable[Tensor]], progress: bool) -> None:
+        optimizer = self.make_optimizer()
+        self.history = []
+        t0 = time.perf_counter()
+        step = 0
+        for epoch, batches in enumerate(batch_passes):
+            sums = {"loss": 0.0, "mse": 0.0, "explained_variance": 0.0, "l0": 0.0}
+            n = 0
+            for batch in progress_bar(batches, progress, f"{self.method} epoch {epoch + 1}"):
+                stats = self.train_step(optimizer, batch)
+                for k in sums:
+                    sums[k] += stats[k]
+                n += 1
+                step += 1
+            if n:
+                record = {k: v / n for k, v in sums.items()} | {"epoch": epoch + 1, "steps": n}
+                self.history.append(record)
+                logger.info("%s epoch %d: loss %.4g, batch EV %.3f, L0 %.1f, %.1fs", self.method,
+                            epoch + 1, record["loss"], record["explained_variance"], record["l0"],
+                            time.perf_counter() - t0)
+        if step == 0:
+            raise ValueError("no training batch: empty activations/stream")
+        self._finalize()
+
+    def _finalize(self) -> None:
+        """Freeze: eval mode, parameters without gradients, fused dictionary cached."""
+        for p in self.sae.parameters():
+            p.requires_grad_(False)
+        # overcomplete's dictionary layers fuse (normalise) their dictionary when switched to
+        # eval mode and keep that copy out of their state_dict: we keep our own copy and save it.
+        self.sae.eval()
+        with torch.no_grad():
+            self._dict = self.sae.get_dictionary().detach().clone()
+        self._fitted = True
+
+    def fit(self, activations: Tensor) -> SAEConceptModel:
+        """Train on activations ``(n_rows, d_model)`` in memory: ``epochs`` seeded-shuffled
+        passes in minibatches of ``batch_size`` rows (see the class docstring).
+
+        Returns:
+            self.
+
+        Raises:
+            ValueError: wrong shape or no rows.
+        """
+        x = as_rows(activations, self.d_model).detach()
+        n = x.shape[0]
+        if n == 0:
+            raise ValueError("fit got no rows")
+        gen = torch.Generator().manual_seed(self.seed)
+        idx = torch.randperm(n, generator=gen)[: self.norm_rows]
+        self.set_normalization(x[idx])
+        x_norm = self.normalize(x)
+        self.sae = self._new_sae(x_norm[idx.to(x_norm.device)])
+
+        def passes():
+            for _ in range(self.epochs):
+                perm = torch.randperm(n, generator=gen).to(x_norm.device)
+                yield (x_norm[perm[i:i + self.batch_size]] for i in range(0, n, self.batch_size))
+
+        self._train_batches(passes(), progress=False)
+        self.n_fit_rows = n
+        return self
+
+    def fit_stream(self, batches: Iterable[Tensor], *, progress: bool = True) -> SAEConceptModel:
+        """Train on a stream of batches ``(batch, d_model)`` with bounded memory.
+
+        The first ``norm_rows`` rows are buffered to estimate the normalisation (and, for
+        methods that need data at construction such as the archetypal SAE, to build the
+        SAE), then training starts on them and continues over the stream, re-cut into
+        ``batch_size``-row batches. A one-shot iterator gets one pass; a re-iterable gets
+        ``epochs`` passes.
+
+        Returns:
+            self.
+
+        Raises:
+            ValueError: wrong batch shape or empty stream.
+        """
+        reiterable = is_reiterable(batches)
+        n_passes = self.epochs if reiterable else 1
+        if not reiterable and self.epochs > 1:
+            logger.info("%s.fit_stream: the stream is a one-shot iterator, training one pass "
+                        "(epochs=%d needs a re-iterable such as a list or dataset)", self.method, self.epochs)
+        first_pass = rebatch(batches, self.batch_size, self.d_model, self.device)
+        head = take_head(first_pass, self.norm_rows)
+        if not head:
+            raise ValueError("fit_stream got an empty stream")
+        head_x = torch.cat(head)
+        self.set_normalization(head_x)
+        self.sae = self._new_sae(self.normalize(head_x))
+        counter = {"rows": 0}
+
+        def normalized(stream: Iterable[Tensor]) -> Iterator[Tensor]:
+            for b in stream:
+                counter["rows"] += b.shape[0]
+                yield self.normalize(b)
+
+        def passes():
+            yield normalized(chain(head, first_pass))
+            for _ in range(n_passes - 1):
+                yield normalized(rebatch(batches, self.batch_size, self.d_model, self.device))
+
+        self._train_batches(passes(), progress=progress)
+        self.n_fit_rows = counter["rows"] // n_passes
+        return self
+
+    # ---- inference
+
+    def _encode_normalized(self, x_norm: Tensor) -> Tensor:
+        _, z = self.sae.encode(x_norm)
+        return z
+
+    def _decode_normalized(self, z: Tensor) -> Tensor:
+        return z @ self._dict
+
+    def _normalized_dictionary(self) -> Tensor:
+        return self._dict
+
+    # ---- state
+
+    def _extra_sae_tensors(self) -> dict[str, Tensor]:
+        """State outside the SAE's ``state_dict`` that inference needs (override)."""
+        return {}
+
+    def _load_extra_sae_tensors(self, tensors: dict[str, Tensor]) -> None:
+        """Restore what :meth:`_extra_sae_tensors` wrote (called before freezing)."""
+
+    def _state_tensors(self) -> dict[str, Tensor]:
+        tensors = {f"sae.{k}": v for k, v in self.sae.state_dict().items()}
+        tensors["dictionary"] = self._dict
+        tensors.update(self._extra_sae_tensors())
+        return tensors
+
+    def _load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
+        if "dictionary" not in tensors:
+            raise ValueError(f"{self.method} state lacks tensor 'dictionary'")
+        sae_state = {k[len("sae."):]: v for k, v in tensors.items() if k.startswith("sae.")}
+        self.sae.load_state_dict(sae_state, strict=True)
+        self._load_extra_sae_tensors({k: v for k, v in tensors.items()
+                                      if not k.startswith("sae.") and k != "dictionary"})
+        self._finalize()
+        self._dict = tensors["dictionary"].to(self.device)  # the exact fused dictionary of the fit
+        # encoders that read the SAE's fused dictionary (matching pursuit) must see the same one
+        if hasattr(self.sae.dictionary, "_fused_dictionary"):
+            self.sae.dictionary._fused_dictionary = self._dict
+
+    def _extra_config(self) -> dict[str, Any]:
+        return {"history": list(self.history)}
+
+    def _load_extra_config(self, extra: dict[str, Any]) -> None:
+        self.history = list(extra.get("history", []))

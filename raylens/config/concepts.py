@@ -1,0 +1,148 @@
+"""The concept job's configuration: extraction, the concept model, interpretation, importance."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from raylens.config.common import CorpusConfig, ModelConfig, ResourcesConfig, Section, method_params_error
+from raylens.models.split import GRANULARITIES
+
+
+class ExtractionConfig(Section):
+    """Where to split the model and how to pool activations."""
+
+    split_point: int | str = Field(15, description="layer index or module path (e.g. model.layers.15)")
+    granularity: str = Field("token", description=f"one of {GRANULARITIES}")
+    max_tokens: int = Field(128, gt=0, description="longer documents are truncated (recorded)")
+    batch_size: int = Field(16, gt=0, description="documents per forward pass")
+    activation_dtype: Literal["float16", "float32"] = "float16"
+    shard_size: int = Field(50, gt=0, description="documents per output shard (unit of resume)")
+    exclude_first_tokens: int = Field(
+        1, ge=0, description="leave out the first token positions (the attention sink of decoders)")
+
+    @field_validator("granularity")
+    @classmethod
+    def _granularity(cls, v: str) -> str:
+        if v not in GRANULARITIES:
+            raise ValueError(f"must be one of {GRANULARITIES}, got {v!r}")
+        return v
+
+
+class ConceptsConfig(Section):
+    """The concept model learned on the activations."""
+
+    method: str = Field("topk_sae", description="concept model (see raylens.concepts.available_methods())")
+    nb_concepts: int = Field(64, gt=0)
+    params: dict[str, Any] = Field(default_factory=lambda: {"top_k": 8, "epochs": 10},
+                                   description="method parameters (e.g. top_k, lr, epochs, seed)")
+    heldout_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of documents held out for metrics")
+    batch_rows: int = Field(1024, gt=0, description="activation rows per training batch")
+
+    @model_validator(mode="after")
+    def _method_known(self) -> "ConceptsConfig":
+        from raylens.concepts.models import available_methods
+
+        if self.method not in available_methods():
+            raise ValueError(f"concepts.method {self.method!r} unknown; available: {available_methods()}")
+        return self
+
+
+class LabelsConfig(Section):
+    """LLM labels through any OpenAI-compatible endpoint, and their Delphi scores."""
+
+    enabled: bool = True
+    base_url: str | None = Field(None, description="e.g. http://127.0.0.1:8000/v1; null = start a local server")
+    serve_model: str = Field("smollm2-135m", description="model served on loopback when base_url is null")
+    model: str | None = Field(None, description="model name sent to the endpoint (default: the served one)")
+    api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the API key")
+    max_concepts: int = Field(32, ge=0, description="label the most important N concepts")
+    max_concurrency: int = Field(4, gt=0, description="requests in flight (the local server uses 1)")
+    timeout_s: float = Field(120.0, gt=0, description="per-request timeout in seconds")
+    n_examples: int = Field(8, gt=0, description="top-activating examples in a label prompt")
+    max_tokens: int = Field(24, gt=0)
+    example_sampling: Literal["top", "top+quantile", "top+random"] = Field(
+        "top", description="label prompt examples: the top ones only; or also `n_sampled_examples` weaker "
+                           "activating ones from concepts/sampled_examples.parquet, spread over the activation "
+                           "quantiles (top+quantile) or drawn at random (top+random)")
+    n_sampled_examples: int = Field(4, ge=0, description="sampled examples added to a label prompt (top+...)")
+    score_max_concepts: int = Field(
+        4, ge=0, description="score the labels of the most important N labelled concepts (Delphi detection and "
+                             "fuzzing; one request per example, about 0.7 s each with the local 135M server on 2 CPU "
+                             "cores); 0 = no scoring")
+    score_n_activating: int = Field(3, ge=0, description="activating excerpts per concept for detection")
+    score_n_non_activating: int = Field(3, ge=0, description="non-activating excerpts per concept for detection")
+    score_n_fuzzing: int = Field(4, ge=0, description="activating excerpts per concept for fuzzing")
+    score_sampling: Literal["quantiles", "top"] = Field(
+        "quantiles", description="how scoring draws activating examples from those the labeler did not see")
+    score_examples_per_prompt: int = Field(1, gt=0, description="excerpts per scoring request (1: small models)")
+    score_max_tokens: int = Field(6, gt=0, description="generation budget of one scoring reply")
+
+
+class InterpretationConfig(Section):
+    """How concepts are interpreted."""
+
+    top_k_examples: int = Field(10, gt=0)
+    vocab_top_k: int = Field(10, gt=0)
+    context_chars: int = Field(120, ge=0)
+    sample_pool_size: int = Field(
+        256, gt=0, description="activating rows kept per concept (a seeded uniform reservoir) to sample from")
+    sample_quantiles: int = Field(5, gt=0, description="activation bins of concepts/sampled_examples.parquet")
+    sampled_per_quantile: int = Field(
+        4, ge=0, description="examples per bin in concepts/sampled_examples.parquet; 0 = no file")
+    non_activating_per_concept: int = Field(
+        20, ge=0, description="runs of text where a concept does not fire, kept per concept in "
+                              "concepts/non_activating.parquet (the negatives of label scoring); 0 = none")
+    non_activating_min_chars: int = Field(120, ge=1, description="shortest such run (characters)")
+    labels: LabelsConfig = Field(default_factory=LabelsConfig)
+
+    @model_validator(mode="after")
+    def _sampling_needs_samples(self) -> "InterpretationConfig":
+        lab = self.labels
+        if lab.enabled and lab.example_sampling != "top" and lab.n_sampled_examples and not self.sampled_per_quantile:
+            raise ValueError(f"labels.example_sampling is {lab.example_sampling!r} but sampled_per_quantile is 0 "
+                             "(no sampled examples are kept)")
+        return self
+
+
+class ImportanceConfig(Section):
+    """Concept-to-output gradients."""
+
+    enabled: bool = True
+    n_samples: int = Field(64, gt=0, description="documents averaged over")
+    batch_size: int = Field(8, gt=0)
+
+
+class ConceptJobConfig(Section):
+    """The whole concept job."""
+
+    output_uri: str = Field("raylens-out/default", description="local folder or pyarrow URI (s3://...)")
+    seed: int = 0
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    corpus: CorpusConfig = Field(default_factory=CorpusConfig)
+    extraction: ExtractionConfig = Field(default_factory=ExtractionConfig)
+    concepts: ConceptsConfig = Field(default_factory=ConceptsConfig)
+    interpretation: InterpretationConfig = Field(default_factory=InterpretationConfig)
+    importance: ImportanceConfig = Field(default_factory=ImportanceConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+
+    def check_method_params(self) -> None:
+        """Check ``concepts.params`` against the method's declared parameters and ranges, without
+        building anything (called by :func:`~raylens.config.load_config`).
+
+        Raises:
+            ConfigError: naming ``concepts.params.<name>``.
+        """
+        from raylens.concepts.models import check_params
+
+        c = self.concepts
+        try:
+            check_params(c.method, c.params, nb_concepts=c.nb_concepts)
+        except ValueError as exc:
+            raise method_params_error("concepts", "", exc) from None
+
+    def extraction_key(self) -> dict[str, Any]:
+        """The fields that determine the documents and activation shards (must match on resume)."""
+        return {"model": self.model.model_dump(), "corpus": self.corpus.model_dump(),
+                "extraction": {k: v for k, v in self.extraction.model_dump().items() if k != "batch_size"}}

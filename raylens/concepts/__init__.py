@@ -4,10 +4,10 @@ The four steps of the concept pipeline, usable in a notebook:
 
 1. split: :class:`raylens.models.split.SplitModel` reads activations at a layer;
 2. fit: :func:`build_concept_model` learns a concept space with any of
-   :func:`available_methods` (SAEs: ``topk_sae``, ``batchtopk_sae``, ``jumprelu_sae``,
-   ``vanilla_sae``, ``mp_sae``, ``archetypal_sae``; factorisations: ``pca``, ``svd``, ``ica``,
-   ``nmf``, ``semi_nmf``, ``convex_nmf``, ``kmeans``, ``dictionary_learning``,
-   ``archetypal_analysis``; and ``neurons``), all behind one :class:`ConceptModel` interface;
+   :func:`available_methods` (SAEs, factorisations, clustering and the neurons baseline:
+   the families are listed in :mod:`raylens.concepts.models`), all behind one
+   :class:`ConceptModel` interface; :func:`check_params` checks a method's parameters
+   without building it;
 3. interpret: :func:`top_activating`, :func:`vocabulary_projection`, LLM labels
    (:mod:`raylens.concepts.labels`);
 4. score: :func:`concept_gradients` (signed concept-to-output gradients),
@@ -29,7 +29,13 @@ from raylens.concepts.metrics import (
     reconstruction_metrics,
     sparsity_ratio,
 )
-from raylens.concepts.models import ConceptModel, available_methods, build_concept_model, load_concept_model
+from raylens.concepts.models import (
+    ConceptModel,
+    available_methods,
+    build_concept_model,
+    check_params,
+    load_concept_model,
+)
 from raylens.concepts.scoring import SCORES_SCHEMA, parse_binary_answers, score_labels, scores_table, shuffle_labels
 
 __all__ = [
@@ -45,6 +51,7 @@ __all__ = [
     "shuffle_labels",
     "available_methods",
     "build_concept_model",
+    "check_params",
     "concept_gradients",
     "dictionary_stability",
     "explained_variance",

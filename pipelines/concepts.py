@@ -96,88 +96,14 @@ def _example(r: dict) -> dict:
 
 def _label_and_score(cfg: ConceptJobConfig, store: OutputStore, top: pa.Table, vocab: pa.Table,
                      order: list[int]) -> tuple[dict[int, dict], list[dict]]:
-    """LLM labels for the most important concepts, then Delphi detection/fuzzing scores of the
-    first ``score_max_concepts`` labelled ones (a local server is started when none is given).
+    """`raylens.concepts.labeling.label_and_score` on the job's tables: labels, then their scores."""
+    from raylens.concepts.labeling import label_and_score
 
-    Never raises for an endpoint problem (a local server that does not start included): the
-    affected concepts get an error each, so the finished tables are kept and the report written.
-    """
-    import os
-
-    from raylens.concepts.labels import LabelerConfig, choose_sampled_examples, label_concepts
-    from raylens.concepts.scoring import score_labels
-
-    lab = cfg.interpretation.labels
-    chosen = order[: lab.max_concepts]
-    if not lab.enabled or not chosen:
-        return {}, []
-    tops = _rows_by_concept(top)
-    sampled = _rows_by_concept(store.read_table("concepts/sampled_examples.parquet")
-                               if store.exists("concepts/sampled_examples.parquet") else None)
-    quiet = _rows_by_concept(store.read_table("concepts/non_activating.parquet")
-                             if store.exists("concepts/non_activating.parquet") else None)
-    voc = vocab.filter(pa.compute.equal(vocab["direction"], "promoted")).to_pylist()
-    how = {"top+quantile": "quantile", "top+random": "random"}.get(lab.example_sampling)
-    concepts, shown = {}, {}
-    for c in chosen:
-        ex = [_example(r) for r in tops.get(c, [])]
-        shown[c] = sorted(ex, key=lambda e: -e["activation"])[: lab.n_examples]
-        extra = choose_sampled_examples([_example(r) for r in sampled.get(c, [])], lab.n_sampled_examples, how,
-                                        exclude=shown[c], seed=cfg.seed, concept=c) if how else []
-        shown[c] = shown[c] + extra
-        concepts[c] = {"examples": ex, "top_tokens": [r["token"] for r in voc if r["concept"] == c],
-                       "sampled_examples": extra, "sampled_how": how or "quantile"}
-
-    def score_inputs(labels: dict[int, dict]) -> dict[int, dict]:
-        """Activating examples the labeler did not see (all of them when it saw every one),
-        and the concept's non-activating runs."""
-        todo = [c for c in chosen if labels.get(c, {}).get("label")][: lab.score_max_concepts]
-        out = {}
-        for c in todo:
-            seen = {(e["doc_id"], e["unit"]) for e in shown[c]}
-            every = {(r["doc_id"], r["unit"]): _example(r) for r in tops.get(c, []) + sampled.get(c, [])}
-            unseen = [e for k, e in every.items() if k not in seen]
-            out[c] = {"label": labels[c]["label"], "examples": unseen or list(every.values()),
-                      "non_activating": [r["text"] for r in quiet.get(c, [])]}
-        return out
-
-    def run(base_url: str, model: str, concurrency: int) -> tuple[dict[int, dict], list[dict]]:
-        common = dict(base_url=base_url, model=model, api_key=os.environ.get(lab.api_key_env, "EMPTY"),
-                      max_concurrency=concurrency, timeout_s=lab.timeout_s, cache_path=_label_cache(cfg))
-        labels = label_concepts(concepts, LabelerConfig(n_examples=lab.n_examples, max_tokens=lab.max_tokens,
-                                                        **common), progress=True)
-        to_score = score_inputs(labels)
-        missing = _unscored(chosen, labels, len(to_score), lab.score_max_concepts)
-        if not to_score:
-            return labels, missing
-        _say(f"labels: scoring {len(to_score)} labels (detection and fuzzing)")
-        t0 = time.perf_counter()
-        scores = score_labels(to_score, LabelerConfig(max_tokens=lab.score_max_tokens, **common),
-                              n_activating=lab.score_n_activating, n_non_activating=lab.score_n_non_activating,
-                              n_fuzzing=lab.score_n_fuzzing, sampling=lab.score_sampling,
-                              n_quantiles=cfg.interpretation.sample_quantiles,
-                              examples_per_prompt=lab.score_examples_per_prompt, seed=cfg.seed, progress=True)
-        _say(f"labels: scored in {time.perf_counter() - t0:.1f}s; " + ", ".join(
-            f"#{r['concept']} detection {r['detection_accuracy']} fuzzing {r['fuzzing_accuracy']}" for r in scores))
-        return labels, scores + missing
-
-    if lab.base_url:
-        return run(lab.base_url, lab.model or lab.serve_model, lab.max_concurrency)
-    from raylens.concepts.serve import LocalLLMServer
-
-    _say(f"labels: starting a local OpenAI-compatible server with {lab.serve_model} on loopback")
-    try:
-        server = LocalLLMServer(lab.serve_model).start()
-    except Exception as e:  # keep the finished work: every concept records why it has no label
-        err = f"the local LLM server ({lab.serve_model}) did not start: {type(e).__name__}: {e}"
-        _say("labels: " + err)
-        labels = {c: {"label": None, "error": err, "prompt_hash": "", "cached": False} for c in chosen}
-        return labels, _unscored(chosen, labels, 0, lab.score_max_concepts)
-    try:
-        # `transformers serve` generates one request at a time: queued requests would only time out.
-        return run(server.base_url, lab.model or server.model_name, 1)
-    finally:
-        server.stop()
+    paths = {name: f"concepts/{name}.parquet" for name in ("sampled_examples", "non_activating")}
+    tables = {name: store.read_table(p) if store.exists(p) else None for name, p in paths.items()}
+    return label_and_score(cfg.interpretation.labels, top, vocab, order, sampled=tables["sampled_examples"],
+                           non_activating=tables["non_activating"], seed=cfg.seed,
+                           n_quantiles=cfg.interpretation.sample_quantiles, cache_path=_label_cache(cfg), say=_say)
 
 
 def _unscored(chosen: list[int], labels: dict[int, dict], n_scored: int, n_max: int) -> list[dict]:

@@ -28,7 +28,7 @@ EV_FLOOR = 0.5  # held-out explained variance the fitted SAE must reach; a rando
 
 @pytest.fixture(scope="module")
 def llm_server():
-    from raylens.concepts.serve import LocalLLMServer
+    from raylens.llm.server import LocalLLMServer
 
     with LocalLLMServer("smollm2-135m") as server:
         yield server
@@ -219,8 +219,9 @@ def test_sampled_and_non_activating_examples(job):
 def test_label_prompts_held_the_sampled_examples(job):
     """With example_sampling top+quantile, each label's cached prompt is the top examples plus
     the chosen sampled ones (the cache is keyed by the prompt's hash)."""
-    from raylens.concepts.labels import (LabelerConfig, _cache_key, _prompt_hash, build_label_prompt,
-                                         choose_sampled_examples)
+    from raylens.concepts.labels import (LabelerConfig, build_label_prompt, choose_sampled_examples,
+                                         label_prompt_hash)
+    from raylens.llm.cache import cache_key
 
     cfg, _, store = job
     lab = cfg.interpretation.labels
@@ -243,7 +244,7 @@ def test_label_prompts_held_the_sampled_examples(job):
         n_sampled += len(chosen)
         tokens = [r["token"] for r in vocab if r["concept"] == c and r["direction"] == "promoted"]
         msgs = build_label_prompt(top, tokens, max_examples=lab.n_examples, sampled=chosen)
-        assert _cache_key(lab.model, _prompt_hash(msgs, lc)) in cache
+        assert cache_key(lab.model, label_prompt_hash(msgs, lc)) in cache
     assert n_sampled == lab.n_sampled_examples * lab.max_concepts
 
 
@@ -278,9 +279,9 @@ def test_down_endpoint_keeps_the_work_and_records_errors(job, tmp_path):
     the report are still written."""
     import shutil
 
-    from pipelines.concepts import _label_and_score
     from pipelines.report import write_concepts_table_and_report
-    from raylens.concepts.serve import free_loopback_port
+    from raylens.concepts.labeling import label_and_score
+    from raylens.llm.server import free_loopback_port
 
     cfg, result, store = job
     out = tmp_path / "copy"
@@ -293,7 +294,11 @@ def test_down_endpoint_keeps_the_work_and_records_errors(job, tmp_path):
     copy = OutputStore(str(out))
     C = down.concepts.nb_concepts
     top, vocab = copy.read_table("concepts/top_examples.parquet"), copy.read_table("concepts/vocabulary.parquet")
-    labels, scores = _label_and_score(down, copy, top, vocab, list(range(C)))
+    labels, scores = label_and_score(
+        down.interpretation.labels, top, vocab, list(range(C)),
+        sampled=copy.read_table("concepts/sampled_examples.parquet"),
+        non_activating=copy.read_table("concepts/non_activating.parquet"), seed=down.seed,
+        n_quantiles=down.interpretation.sample_quantiles, cache_path=str(out / "concepts" / "labels_cache.json"))
     assert len(labels) == down.interpretation.labels.max_concepts
     assert all(r["label"] is None and url in r["error"] for r in labels.values())
     assert len(scores) == min(down.interpretation.labels.score_max_concepts, len(labels))

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-import raylens.concepts.labels as labels_mod
-from raylens.concepts.labels import MARK_CLOSE, MARK_OPEN, LabelerConfig, check_endpoint
+import raylens.llm.client as llm_client
+from raylens.concepts.labels import MARK_CLOSE, MARK_OPEN, mark_spans
 from raylens.concepts.scoring import (
     SCORES_SCHEMA,
     build_detection_prompt,
@@ -22,7 +22,9 @@ from raylens.concepts.scoring import (
     scores_table,
     shuffle_labels,
 )
-from raylens.concepts.serve import LocalLLMServer, free_loopback_port
+from raylens.llm.client import check_endpoint
+from raylens.llm.config import LabelerConfig
+from raylens.llm.server import LocalLLMServer, free_loopback_port
 
 
 # ---------------------------------------------------------------------------- parsing
@@ -158,7 +160,7 @@ class _FakeClient:
 @pytest.fixture
 def fake(monkeypatch):
     state = {"log": [], "mode": "ok"}
-    monkeypatch.setattr(labels_mod, "_client", lambda config, **kw: _FakeClient(state["log"], state["mode"]))
+    monkeypatch.setattr(llm_client, "make_client", lambda config, **kw: _FakeClient(state["log"], state["mode"]))
     return state
 
 
@@ -224,7 +226,7 @@ def test_seeded_sampling_and_quantiles(fake, tmp_path):
     assert ex(a) == ex(b) and ex(a) != ex(c)
     top = score_labels(many, cfg, sampling="top", **kw)
     top_acts = sorted(e["excerpt"] for e in top[0]["examples"] if e["kind"] == "activating")
-    want = sorted(labels_mod.mark_spans(x["text"], x["spans"], mark=False)
+    want = sorted(mark_spans(x["text"], x["spans"], mark=False)
                   for x in many["animals"]["examples"][:4])
     assert top_acts == want
     # quantile sampling spreads over the activation range: not only the top 4

@@ -10,15 +10,15 @@ import time
 import pytest
 
 from raylens.concepts.labels import (
-    LabelerConfig,
     build_label_prompt,
-    check_endpoint,
     choose_sampled_examples,
     label_concepts,
     mark_spans,
     parse_label,
 )
-from raylens.concepts.serve import LocalLLMServer, free_loopback_port
+from raylens.llm.client import check_endpoint
+from raylens.llm.config import LabelerConfig
+from raylens.llm.server import LocalLLMServer, free_loopback_port
 
 # ---------------------------------------------------------------------------- data
 CONCEPTS = {

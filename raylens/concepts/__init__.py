@@ -21,6 +21,7 @@ Class-wise concepts for classifiers (one concept model per predicted class, CRAF
 from raylens.concepts.classwise import ClasswiseConcepts, classwise_activations
 from raylens.concepts.importance import ConceptOutputGradients, concept_gradients, concept_output_gradients
 from raylens.concepts.interpret import top_activating, top_examples_table, vocabulary_projection
+from raylens.concepts.labeling import label_and_score
 from raylens.concepts.metrics import (
     dictionary_stability,
     explained_variance,
@@ -45,6 +46,7 @@ __all__ = [
     "ConceptOutputGradients",
     "classwise_activations",
     "concept_output_gradients",
+    "label_and_score",
     "parse_binary_answers",
     "score_labels",
     "scores_table",

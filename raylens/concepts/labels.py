@@ -8,18 +8,26 @@ a label of a few words (not a simulation-scored explanation), one request per co
 
 Entry points:
 
-- `LabelerConfig`: where the endpoint is and how to call it.
+- `LabelerConfig`: where the endpoint is and how to call it (defined in
+  `raylens.llm.config`, re-exported here).
 - `build_label_prompt`: examples (+ top tokens, + optional weaker examples sampled across
   activation quantiles or at random, under their own heading) -> chat messages,
   activating spans marked with ``<<`` ``>>``.
 - `choose_sampled_examples`: which sampled examples of a concept go into its prompt.
 - `label_concepts`: concept id -> ``{"label", "error", "prompt_hash", "cached"}``,
   concurrent, retried, cached on disk, never raising for an endpoint problem.
-- `check_endpoint`: fail fast (``ConnectionError``) when the endpoint is unreachable.
+- `check_endpoint`: fail fast (``ConnectionError``) when the endpoint is unreachable
+  (`raylens.llm.client`, re-exported here).
 - `parse_label`: raw model reply -> clean one-line label.
+- `label_prompt_hash`: the prompt hash of a label prompt (its cache key with
+  `raylens.llm.cache.cache_key`).
+- `mark_spans`, `excerpt_window`, `normalize_spans`: excerpts with their activating spans
+  marked (shared with `raylens.concepts.scoring`).
+
+The endpoint machinery (client, retries, concurrency, reply cache) is `raylens.llm`.
 
 Any OpenAI-compatible server works (vLLM, TGI, llama.cpp, the OpenAI API). Offline,
-`raylens.concepts.serve.LocalLLMServer` runs ``transformers serve`` on loopback with
+`raylens.llm.server.LocalLLMServer` runs ``transformers serve`` on loopback with
 the built-in SmolLM2-135M-Instruct. Labels are plain text: nothing is HTML-escaped here
 (the report does that), but control characters are stripped from prompts and labels.
 This module does not import ray.
@@ -28,20 +36,15 @@ This module does not import ray.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
-import random
 import re
-import tempfile
-import threading
-import time
-import unicodedata
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+from raylens.llm.cache import ReplyCache, cache_key, prompt_hash
+from raylens.llm.client import check_endpoint, complete_all
+from raylens.llm.config import LabelerConfig
+from raylens.llm.text import clean_text
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +57,14 @@ __all__ = [
     "build_label_prompt",
     "check_endpoint",
     "choose_sampled_examples",
+    "example_activation",
+    "excerpt_window",
     "label_concepts",
+    "label_prompt_hash",
     "mark_spans",
+    "normalize_spans",
     "parse_label",
+    "seeded_rng",
 ]
 
 MARK_OPEN = "<<"
@@ -70,8 +78,6 @@ MAX_EXCERPT_CHARS = 400
 #: How many top tokens the prompt lists at most.
 MAX_TOP_TOKENS = 12
 
-_CACHE_FORMAT = 1
-_FLUSH_EVERY_S = 2.0
 
 _SYSTEM = (
     "You explain features of a language model. A feature fires on the tokens marked with "
@@ -89,75 +95,17 @@ _SHOT_TOP_TOKENS = ["blue", "red", "green", "yellow"]
 _SHOT_ANSWER = "color adjectives"
 
 
-# ---------------------------------------------------------------------------- config
-@dataclass
-class LabelerConfig:
-    """How `label_concepts` reaches its OpenAI-compatible endpoint.
-
-    Attributes:
-        base_url: the API root, e.g. ``"http://127.0.0.1:8765/v1"``
-            (`raylens.concepts.serve.LocalLLMServer.base_url`).
-        model: model id sent with each request (for ``transformers serve`` with a local
-            folder: that folder path, `LocalLLMServer.model_name`).
-        api_key: sent as a bearer token; local servers ignore it.
-        max_concurrency: requests in flight at once.
-        max_retries: extra attempts after a connection error, timeout, HTTP 429 or 5xx
-            (exponential backoff from 0.5 s, capped at 8 s). Other HTTP errors are not retried.
-        timeout_s: per-request timeout.
-        max_tokens: generation budget of a label.
-        temperature: sampling temperature (0 = greedy, reproducible).
-        n_examples: how many top-activating examples per concept go into the prompt.
-        cache_path: JSON file caching labels by (model, prompt hash); ``None`` disables it.
-
-    Raises:
-        ValueError: a field is out of range (the message names it).
-    """
-
-    base_url: str
-    model: str
-    api_key: str = "EMPTY"
-    max_concurrency: int = 4
-    max_retries: int = 3
-    timeout_s: float = 60
-    max_tokens: int = 24
-    temperature: float = 0.0
-    n_examples: int = 8
-    cache_path: str | None = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.base_url, str) or not re.match(r"^https?://", self.base_url):
-            raise ValueError(f"LabelerConfig.base_url must be an http(s) URL, got {self.base_url!r}")
-        self.base_url = self.base_url.rstrip("/")
-        if not isinstance(self.model, str) or not self.model:
-            raise ValueError(f"LabelerConfig.model must be a non-empty string, got {self.model!r}")
-        for name, lo in (("max_concurrency", 1), ("max_retries", 0), ("max_tokens", 1), ("n_examples", 1)):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-                raise ValueError(f"LabelerConfig.{name} must be an integer >= {lo}, got {v!r}")
-        if not self.timeout_s > 0:
-            raise ValueError(f"LabelerConfig.timeout_s must be > 0, got {self.timeout_s!r}")
-        if not 0.0 <= self.temperature <= 2.0:
-            raise ValueError(f"LabelerConfig.temperature must be in [0, 2], got {self.temperature!r}")
-        if self.cache_path is not None:
-            self.cache_path = os.fspath(self.cache_path)
-
-
 # ---------------------------------------------------------------------------- text helpers
 _WS = re.compile(r"\s+")
 
 
-# Invisible characters that reorder or hide text (bidi overrides/isolates, BOM): removed.
-_INVISIBLE = dict.fromkeys([0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A), 0xFEFF])
+def normalize_spans(spans: Any, n: int) -> list[tuple[int, int]]:
+    """Validate ``[[start, end], ...]`` character spans (end exclusive) against a text of
+    length ``n``; drop empty ones; sort; merge overlapping and touching ones.
 
-
-def _clean(text: str) -> str:
-    """Control characters and line/paragraph separators -> spaces, bidi controls removed, whitespace collapsed."""
-    out = "".join(" " if unicodedata.category(c) in ("Cc", "Zl", "Zp") else c for c in text.translate(_INVISIBLE))
-    return _WS.sub(" ", out).strip()
-
-
-def _norm_spans(spans: Any, n: int) -> list[tuple[int, int]]:
-    """Validate ``[[start, end], ...]`` against a text of length ``n``; sort, merge overlaps and touching spans."""
+    Raises:
+        ValueError: a span is not a pair of integers, is reversed, or lies outside the text.
+    """
     if spans is None:
         return []
     out: list[tuple[int, int]] = []
@@ -227,7 +175,7 @@ def mark_spans(
     """
     if not isinstance(text, str):
         raise ValueError(f"example text must be a string, got {type(text).__name__}")
-    merged = _norm_spans(spans, len(text))
+    merged = normalize_spans(spans, len(text))
     if window is None:
         lo, hi = excerpt_window(len(text), merged, max_chars)
     else:
@@ -243,20 +191,32 @@ def mark_spans(
         parts += [text[pos:s], MARK_OPEN if mark else "", text[s:e], MARK_CLOSE if mark else ""]
         pos = e
     parts += [text[pos:hi], "…" if hi < len(text) else ""]
-    return _clean("".join(parts))
+    return clean_text("".join(parts))
+
+
+def example_activation(ex: Any) -> float:
+    """An example's ``"activation"`` as a float (missing or None: 0.0); ``-inf`` when it is NaN,
+    not a number, or ``ex`` is not a dict, so such examples sort last."""
+    try:
+        a = float(ex.get("activation", 0.0) or 0.0)
+    except (AttributeError, TypeError, ValueError):
+        return float("-inf")
+    return a if a == a else float("-inf")  # NaN last
+
+
+def seeded_rng(seed: int, concept: Any, task: str) -> Any:
+    """A ``numpy.random.Generator`` seeded by sha256 of (seed, ``repr(concept)``, task): the
+    draws of one concept for one task do not depend on its label or on other concepts."""
+    import numpy as np
+
+    digest = hashlib.sha256(f"{int(seed)}\x1f{concept!r}\x1f{task}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
 def _select_examples(examples: Sequence[Mapping[str, Any]], n: int | None) -> list[Mapping[str, Any]]:
     """Top ``n`` examples by activation (stable: ties keep their order); all when ``n`` is None."""
-    def act(ex: Any) -> float:
-        try:
-            a = float(ex.get("activation", 0.0) or 0.0)
-        except (AttributeError, TypeError, ValueError):
-            return float("-inf")
-        return a if a == a else float("-inf")  # NaN last
-
     indexed = list(enumerate(examples))
-    indexed.sort(key=lambda ie: (-act(ie[1]), ie[0]))
+    indexed.sort(key=lambda ie: (-example_activation(ie[1]), ie[0]))
     chosen = [ex for _, ex in indexed]
     return chosen if n is None else chosen[:n]
 
@@ -275,7 +235,7 @@ def _user_message(lines: list[str], top_tokens: Sequence[str] | None, sampled: l
     if sampled:
         body += "\n" + SAMPLED_HEADINGS[sampled_how] + "\n"
         body += "\n".join(f"{len(lines) + i + 1}. {line}" for i, line in enumerate(sampled))
-    toks = [t for t in (_clean(str(t)) for t in ([] if top_tokens is None else top_tokens)) if t][:MAX_TOP_TOKENS]
+    toks = [t for t in (clean_text(str(t)) for t in ([] if top_tokens is None else top_tokens)) if t][:MAX_TOP_TOKENS]
     if toks:
         body += "\nTop tokens: " + ", ".join(toks)
     return body + "\nLabel:"
@@ -367,8 +327,7 @@ def choose_sampled_examples(
     pool = [r for r in sampled if (r.get("doc_id"), r.get("unit")) not in seen]
     if n <= 0 or not pool:
         return []
-    digest = hashlib.sha256(f"{int(seed)}\x1f{concept!r}\x1flabel-sample".encode()).digest()
-    rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+    rng = seeded_rng(seed, concept, "label-sample")
     if how == "random":
         chosen = [pool[int(i)] for i in rng.permutation(len(pool))[:n]]
     elif how == "quantile":
@@ -410,7 +369,7 @@ def parse_label(reply: str | None, max_chars: int = MAX_LABEL_CHARS) -> str | No
         return None
     line = ""
     for raw in str(reply).replace("\r", "\n").split("\n"):
-        cand = _clean(raw)
+        cand = clean_text(raw)
         cand_stripped = _PREFIX.sub("", cand).strip()
         if cand_stripped.strip(_QUOTES + " .:-"):
             line = cand
@@ -433,297 +392,12 @@ def parse_label(reply: str | None, max_chars: int = MAX_LABEL_CHARS) -> str | No
     return line or None
 
 
-# ---------------------------------------------------------------------------- hashing / cache
-def _prompt_hash(messages: list[dict], config: LabelerConfig, *, version: int = PROMPT_VERSION,
-                 kind: str | None = None) -> str:
-    """sha256 over the messages and the settings that shape the reply (not the model: it keys separately).
-
-    ``version`` is the prompt family's version; ``kind`` names another prompt family
-    (e.g. ``"detection"`` in `raylens.concepts.scoring`) and is left out of the payload
-    for labels, so label hashes stay what they always were.
-    """
-    payload: dict[str, Any] = {
-        "v": version,
-        "messages": messages,
-        "max_tokens": config.max_tokens,
-        "temperature": float(config.temperature),
-    }
-    if kind is not None:
-        payload["kind"] = kind
-    blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
-
-
-def _cache_key(model: str, prompt_hash: str) -> str:
-    return f"{model}\x1f{prompt_hash}"
-
-
-class _ReplyCache:
-    """JSON file of ``{"format": 1, "entries": {model + "\\x1f" + prompt_hash: {...}}}``.
-
-    Each entry is a dict holding one parsed reply under a field named by its user
-    (``"label"`` for labels, ``"answers"`` for `raylens.concepts.scoring`), plus ``"raw"``,
-    ``"model"`` and ``"time"``; one file may hold both kinds. Written atomically (temp
-    file + ``os.replace``), merged with what is on disk at each flush so several
-    labelers/scorers may share a file without dropping each other's entries.
-    """
-
-    def __init__(self, path: str | None) -> None:
-        self.path = Path(path) if path else None
-        self.entries: dict[str, dict] = {}
-        self.dirty = False
-        self.lock = threading.Lock()
-        self._last_flush = time.monotonic()
-        if self.path is not None:
-            self.entries = self._read()
-
-    def _read(self) -> dict[str, dict]:
-        assert self.path is not None
-        if not self.path.exists():
-            return {}
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-            entries = data["entries"]
-            if not isinstance(entries, dict):
-                raise TypeError("entries is not an object")
-            return {k: v for k, v in entries.items() if isinstance(v, dict)}
-        except Exception as e:  # corrupt or foreign file: keep it aside, start afresh
-            aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
-            log.warning("LLM reply cache %s unreadable (%s); moved to %s", self.path, e, aside)
-            try:
-                os.replace(self.path, aside)
-            except OSError:
-                pass
-            return {}
-
-    def get(self, key: str, field: str | None = None) -> dict | None:
-        """The entry under ``key``, or None; with ``field``, only an entry that has that field."""
-        with self.lock:
-            entry = self.entries.get(key)
-        if entry is not None and field is not None and field not in entry:
-            return None
-        return entry
-
-    def put(self, key: str, entry: dict) -> None:
-        with self.lock:
-            self.entries[key] = entry
-            self.dirty = True
-        if time.monotonic() - self._last_flush >= _FLUSH_EVERY_S:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.path is None:
-            return
-        with self.lock:
-            if not self.dirty:
-                return
-            merged = self._read() if self.path.exists() else {}
-            merged.update(self.entries)
-            self.entries = merged
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    json.dump({"format": _CACHE_FORMAT, "entries": merged}, f, ensure_ascii=False, indent=0)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.path)
-            except BaseException:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
-                raise
-            self.dirty = False
-            self._last_flush = time.monotonic()
-
-
-# ---------------------------------------------------------------------------- endpoint
-def _client(config: LabelerConfig, *, timeout_s: float | None = None) -> Any:
-    import openai
-
-    # Retries are ours (see _request), so the client's own are off.
-    return openai.OpenAI(
-        base_url=config.base_url,
-        api_key=config.api_key,
-        timeout=config.timeout_s if timeout_s is None else timeout_s,
-        max_retries=0,
-    )
-
-
-def check_endpoint(config: LabelerConfig, timeout_s: float = 5.0) -> None:
-    """Raise ``ConnectionError`` unless the endpoint at ``config.base_url`` answers HTTP.
-
-    Sends one ``GET {base_url}/models`` through the ``openai`` client, without retries.
-    Any HTTP answer counts as reachable (``transformers serve`` answers that route with
-    HTTP 500 on a machine without a hub cache), except 401/403, which also raise since
-    no label request would succeed. Returns ``None`` when reachable. Takes at most
-    about ``timeout_s`` seconds; a closed port fails at once.
-
-    Raises:
-        ConnectionError: unreachable, timed out, or the API key was rejected; the message
-            names ``config.base_url``.
-    """
-    import openai
-
-    client = _client(config, timeout_s=min(float(timeout_s), float(config.timeout_s)))
-    try:
-        client.models.list()
-    except openai.APIStatusError as e:
-        if e.status_code in (401, 403):
-            raise ConnectionError(
-                f"LLM endpoint {config.base_url} rejected the API key (HTTP {e.status_code})"
-            ) from e
-        return  # it answered: reachable
-    except openai.APITimeoutError as e:
-        raise ConnectionError(f"LLM endpoint {config.base_url} did not answer within {timeout_s:.0f} s") from e
-    except openai.APIConnectionError as e:
-        raise ConnectionError(f"LLM endpoint {config.base_url} is unreachable: {_root_cause(e)}") from e
-    finally:
-        client.close()
-
-
-def _root_cause(e: BaseException) -> str:
-    """The innermost exception message (e.g. 'Connection refused'), not openai's generic wrapper text."""
-    seen = set()
-    cur: BaseException | None = e
-    last = e
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        last = cur
-        cur = cur.__cause__ or cur.__context__
-    msg = str(last).strip() or type(last).__name__
-    return _clean(msg)[:300]
-
-
-class _EndpointDown(Exception):
-    pass
-
-
-def _request(client: Any, config: LabelerConfig, messages: list[dict], down: threading.Event) -> str | None:
-    """One chat completion with retries. Returns the reply text; raises with a message naming base_url."""
-    import openai
-
-    url = config.base_url
-    attempt = 0
-    while True:
-        if down.is_set():
-            raise _EndpointDown(f"LLM endpoint {url} is unreachable (an earlier request gave up); not sent")
-        try:
-            resp = client.chat.completions.create(
-                model=config.model,
-                messages=messages,
-                max_tokens=config.max_tokens,
-                temperature=config.temperature,
-            )
-            if not resp.choices:
-                raise RuntimeError(f"LLM endpoint {url} answered with no choices")
-            return resp.choices[0].message.content
-        except openai.APITimeoutError as e:
-            err, retry, fatal = f"LLM endpoint {url} timed out after {config.timeout_s:g} s", True, False
-            cause: BaseException = e
-        except openai.APIConnectionError as e:
-            err, retry, fatal = f"LLM endpoint {url} is unreachable: {_root_cause(e)}", True, True
-            cause = e
-        except openai.APIStatusError as e:
-            detail = _clean(str(getattr(e, "message", "") or e))[:300]
-            err = f"LLM endpoint {url} returned HTTP {e.status_code}: {detail}"
-            retry, fatal, cause = e.status_code == 429 or e.status_code >= 500, False, e
-        if not retry or attempt >= config.max_retries:
-            if fatal:
-                down.set()  # circuit breaker: the rest fail fast instead of retrying each
-            raise RuntimeError(err + (f" (after {attempt + 1} attempts)" if attempt else "")) from cause
-        delay = min(8.0, 0.5 * 2**attempt) * (0.75 + 0.5 * random.random())
-        log.debug("%s; retry %d/%d in %.1f s", err, attempt + 1, config.max_retries, delay)
-        attempt += 1
-        time.sleep(delay)
-
-
-def complete_all(
-    prompts: Mapping[str, list[dict]],
-    config: LabelerConfig,
-    parse: Callable[[str, str | None], tuple[Any, str | None]],
-    *,
-    cache: _ReplyCache,
-    field: str,
-    on_result: Callable[[str, Any, str | None], None] | None = None,
-    progress: str | None = None,
-    weights: Mapping[str, int] | None = None,
-    unit: str = "request",
-) -> dict[str, tuple[Any, str | None]]:
-    """Send every prompt once, concurrently, with retries; parse, cache and report each reply.
-
-    Shared by `label_concepts` and `raylens.concepts.scoring`. At most
-    ``config.max_concurrency`` requests are in flight; each is retried as `LabelerConfig`
-    says; after the first request that gives up on a connection error the rest fail at
-    once (circuit breaker) instead of each retrying.
-
-    Args:
-        prompts: cache key (`_cache_key`) -> chat messages. Keys already in the cache
-            should be left out by the caller (they are requested again otherwise).
-        config: endpoint and request settings.
-        parse: ``parse(key, raw reply)`` -> ``(value, None)`` when usable, ``(None, error)`` when not.
-            Usable values are cached as ``{field: value, "raw", "model", "time"}``;
-            errors are not cached (a rerun asks again).
-        cache: where usable replies go; flushed at the end, also on interruption, so no
-            finished request is lost.
-        on_result: called in the calling thread as ``on_result(key, value, error)`` as
-            each request finishes.
-        progress: description of a tqdm bar on stderr, ``None`` for no bar.
-        weights: bar increments per key (default 1).
-
-    Returns:
-        key -> ``(value, error)``; exactly one of them is not None. Never raises for an
-        endpoint problem (unreachable, timeout, HTTP error): it lands in ``error``, naming
-        ``config.base_url``.
-    """
-    out: dict[str, tuple[Any, str | None]] = {}
-    if not prompts:
-        return out
-    down = threading.Event()
-    client = _client(config)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        total = sum((weights or {}).get(k, 1) for k in prompts)
-        bar = tqdm(total=total, desc=progress, unit=unit)
-
-    def work(key: str, messages: list[dict]) -> tuple[Any, str | None]:
-        try:
-            reply = _request(client, config, messages, down)
-        except (RuntimeError, _EndpointDown) as e:
-            return None, str(e)
-        except Exception as e:  # an unexpected client failure stays with its prompt
-            return None, f"LLM request to {config.base_url} failed: {type(e).__name__}: {_clean(str(e))[:300]}"
-        try:
-            value, err = parse(key, reply)
-        except Exception as e:  # a parser bug must not lose the other replies
-            return None, f"could not parse the reply of {config.base_url}: {type(e).__name__}: {e}"
-        if err is None:
-            cache.put(key, {field: value, "raw": reply, "model": config.model, "time": time.time()})
-        return value, err
-
-    ex = ThreadPoolExecutor(max_workers=config.max_concurrency, thread_name_prefix="raylens-llm")
-    try:
-        futures = {ex.submit(work, key, msgs): key for key, msgs in prompts.items()}
-        not_done = set(futures)
-        while not_done:
-            done, not_done = wait(not_done, return_when=FIRST_COMPLETED)
-            for fut in done:
-                key = futures[fut]
-                out[key] = fut.result()
-                if on_result is not None:
-                    on_result(key, *out[key])
-                if bar is not None:
-                    bar.update((weights or {}).get(key, 1))
-    finally:
-        ex.shutdown(wait=True, cancel_futures=True)
-        cache.flush()
-        client.close()
-        if bar is not None:
-            bar.close()
-    return out
+def label_prompt_hash(messages: list[dict], config: LabelerConfig) -> str:
+    """The sha256 (64 hex digits) of a label prompt and the sampling settings of ``config``
+    (``max_tokens``, ``temperature``; not the model), at :data:`PROMPT_VERSION`: the
+    ``prompt_hash`` of `label_concepts` rows, and with
+    ``raylens.llm.cache.cache_key(config.model, ...)`` the key of the label in the cache."""
+    return prompt_hash(messages, config, version=PROMPT_VERSION)
 
 
 # ---------------------------------------------------------------------------- main entry
@@ -765,10 +439,23 @@ def label_concepts(
     """
     if not isinstance(config, LabelerConfig):
         raise TypeError(f"config must be a LabelerConfig, got {type(config).__name__}")
-    results: dict[int, dict] = {}
-    cache = _ReplyCache(config.cache_path)
-    pending: dict[str, tuple[list[dict], list[int]]] = {}  # cache key -> (messages, concept ids)
+    cache = ReplyCache(config.cache_path)
+    results, pending = _plan_labels(concepts, config, cache)
+    if pending:
+        _request_labels(pending, results, config, cache, progress)
+        n_err = sum(1 for r in results.values() if r["error"])
+        if n_err:
+            first = next(r["error"] for r in results.values() if r["error"])
+            log.warning("%d of %d concepts have no label; first error: %s", n_err, len(results), first)
+    return {cid: results[cid] for cid in concepts}
 
+
+def _plan_labels(concepts: Mapping[int, Mapping[str, Any]], config: LabelerConfig, cache: ReplyCache,
+                 ) -> tuple[dict[int, dict], dict[str, tuple[list[dict], list[int]]]]:
+    """The `label_concepts` rows (cached labels and bad-concept errors already in) and the
+    requests left to send: cache key -> (messages, the concept ids that share that prompt)."""
+    results: dict[int, dict] = {}
+    pending: dict[str, tuple[list[dict], list[int]]] = {}
     for cid, concept in concepts.items():
         try:
             if not isinstance(concept, Mapping):
@@ -781,8 +468,8 @@ def label_concepts(
         except Exception as e:
             results[cid] = {"label": None, "error": f"bad concept {cid!r}: {e}", "prompt_hash": "", "cached": False}
             continue
-        ph = _prompt_hash(messages, config)
-        key = _cache_key(config.model, ph)
+        ph = label_prompt_hash(messages, config)
+        key = cache_key(config.model, ph)
         results[cid] = {"label": None, "error": None, "prompt_hash": ph, "cached": False}
         hit = cache.get(key, "label")
         if hit is not None and isinstance(hit["label"], str):
@@ -791,26 +478,25 @@ def label_concepts(
             pending[key][1].append(cid)
         else:
             pending[key] = (messages, [cid])
+    return results, pending
 
-    if pending:
-        def parse(_key: str, reply: str | None) -> tuple[str | None, str | None]:
-            label = parse_label(reply)
-            if label is None:
-                return None, f"LLM endpoint {config.base_url} gave no usable label (reply: {_clean(str(reply))[:80]!r})"
-            return label, None
 
-        def deliver(key: str, label: Any, err: str | None) -> None:
-            for cid in pending[key][1]:
-                results[cid]["label"], results[cid]["error"] = label, err
+def _request_labels(pending: dict[str, tuple[list[dict], list[int]]], results: dict[int, dict],
+                    config: LabelerConfig, cache: ReplyCache, progress: bool) -> None:
+    """Send the `_plan_labels` requests; each reply's label (or error) goes to every concept sharing it."""
+    def parse(_key: str, reply: str | None) -> tuple[str | None, str | None]:
+        label = parse_label(reply)
+        if label is None:
+            return None, f"LLM endpoint {config.base_url} gave no usable label (reply: {clean_text(str(reply))[:80]!r})"
+        return label, None
 
-        complete_all(
-            {key: msgs for key, (msgs, _) in pending.items()}, config, parse,
-            cache=cache, field="label", on_result=deliver,
-            progress="labelling concepts" if progress else None,
-            weights={key: len(ids) for key, (_, ids) in pending.items()}, unit="concept",
-        )
-        n_err = sum(1 for r in results.values() if r["error"])
-        if n_err:
-            first = next(r["error"] for r in results.values() if r["error"])
-            log.warning("%d of %d concepts have no label; first error: %s", n_err, len(results), first)
-    return {cid: results[cid] for cid in concepts}
+    def deliver(key: str, label: Any, err: str | None) -> None:
+        for cid in pending[key][1]:
+            results[cid]["label"], results[cid]["error"] = label, err
+
+    complete_all(
+        {key: msgs for key, (msgs, _) in pending.items()}, config, parse,
+        cache=cache, field="label", on_result=deliver,
+        progress="labelling concepts" if progress else None,
+        weights={key: len(ids) for key, (_, ids) in pending.items()}, unit="concept",
+    )

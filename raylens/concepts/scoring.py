@@ -29,13 +29,13 @@ Replies are parsed robustly for small models (``"1"``, ``"Yes"``, ``"[1,0,1]"``,
 ``"1. yes 2. no"``, see `parse_binary_answers`); a reply that cannot be parsed is an
 *error* for its examples, never counted as a right or wrong answer.
 
-The endpoint side is shared with `raylens.concepts.labels`: the same `LabelerConfig`
+The endpoint side is `raylens.llm`, shared with `raylens.concepts.labels`: the same `LabelerConfig`
 (``max_concurrency`` requests in flight, retries with backoff, ``max_tokens``,
 ``temperature``), the same on-disk cache keyed by (model, prompt hash) in
 ``config.cache_path`` (a rerun only requests what is missing), the same circuit breaker.
 An unreachable endpoint never raises: each concept comes back with an ``error`` and its
 examples counted in ``n_errors``; replies received before the failure are kept (and
-cached). Use `raylens.concepts.labels.check_endpoint` to fail fast before a long run.
+cached). Use `raylens.llm.client.check_endpoint` to fail fast before a long run.
 Sampling is seeded per (seed, concept id): a concept gets the same examples whatever its
 label, so real and shuffled labels are compared on identical examples.
 This module does not import ray.
@@ -43,28 +43,21 @@ This module does not import ray.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from raylens.concepts.labels import (
-    MARK_CLOSE,
-    MARK_OPEN,
-    LabelerConfig,
-    _cache_key,
-    _clean,
-    _norm_spans,
-    _prompt_hash,
-    _ReplyCache,
-    complete_all,
-    excerpt_window,
-    mark_spans,
-)
+from raylens.concepts.labels import (MARK_CLOSE, MARK_OPEN, example_activation, excerpt_window, mark_spans,
+                                     normalize_spans, seeded_rng)
+from raylens.llm.cache import ReplyCache, cache_key, prompt_hash
+from raylens.llm.client import complete_all
+from raylens.llm.config import LabelerConfig
+from raylens.llm.text import clean_text
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +120,7 @@ def _answer(bits: Sequence[int]) -> str:
 def _prompt(task: str, label: str, excerpts: Sequence[str]) -> list[dict]:
     if not excerpts:
         raise ValueError("a scoring prompt needs at least one example")
-    label = _clean(str(label))
+    label = clean_text(str(label))
     if not label:
         raise ValueError("cannot score an empty label")
     shots = _DET_SHOTS if task == "detection" else _FUZZ_SHOTS
@@ -154,7 +147,7 @@ def build_detection_prompt(label: str, excerpts: Sequence[str]) -> list[dict]:
     Raises:
         ValueError: no excerpts or an empty label.
     """
-    return _prompt("detection", label, [_clean(e) for e in excerpts])
+    return _prompt("detection", label, [clean_text(e) for e in excerpts])
 
 
 def build_fuzzing_prompt(label: str, excerpts: Sequence[str]) -> list[dict]:
@@ -163,7 +156,7 @@ def build_fuzzing_prompt(label: str, excerpts: Sequence[str]) -> list[dict]:
     Raises:
         ValueError: no excerpts or an empty label.
     """
-    return _prompt("fuzzing", label, [_clean(e) for e in excerpts])
+    return _prompt("fuzzing", label, [clean_text(e) for e in excerpts])
 
 
 # ---------------------------------------------------------------------------- parsing
@@ -221,26 +214,12 @@ def parse_binary_answers(reply: str | None, n: int) -> list[int] | None:
 
 
 # ---------------------------------------------------------------------------- sampling
-def _rng(seed: int, concept: Any, task: str) -> np.random.Generator:
-    """A generator seeded by (seed, concept id, task): independent of the label and of other concepts."""
-    digest = hashlib.sha256(f"{int(seed)}\x1f{concept!r}\x1f{task}".encode()).digest()
-    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
-
-
-def _activation(ex: Mapping[str, Any]) -> float:
-    try:
-        a = float(ex.get("activation", 0.0) or 0.0)
-    except (TypeError, ValueError):
-        return float("-inf")
-    return a if a == a else float("-inf")
-
-
 def _sample_activating(examples: Sequence[Mapping[str, Any]], n: int, how: str, n_quantiles: int,
                        rng: np.random.Generator) -> list[Mapping[str, Any]]:
     """``n`` activating examples: the top ``n`` by activation (``"top"``), or an even draw from
     ``n_quantiles`` activation bins (``"quantiles"``, Delphi's default: the bins are consecutive
     slices of the examples sorted by decreasing activation; remainders go to the top bins)."""
-    order = sorted(range(len(examples)), key=lambda i: (-_activation(examples[i]), i))
+    order = sorted(range(len(examples)), key=lambda i: (-example_activation(examples[i]), i))
     if n >= len(order):
         return [examples[i] for i in order]
     if how == "top":
@@ -255,7 +234,7 @@ def _sample_activating(examples: Sequence[Mapping[str, Any]], n: int, how: str, 
         spare += [int(b[j]) for j in take[k:]]
     if len(chosen) < n:  # a bin smaller than its share: fill from the rest
         chosen += [spare[j] for j in rng.permutation(len(spare))[: n - len(chosen)]]
-    chosen.sort(key=lambda i: (-_activation(examples[i]), i))
+    chosen.sort(key=lambda i: (-example_activation(examples[i]), i))
     return [examples[i] for i in chosen]
 
 
@@ -354,9 +333,35 @@ def shuffle_labels(labels: Mapping[Any, str], *, seed: int = 0) -> dict[Any, str
 
 
 # ---------------------------------------------------------------------------- main entry
-def _plan_concept(cid: Any, concept: Mapping[str, Any], corpus: Sequence[Any] | None, *, n_activating: int,
-                  n_non_activating: int, n_fuzzing: int, sampling: str, n_quantiles: int, seed: int,
-                  max_chars: int) -> dict[str, Any]:
+@dataclass(frozen=True)
+class _Options:
+    """The sampling parameters of `score_labels`, checked in the order of its signature.
+
+    Raises:
+        ValueError: a parameter is out of range (the message names it).
+    """
+
+    n_activating: int
+    n_non_activating: int
+    n_fuzzing: int
+    sampling: str
+    n_quantiles: int
+    examples_per_prompt: int
+    max_excerpt_chars: int
+    seed: int
+
+    def __post_init__(self) -> None:
+        for name, lo in (("n_activating", 0), ("n_non_activating", 0), ("n_fuzzing", 0), ("n_quantiles", 1),
+                         ("examples_per_prompt", 1), ("max_excerpt_chars", 20)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+        if self.sampling not in ("top", "quantiles"):
+            raise ValueError(f"sampling must be 'top' or 'quantiles', got {self.sampling!r}")
+
+
+def _plan_concept(cid: Any, concept: Mapping[str, Any], corpus: Sequence[Any] | None,
+                  opts: _Options) -> dict[str, Any]:
     """The examples of one concept: ``{"detection": [...], "fuzzing": [...], "error": str | None}``,
     each item ``{"excerpt", "truth", "kind"}`` in a seeded random order; ``error`` says why
     detection has no examples (no non-activating text)."""
@@ -367,6 +372,8 @@ def _plan_concept(cid: Any, concept: Mapping[str, Any], corpus: Sequence[Any] | 
     if not examples:
         raise ValueError("activating examples must be dicts with 'text' (and 'spans', 'activation')")
     plan: dict[str, Any] = {"detection": [], "fuzzing": [], "error": None}
+    n_activating, n_non_activating, n_fuzzing = opts.n_activating, opts.n_non_activating, opts.n_fuzzing
+    sampling, n_quantiles, seed, max_chars = opts.sampling, opts.n_quantiles, opts.seed, opts.max_excerpt_chars
 
     pool = concept.get("non_activating")
     pool = list(pool) if pool is not None else list(corpus or [])
@@ -376,7 +383,7 @@ def _plan_concept(cid: Any, concept: Mapping[str, Any], corpus: Sequence[Any] | 
         plan["error"] = ("no non-activating examples: give the concept 'non_activating' or a corpus "
                          "(detection not scored)")
     elif n_activating or n_non_activating:
-        rng = _rng(seed, cid, "detection")
+        rng = seeded_rng(seed, cid, "detection")
         if n_non_activating and len(pool) < n_non_activating:  # keep the set balanced
             n_activating = min(n_activating, len(pool))
         pos = _sample_activating(examples, n_activating, sampling, n_quantiles, rng)
@@ -391,13 +398,13 @@ def _plan_concept(cid: Any, concept: Mapping[str, Any], corpus: Sequence[Any] | 
         plan["detection"] = [plan["detection"][int(i)] for i in rng.permutation(len(plan["detection"]))]
 
     if n_fuzzing:
-        rng = _rng(seed, cid, "fuzzing")
-        with_spans = [ex for ex in examples if _norm_spans(ex.get("spans"), len(ex["text"]))]
+        rng = seeded_rng(seed, cid, "fuzzing")
+        with_spans = [ex for ex in examples if normalize_spans(ex.get("spans"), len(ex["text"]))]
         chosen = _sample_activating(with_spans, n_fuzzing, sampling, n_quantiles, rng)
         is_true = np.zeros(len(chosen), dtype=bool)
         is_true[rng.permutation(len(chosen))[: (len(chosen) + 1) // 2]] = True
         for ex, correct in zip(chosen, is_true):
-            true = _norm_spans(ex.get("spans"), len(ex["text"]))
+            true = normalize_spans(ex.get("spans"), len(ex["text"]))
             window = excerpt_window(len(ex["text"]), true, max_chars)
             spans = true if correct else _random_spans(ex["text"], true, window, rng)
             if not spans:  # no other word to mark: the example cannot be fuzzed
@@ -476,77 +483,96 @@ def score_labels(
     """
     if not isinstance(config, LabelerConfig):
         raise TypeError(f"config must be a LabelerConfig, got {type(config).__name__}")
-    for name, v, lo in (("n_activating", n_activating, 0), ("n_non_activating", n_non_activating, 0),
-                        ("n_fuzzing", n_fuzzing, 0), ("n_quantiles", n_quantiles, 1),
-                        ("examples_per_prompt", examples_per_prompt, 1), ("max_excerpt_chars", max_excerpt_chars, 20)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-            raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
-    if sampling not in ("top", "quantiles"):
-        raise ValueError(f"sampling must be 'top' or 'quantiles', got {sampling!r}")
+    opts = _Options(n_activating, n_non_activating, n_fuzzing, sampling, n_quantiles, examples_per_prompt,
+                    max_excerpt_chars, seed)
+    cache = ReplyCache(config.cache_path)
+    requests = _plan_requests(concepts, corpus, opts, config, cache)
+    _ask(requests, config, cache, progress)
+    return _summarise(concepts, requests)
 
-    cache = _ReplyCache(config.cache_path)
-    rows: dict[Any, dict] = {}
-    items: dict[Any, list[dict]] = {}  # concept -> example records
-    pending: dict[str, list[dict]] = {}  # cache key -> messages
-    waiting: dict[str, list[list[dict]]] = {}  # cache key -> groups of example records answered by it
 
+@dataclass
+class _Requests:
+    """What `score_labels` asks, and where the answers go."""
+
+    rows: dict[Any, dict] = field(default_factory=dict)  # concept -> its result row
+    items: dict[Any, list[dict]] = field(default_factory=dict)  # concept -> example records
+    pending: dict[str, list[dict]] = field(default_factory=dict)  # cache key -> messages
+    waiting: dict[str, list[list[dict]]] = field(default_factory=dict)  # cache key -> groups of records it answers
+
+
+def _plan_requests(concepts: Mapping[Any, Mapping[str, Any]], corpus: Sequence[Any] | None, opts: _Options,
+                   config: LabelerConfig, cache: ReplyCache) -> _Requests:
+    """Every concept's examples and the prompts still to send (cached answers filled in)."""
+    req = _Requests()
     for cid, concept in concepts.items():
         label = concept.get("label") if isinstance(concept, Mapping) else None
-        rows[cid] = {"concept": cid, "label": label if isinstance(label, str) else None, "error": None}
-        items[cid] = []
+        req.rows[cid] = {"concept": cid, "label": label if isinstance(label, str) else None, "error": None}
+        req.items[cid] = []
         try:
             if not isinstance(concept, Mapping):
                 raise ValueError(f"concept must be a dict, got {type(concept).__name__}")
-            if not isinstance(label, str) or not _clean(label):
+            if not isinstance(label, str) or not clean_text(label):
                 raise ValueError(f"label must be a non-empty string, got {label!r:.80}")
-            plan = _plan_concept(cid, concept, corpus, n_activating=n_activating, n_non_activating=n_non_activating,
-                                 n_fuzzing=n_fuzzing, sampling=sampling, n_quantiles=n_quantiles, seed=seed,
-                                 max_chars=max_excerpt_chars)
+            plan = _plan_concept(cid, concept, corpus, opts)
         except Exception as e:
-            rows[cid]["error"] = f"bad concept {cid!r}: {e}"
+            req.rows[cid]["error"] = f"bad concept {cid!r}: {e}"
             continue
         if plan["error"]:
-            rows[cid]["error"] = f"concept {cid!r}: {plan['error']}"
+            req.rows[cid]["error"] = f"concept {cid!r}: {plan['error']}"
         for task in ("detection", "fuzzing"):
             recs = [{"task": task, "kind": p["kind"], "excerpt": p["excerpt"], "truth": p["truth"],
                      "answer": None, "error": None, "cached": False} for p in plan[task]]
-            items[cid] += recs
-            for g in range(0, len(recs), examples_per_prompt):
-                group = recs[g: g + examples_per_prompt]
-                msgs = _prompt(task, label, [r["excerpt"] for r in group])
-                key = _cache_key(config.model, _prompt_hash(msgs, config, version=SCORING_PROMPT_VERSION, kind=task))
-                hit = cache.get(key, "answers")
-                if hit is not None and isinstance(hit["answers"], list) and len(hit["answers"]) == len(group):
-                    for r, a in zip(group, hit["answers"]):
-                        r["answer"], r["cached"] = int(a), True
-                    continue
-                pending[key] = msgs
-                waiting.setdefault(key, []).append(group)
+            req.items[cid] += recs
+            _queue_groups(req, task, label, recs, opts.examples_per_prompt, config, cache)
+    return req
 
-    sizes = {key: len(groups[0]) for key, groups in waiting.items()}
+
+def _queue_groups(req: _Requests, task: str, label: str, recs: list[dict], per_prompt: int,
+                  config: LabelerConfig, cache: ReplyCache) -> None:
+    """One prompt per ``per_prompt`` records of a task: answered from the cache, or queued in ``req``."""
+    for g in range(0, len(recs), per_prompt):
+        group = recs[g: g + per_prompt]
+        msgs = _prompt(task, label, [r["excerpt"] for r in group])
+        key = cache_key(config.model, prompt_hash(msgs, config, version=SCORING_PROMPT_VERSION, kind=task))
+        hit = cache.get(key, "answers")
+        if hit is not None and isinstance(hit["answers"], list) and len(hit["answers"]) == len(group):
+            for r, a in zip(group, hit["answers"]):
+                r["answer"], r["cached"] = int(a), True
+            continue
+        req.pending[key] = msgs
+        req.waiting.setdefault(key, []).append(group)
+
+
+def _ask(req: _Requests, config: LabelerConfig, cache: ReplyCache, progress: bool) -> None:
+    """Send the pending prompts; each parsed answer (or error) goes to the records waiting on it."""
+    sizes = {key: len(groups[0]) for key, groups in req.waiting.items()}
 
     def parse(key: str, reply: str | None) -> tuple[list[int] | None, str | None]:
         bits = parse_binary_answers(reply, sizes[key])
         if bits is None:
             return None, (f"unparseable reply from {config.base_url} for {sizes[key]} example(s): "
-                          f"{_clean(str(reply))[:80]!r}")
+                          f"{clean_text(str(reply))[:80]!r}")
         return bits, None
 
     def deliver(key: str, bits: list[int] | None, err: str | None) -> None:
-        for group in waiting[key]:
+        for group in req.waiting[key]:
             for j, r in enumerate(group):
                 if err is None:
                     r["answer"] = int(bits[j])  # type: ignore[index]
                 else:
                     r["error"] = err
 
-    complete_all(pending, config, parse, cache=cache, field="answers", on_result=deliver,
+    complete_all(req.pending, config, parse, cache=cache, field="answers", on_result=deliver,
                  progress="scoring labels" if progress else None,
-                 weights={k: sum(len(g) for g in v) for k, v in waiting.items()}, unit="example")
+                 weights={k: sum(len(g) for g in v) for k, v in req.waiting.items()}, unit="example")
 
+
+def _summarise(concepts: Mapping[Any, Any], req: _Requests) -> list[dict]:
+    """The `score_labels` rows, in input order: per-task counts and accuracies, the first error."""
     out = []
     for cid in concepts:
-        row, recs = rows[cid], items[cid]
+        row, recs = req.rows[cid], req.items[cid]
         for task in ("detection", "fuzzing"):
             task_recs = [r for r in recs if r["task"] == task]
             c = _counts([r["truth"] for r in task_recs], [r["answer"] for r in task_recs])

@@ -2,7 +2,7 @@
 
 `LocalLLMServer` runs ``transformers serve`` (from ``transformers[serving]``) as a
 subprocess that serves one local model folder on ``127.0.0.1``. Anything that speaks
-the OpenAI chat-completions API (the ``openai`` client, `raylens.concepts.labels`)
+the OpenAI chat-completions API (the ``openai`` client, `raylens.llm.client`)
 can then talk to it at `LocalLLMServer.base_url` with model id
 `LocalLLMServer.model_name`.
 
@@ -35,10 +35,9 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from raylens.concepts.labels import LabelerConfig
+from raylens.llm.config import LabelerConfig
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +91,7 @@ class LocalLLMServer:
     Use as a context manager (``with LocalLLMServer() as srv: ...``) or call
     `start` / `stop`. After `start`, `base_url` (``"http://127.0.0.1:PORT/v1"``) and
     `model_name` (the model id requests must carry) are what an OpenAI client needs;
-    `labeler_config` builds a `raylens.concepts.labels.LabelerConfig` from them.
+    `labeler_config` builds a `raylens.llm.config.LabelerConfig` from them.
 
     Args:
         model: a raylens built-in model name (default ``"smollm2-135m"``, an instruct
@@ -323,9 +322,11 @@ class LocalLLMServer:
         return n
 
     def labeler_config(self, **overrides: Any) -> LabelerConfig:
-        """A `raylens.concepts.labels.LabelerConfig` pointing at this server (fields overridable)."""
-        from raylens.concepts.labels import LabelerConfig
+        """A `raylens.llm.config.LabelerConfig` pointing at this server (fields overridable).
 
+        Raises:
+            RuntimeError: the server has not been started.
+        """
         if self.model_name is None:
             raise RuntimeError("LocalLLMServer has not been started: call start() first")
         fields: dict[str, Any] = {"base_url": self.base_url, "model": self.model_name}

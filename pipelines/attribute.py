@@ -15,7 +15,7 @@ import time
 import pyarrow as pa
 
 from actors.attribution_worker import AttributionModelWorker
-from pipelines.common import check_job_key, read_documents, run_shard_stage, say, write_corpus_shards
+from pipelines.common import check_job_key, run_shard_stage, say, write_corpus_shards
 from raylens.attributions.corpus import method_summary, word_importance
 from raylens.attributions.gallery_examples import select_examples
 from raylens.config import AttributionJobConfig
@@ -92,7 +92,7 @@ def run_attribution_job(cfg: AttributionJobConfig) -> dict:
     store = OutputStore(cfg.output_uri)
     check_config(store, cfg)
     t_start = time.perf_counter()
-    shards = read_documents(store, cfg, write_documents)
+    shards = write_documents(store, cfg)
     run = attribute(store, cfg, shards)
     say("summary: per-method metrics and the corpus word table")
     summary, words = summarize(store, cfg)

@@ -5,9 +5,7 @@ document shards on an actor pool (Ray Data)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import pyarrow as pa
 import ray
@@ -18,19 +16,23 @@ from raylens.data.corpora import iter_corpus
 from raylens.io.schemas import DOCUMENTS_SCHEMA
 from raylens.io.store import OutputStore, shard_name
 
-__all__ = ["ShardStage", "check_job_key", "read_documents", "run_shard_stage", "say", "write_corpus_shards"]
+__all__ = ["ShardStage", "check_job_key", "run_shard_stage", "say", "write_corpus_shards"]
 
 
 def write_corpus_shards(store: OutputStore, source: str, *, text_column: str, label_column: str | None,
                         limit: int | None, shuffle_seed: int | None, shard_size: int) -> list[str]:
     """Stream the corpus into ``documents/`` shards of ``shard_size`` rows, once: a rerun reads the
-    manifest written at the end. Returns the shard names.
+    manifest written at the end. Returns the shard names. Console: the corpus read, documents read
+    so far, then the count written.
 
     Raises:
         ConfigError: the corpus produced no documents.
     """
+    say(f"documents: reading corpus {source!r} (limit {limit})")
     if store.exists("documents", "_manifest.json"):
-        return store.read_json("documents/_manifest.json")["shards"]
+        shards = store.read_json("documents/_manifest.json")["shards"]
+        say(f"documents: {len(shards)} shards written by an earlier run")
+        return shards
     shards, buf, n = [], [], 0
     chunks = iter_corpus(source, text_column=text_column, label_column=label_column, limit=limit,
                          shuffle_seed=shuffle_seed, chunk_rows=shard_size)
@@ -59,16 +61,7 @@ def write_corpus_shards(store: OutputStore, source: str, *, text_column: str, la
     if not shards:
         raise ConfigError(f"corpus.source {source!r} produced no documents")
     store.write_json("documents/_manifest.json", {"shards": shards})
-    return shards
-
-
-def read_documents(store: OutputStore, cfg, write: Callable[[OutputStore, Any], list[str]]) -> list[str]:
-    """The documents stage of a job: ``write(store, cfg)`` (the job's call of
-    :func:`write_corpus_shards`) between its console lines; returns the shard names."""
-    say(f"documents: reading corpus {cfg.corpus.source!r} (limit {cfg.corpus.limit})")
-    shards = write(store, cfg)
-    n = sum(int(store.shard_meta("documents", s).get("n_rows", 0)) for s in shards)
-    say(f"documents: {n} documents in {len(shards)} shards")
+    say(f"documents: {n_read} documents in {len(shards)} shards")
     return shards
 
 

@@ -19,7 +19,7 @@ import ray
 
 from actors.concept_worker import ConceptModelWorker
 from actors.trainer import ConceptTrainer
-from pipelines.common import check_job_key, read_documents, run_shard_stage, write_corpus_shards
+from pipelines.common import check_job_key, run_shard_stage, write_corpus_shards
 from pipelines.console import TqdmLines, progress, say
 from pipelines.console import say as _say
 from pipelines.report import write_concepts_table_and_report
@@ -278,7 +278,7 @@ def run_concept_job(cfg: ConceptJobConfig) -> dict:
     store = OutputStore(cfg.output_uri)
     check_config(store, cfg)
     t_start = time.perf_counter()
-    shards = read_documents(store, cfg, write_documents)
+    shards = write_documents(store, cfg)
     ext = extract(store, cfg, shards)
     trainer, fitted = fit(store, cfg)
     frequency, worker, vocab = interpret(store, cfg, trainer)

@@ -24,8 +24,8 @@ import sys
 from jobs.cli import Job
 from raylens.config import AttributionJobConfig
 
-JOB = Job("attribute", __doc__, AttributionJobConfig, "pipelines.attribute:run_attribution_job", headline=("gallery", "gallery"),
-          outputs=("attributions/", "summary.parquet", "words.parquet", "documents/"))
+JOB = Job("attribute", __doc__, AttributionJobConfig, "pipelines.attribute:run_attribution_job",
+          headline=("gallery", "gallery"), outputs=("attributions/", "summary.parquet", "words.parquet", "documents/"))
 main = JOB.main
 
 if __name__ == "__main__":

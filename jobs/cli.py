@@ -142,7 +142,9 @@ class JobOutput:
         sys.stdout.flush()
         sys.stderr.flush()
         out, self.err = (sys.stdout, sys.stderr) if self.verbose else self._redirect()
-        self._handlers = [logging.StreamHandler(sys.stderr)] + ([logging.FileHandler(self.path)] if self.verbose else [])
+        self._handlers = [logging.StreamHandler(sys.stderr)]
+        if self.verbose:
+            self._handlers.append(logging.FileHandler(self.path))
         root = logging.getLogger()
         self._level = root.level
         root.setLevel(logging.INFO)
@@ -218,7 +220,8 @@ class Job:
         parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                             help="override a field, e.g. --set corpus.limit=100 (repeatable)")
         parser.add_argument("--verbose", action="store_true",
-                            help="show Ray's output (Ray Data progress, actor logs) on the console; without it, only the log file has it")
+                            help="show Ray's output (Ray Data progress, actor logs) on the console; "
+                                 "without it, only the log file has it")
         return parser
 
     def main(self, argv: list[str] | None = None) -> int:
@@ -232,7 +235,8 @@ class Job:
             return EXIT_CONFIG
         path = log_path(cfg.output_uri, self.name)
         with JobOutput(path, verbose=args.verbose) as out:
-            out.console.say(f"log: {path} (Ray's output{', also shown here' if args.verbose else '; --verbose shows it here'})")
+            out.console.say(f"log: {path} " + ("(the driver's logging; Ray's output is shown here)" if args.verbose
+                                               else "(Ray's output; --verbose shows it here)"))
             try:
                 init_ray(cfg.resources.ray_address)
                 result = self.run(cfg)

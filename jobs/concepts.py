@@ -21,7 +21,8 @@ import sys
 from jobs.cli import Job
 from raylens.config import ConceptJobConfig
 
-JOB = Job("concepts", __doc__, ConceptJobConfig, "pipelines.concepts:run_concept_job", headline=("report", "report"),
+JOB = Job("concepts", __doc__, ConceptJobConfig, "pipelines.concepts:run_concept_job",
+          headline=("report", "report"),
           outputs=("activations/", "documents/", "concept_model/", "concepts/concepts.parquet",
                    "concepts/top_examples.parquet", "concepts/vocabulary.parquet",
                    "concepts/importance.parquet", "concepts/metrics.parquet"))

@@ -140,3 +140,13 @@ class TqdmLines(io.TextIOBase):
     def flush(self) -> None:
         if self.raw is not None:
             self.raw.flush()
+
+    def fileno(self) -> int:
+        """The raw stream's descriptor (for code that hands ``sys.stderr`` to a subprocess).
+
+        Raises:
+            OSError: no raw stream, or it has no descriptor.
+        """
+        if self.raw is None:
+            raise OSError("TqdmLines without a raw stream has no file descriptor")
+        return self.raw.fileno()

@@ -31,6 +31,7 @@ class ConceptTrainer:
         self.store = OutputStore(self.cfg.output_uri)
         self.device = "cuda" if self.cfg.resources.trainer_gpus > 0 and torch.cuda.is_available() else "cpu"
         torch.set_num_threads(max(1, int(self.cfg.resources.cpus_per_worker)))
+        self._fitting = None  # the model being fitted, read by fit_progress from another thread
 
     def _stream(self, split: str, shuffle: bool) -> ActivationStream:
         c = self.cfg.concepts
@@ -43,6 +44,7 @@ class ConceptTrainer:
         c = self.cfg.concepts
         params = {"seed": self.cfg.seed, "device": self.device, **c.params}
         model = build_concept_model(c.method, nb_concepts=c.nb_concepts, d_model=d_model, **params)
+        self._fitting = model
         if not model.streaming:
             log.info("%s needs its rows in memory: fitting on a seeded sample of at most %d rows",
                      c.method, model.max_fit_rows)
@@ -61,6 +63,19 @@ class ConceptTrainer:
             r["fit_seconds"] = fit_s
         self.store.write_table("concepts/metrics.parquet", pa.Table.from_pylist(rows))
         return {"fit_seconds": fit_s, "metrics": rows, "n_fit_rows": model.n_fit_rows}
+
+    def fit_progress(self) -> dict | None:
+        """Where a running :meth:`fit` is, for the driver's console (call it on an actor with
+        ``max_concurrency=2`` while ``fit`` runs): ``{"epoch": epochs done, "epochs": epochs
+        planned or None, "loss": mean loss of the last epoch or None}``; None before ``fit``
+        has built its model. Epochs are those of iterative models (SAEs, their ``history``);
+        other methods report epoch 0."""
+        model = self._fitting
+        if model is None:
+            return None
+        history = list(getattr(model, "history", None) or [])
+        return {"epoch": len(history), "epochs": getattr(model, "epochs", None),
+                "loss": history[-1]["loss"] if history else None}
 
     def top_examples(self) -> list[float]:
         """One pass over the activation shards: write ``concepts/top_examples.parquet``, and

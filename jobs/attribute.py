@@ -13,47 +13,20 @@ On a cluster::
     ray job submit --working-dir . -- python -m jobs.attribute --config configs/attribute.yaml
 
 The config is validated whole before Ray starts; a bad field is named in the error (exit 2).
-A rerun with the same ``output_uri`` skips the shards already written.
+A rerun with the same ``output_uri`` skips the shards already written. The console shows one
+line per stage; Ray's output goes to ``<output_uri>/logs/job.log`` (``--verbose``: here too).
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 
-from jobs.concepts import _parse_overrides, init_ray
-from raylens.config import AttributionJobConfig, ConfigError, load_config
+from jobs.cli import Job
+from raylens.config import AttributionJobConfig
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.attribute", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML config (default: built-in defaults)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a field, e.g. --set corpus.limit=100 (repeatable)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        cfg = load_config(args.config, _parse_overrides(args.set), cls=AttributionJobConfig)
-    except (ConfigError, FileNotFoundError) as exc:
-        print(f"[raylens] {exc}", file=sys.stderr)
-        return 2
-    init_ray(cfg.resources.ray_address)
-    from pipelines.attribute import run_attribution_job
-
-    try:
-        result = run_attribution_job(cfg)
-    except ConfigError as exc:
-        print(f"[raylens] {exc}", file=sys.stderr)
-        return 2
-    out = cfg.output_uri.rstrip("/")
-    print("[raylens] results:")
-    print(f"  gallery           {result['gallery']}")
-    for rel in ("attributions/", "summary.parquet", "words.parquet", "documents/"):
-        print(f"  {rel:<18}{out}/{rel}")
-    return 0
-
+JOB = Job("attribute", __doc__, AttributionJobConfig, "pipelines.attribute:run_attribution_job",
+          headline=("gallery", "gallery"), outputs=("attributions/", "summary.parquet", "words.parquet", "documents/"))
+main = JOB.main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,11 +13,11 @@ import logging
 import time
 
 import pyarrow as pa
-import ray
 
-from actors.model_worker import ModelWorker
-from pipelines.common import check_job_key, say, write_corpus_shards
+from actors.attribution_worker import AttributionModelWorker
+from pipelines.common import check_job_key, run_shard_stage, say, write_corpus_shards
 from raylens.attributions.corpus import method_summary, word_importance
+from raylens.attributions.gallery_examples import select_examples
 from raylens.config import AttributionJobConfig
 from raylens.io.store import OutputStore
 
@@ -39,24 +39,11 @@ def write_documents(store: OutputStore, cfg: AttributionJobConfig) -> list[str]:
 
 def attribute(store: OutputStore, cfg: AttributionJobConfig, shards: list[str]) -> dict:
     """Run the model workers over the shards not marked done yet; returns headline numbers."""
-    pending = [s for s in shards if not store.is_done("attributions", s)]
-    say(f"attribute: {len(shards) - len(pending)} of {len(shards)} shards already done, {len(pending)} to do "
-        f"({', '.join(cfg.attribution.methods)})")
-    if not pending:
+    run = run_shard_stage("attribute", AttributionModelWorker, cfg, shards,
+                          note=f" ({', '.join(cfg.attribution.methods)})")
+    if not run.rows:
         return {"n_shards": 0, "seconds": 0.0, "n_docs": 0}
-    res = cfg.resources
-    t0 = time.perf_counter()
-    ds = ray.data.from_items([{"shard": s} for s in pending], override_num_blocks=len(pending))
-    ds = ds.map_batches(
-        ModelWorker,
-        fn_constructor_kwargs={"config": cfg.model_dump()},
-        batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=min(res.num_workers, len(pending))),
-        num_gpus=res.gpus_per_worker,
-        num_cpus=res.cpus_per_worker,
-    )
-    rows = ds.take_all()
-    seconds = time.perf_counter() - t0
+    rows, seconds = run.rows, run.seconds
     n_docs = int(sum(r["n_docs"] for r in rows))
     say(f"attribute: {len(rows)} shards, {n_docs} documents, {sum(r['n_rows'] for r in rows)} rows "
         f"({sum(r['n_errors'] for r in rows)} errors) in {seconds:.1f}s "
@@ -82,47 +69,14 @@ def summarize(store: OutputStore, cfg: AttributionJobConfig) -> tuple[pa.Table, 
     return summary, words
 
 
-def select_examples(store: OutputStore, cfg: AttributionJobConfig) -> dict[str, dict[str, list]]:
-    """Per method: the ``best``, ``worst`` (by deletion AUC minus its random baseline, lower is
-    better) and a seeded ``random`` sample of explained rows, as ``(AttributionOutput, row)``."""
-    import numpy as np
-
-    from raylens.attributions.output import AttributionOutput
-
-    k = cfg.gallery.examples_per_kind
-    cols = ["doc_id", "method", "target_index", "error", "deletion_auc", "deletion_auc_random"]
-    index = pa.concat_tables([t.select(cols) for t in _tables(store)]).to_pylist() if store.done_shards(
-        "attributions") else []
-    chosen: dict[str, dict[str, list[tuple[int, str, int]]]] = {}
-    rng = np.random.default_rng(cfg.attribution.seed)
-    for method in cfg.attribution.methods:
-        rows = [r for r in index if r["method"] == method and r["error"] is None]
-        keyed = [r for r in rows if r["deletion_auc"] is not None and r["deletion_auc_random"] is not None
-                 and np.isfinite(r["deletion_auc"] - r["deletion_auc_random"])]
-        keyed.sort(key=lambda r: (r["deletion_auc"] - r["deletion_auc_random"], r["doc_id"]))
-        best, worst = keyed[:k], keyed[::-1][:k]
-        taken = {(r["doc_id"], r["target_index"]) for r in best + worst}
-        rest = [r for r in rows if (r["doc_id"], r["target_index"]) not in taken]
-        rand = [rest[i] for i in sorted(rng.choice(len(rest), size=min(k, len(rest)), replace=False))] if rest else []
-        chosen[method] = {kind: [(r["doc_id"], method, r["target_index"]) for r in sel]
-                          for kind, sel in (("best", best), ("worst", worst), ("random", rand))}
-    wanted = {key for kinds in chosen.values() for sel in kinds.values() for key in sel}
-    found: dict[tuple, tuple] = {}
-    for t in _tables(store):
-        for r in t.to_pylist():
-            key = (r["doc_id"], r["method"], r["target_index"])
-            if key in wanted and r["error"] is None:
-                found[key] = (AttributionOutput.from_arrow_row(r), r)
-    return {m: {kind: [found[key] for key in sel if key in found] for kind, sel in kinds.items()}
-            for m, kinds in chosen.items()}
-
-
 def write_gallery(store: OutputStore, cfg: AttributionJobConfig, summary: pa.Table, words: pa.Table) -> str:
     """Write ``gallery.html``; returns its path (or URI)."""
     from raylens.viz.gallery import render_gallery
 
     n_docs = sum(int(store.shard_meta("attributions", s).get("n_docs", 0)) for s in store.done_shards("attributions"))
-    html = render_gallery(summary.to_pylist(), words.to_pylist(), select_examples(store, cfg),
+    examples = select_examples(_tables(store), cfg.attribution.methods, per_kind=cfg.gallery.examples_per_kind,
+                               seed=cfg.attribution.seed)
+    html = render_gallery(summary.to_pylist(), words.to_pylist(), examples,
                           title=f"raylens attributions: {cfg.model.name} on {cfg.corpus.source}",
                           subtitle=f"{n_docs} documents · {cfg.attribution.granularity} granularity · "
                                    f"targets: {cfg.attribution.targets} · inference mode: "
@@ -138,7 +92,6 @@ def run_attribution_job(cfg: AttributionJobConfig) -> dict:
     store = OutputStore(cfg.output_uri)
     check_config(store, cfg)
     t_start = time.perf_counter()
-    say(f"documents: reading corpus {cfg.corpus.source!r} (limit {cfg.corpus.limit})")
     shards = write_documents(store, cfg)
     run = attribute(store, cfg, shards)
     say("summary: per-method metrics and the corpus word table")

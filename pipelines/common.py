@@ -1,39 +1,52 @@
-"""Pieces both jobs share: driver messages, the corpus written once into document shards, and the
-output-URI guard against resuming with other settings."""
+"""Pieces both jobs share: the corpus written once into document shards, the output-URI guard
+against resuming with other settings, and :func:`run_shard_stage`, a worker class run over the
+document shards on an actor pool (Ray Data)."""
 
 from __future__ import annotations
 
-import pyarrow as pa
+import time
+from dataclasses import dataclass
 
+import pyarrow as pa
+import ray
+
+from pipelines.console import progress, say
 from raylens.config import ConfigError
 from raylens.data.corpora import iter_corpus
 from raylens.io.schemas import DOCUMENTS_SCHEMA
 from raylens.io.store import OutputStore, shard_name
 
-
-def say(msg: str) -> None:
-    """A driver progress line (visible in ``ray job logs``)."""
-    print(f"[raylens] {msg}", flush=True)
+__all__ = ["ShardStage", "check_job_key", "run_shard_stage", "say", "write_corpus_shards"]
 
 
 def write_corpus_shards(store: OutputStore, source: str, *, text_column: str, label_column: str | None,
                         limit: int | None, shuffle_seed: int | None, shard_size: int) -> list[str]:
     """Stream the corpus into ``documents/`` shards of ``shard_size`` rows, once: a rerun reads the
-    manifest written at the end. Returns the shard names.
+    manifest written at the end. Returns the shard names. Console: the corpus read, documents read
+    so far, then the count written.
 
     Raises:
         ConfigError: the corpus produced no documents.
     """
+    say(f"documents: reading corpus {source!r} (limit {limit})")
     if store.exists("documents", "_manifest.json"):
-        return store.read_json("documents/_manifest.json")["shards"]
+        shards = store.read_json("documents/_manifest.json")["shards"]
+        say(f"documents: {len(shards)} shards written by an earlier run")
+        return shards
     shards, buf, n = [], [], 0
     chunks = iter_corpus(source, text_column=text_column, label_column=label_column, limit=limit,
                          shuffle_seed=shuffle_seed, chunk_rows=shard_size)
 
+    n_read = 0
+
     def flush(tables: list[pa.Table]) -> None:
+        nonlocal n_read
         name = shard_name(len(shards))
-        store.write_shard("documents", name, pa.concat_tables(tables).cast(DOCUMENTS_SCHEMA))
+        table = pa.concat_tables(tables).cast(DOCUMENTS_SCHEMA)
+        store.write_shard("documents", name, table)
         shards.append(name)
+        n_read += table.num_rows
+        progress(f"documents: {n_read} read, {len(shards)} shards written")
 
     for chunk in chunks:
         buf.append(chunk)
@@ -48,6 +61,7 @@ def write_corpus_shards(store: OutputStore, source: str, *, text_column: str, la
     if not shards:
         raise ConfigError(f"corpus.source {source!r} produced no documents")
     store.write_json("documents/_manifest.json", {"shards": shards})
+    say(f"documents: {n_read} documents in {len(shards)} shards")
     return shards
 
 
@@ -69,3 +83,62 @@ def check_job_key(store: OutputStore, key: dict, config: dict, output_uri: str) 
     else:
         store.write_json("job_key.json", key)
     store.write_json("config.json", config)
+
+
+@dataclass
+class ShardStage:
+    """What :func:`run_shard_stage` did.
+
+    Attributes:
+        rows: one summary row per shard processed in this run (`actors.shard_worker.ShardWorker`
+            columns), in the order they finished.
+        seconds: wall-clock seconds of the stage, actor start-up included (0 when nothing ran).
+    """
+
+    rows: list[dict]
+    seconds: float
+
+
+def run_shard_stage(stage: str, worker: type, cfg, shards: list[str], *, note: str = "") -> ShardStage:
+    """Run ``worker`` (a `actors.shard_worker.ShardWorker` subclass built from ``cfg``) over the
+    document shards that have no success marker of ``worker.kind`` yet, on a pool of
+    ``cfg.resources.num_workers`` actors with the configured GPUs and CPUs each.
+
+    Prints ``<stage>: d of n shards already done, p to do<note>``, then a progress line as
+    shards finish (shards done / to do, output rows/s, time left).
+
+    Args:
+        stage: the stage's name on the console (``"extract"``).
+        worker: the worker class; Ray Data builds one per actor with ``config=cfg.model_dump()``.
+        cfg: the job config (``output_uri`` and ``resources`` sections are read here).
+        shards: every document shard of the job.
+        note: appended to the first line.
+
+    Returns:
+        The summary rows and seconds of the shards processed now.
+    """
+    store = OutputStore(cfg.output_uri)
+    pending = [s for s in shards if not store.is_done(worker.kind, s)]
+    say(f"{stage}: {len(shards) - len(pending)} of {len(shards)} shards already done, {len(pending)} to do{note}")
+    if not pending:
+        return ShardStage([], 0.0)
+    res = cfg.resources
+    t0 = time.perf_counter()
+    ds = ray.data.from_items([{"shard": s} for s in pending], override_num_blocks=len(pending))
+    ds = ds.map_batches(
+        worker,
+        fn_constructor_kwargs={"config": cfg.model_dump()},
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=min(res.num_workers, len(pending))),
+        num_gpus=res.gpus_per_worker,
+        num_cpus=res.cpus_per_worker,
+    )
+    rows: list[dict] = []
+    for row in ds.iter_rows():
+        rows.append(row)
+        elapsed = time.perf_counter() - t0
+        left = elapsed / len(rows) * (len(pending) - len(rows))
+        rate = sum(r["n_rows"] for r in rows) / max(elapsed, 1e-9)
+        progress(f"{stage}: {len(rows)}/{len(pending)} shards, {rate:.{0 if rate >= 10 else 2}f} rows/s, "
+                 f"about {left:.0f}s left", final=len(rows) == len(pending))
+    return ShardStage(rows, time.perf_counter() - t0)

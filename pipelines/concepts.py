@@ -7,20 +7,24 @@ stage writes under the job's output URI; finished shards are skipped on a rerun.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 import time
-from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 
-from actors.model_worker import ModelWorker
+from actors.concept_worker import ConceptModelWorker
 from actors.trainer import ConceptTrainer
-from raylens.config import ConceptJobConfig, ConfigError
+from pipelines.common import check_job_key, run_shard_stage, write_corpus_shards
+from pipelines.console import TqdmLines, progress, say
+from pipelines.console import say as _say
+from pipelines.report import write_concepts_table_and_report
+from raylens.config import ConceptJobConfig
 from raylens.io.schemas import tensor_array
-from pipelines.common import say as _say
-from pipelines.common import check_job_key, write_corpus_shards
 from raylens.io.store import OutputStore
 
 log = logging.getLogger(__name__)
@@ -40,34 +44,62 @@ def write_documents(store: OutputStore, cfg: ConceptJobConfig) -> list[str]:
 
 def extract(store: OutputStore, cfg: ConceptJobConfig, shards: list[str]) -> dict:
     """Run the model workers over the shards that have no ``_SUCCESS`` marker yet."""
-    pending = [s for s in shards if not store.is_done("activations", s)]
-    _say(f"extract: {len(shards) - len(pending)} of {len(shards)} shards already done, {len(pending)} to do")
-    if not pending:
+    run = run_shard_stage("extract", ConceptModelWorker, cfg, shards)
+    if not run.rows:
         return {"n_shards": 0, "seconds": 0.0, "n_tokens": 0}
-    res = cfg.resources
-    t0 = time.perf_counter()
-    ds = ray.data.from_items([{"shard": s} for s in pending], override_num_blocks=len(pending))
-    ds = ds.map_batches(
-        ModelWorker,
-        fn_constructor_kwargs={"config": cfg.model_dump()},
-        batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=min(res.num_workers, len(pending))),
-        num_gpus=res.gpus_per_worker,
-        num_cpus=res.cpus_per_worker,
-    )
-    rows = ds.take_all()
-    seconds = time.perf_counter() - t0
+    rows, seconds = run.rows, run.seconds
     n_tokens = int(sum(r["n_tokens"] for r in rows))
-    _say(f"extract: {len(rows)} shards, {sum(r['n_rows'] for r in rows)} activation rows in {seconds:.1f}s "
-         f"({n_tokens / max(seconds, 1e-9):.0f} tokens/s including worker start-up)")
+    say(f"extract: {len(rows)} shards, {sum(r['n_rows'] for r in rows)} activation rows in {seconds:.1f}s "
+        f"({n_tokens / max(seconds, 1e-9):.0f} tokens/s including worker start-up)")
     return {"n_shards": len(rows), "seconds": seconds, "n_tokens": n_tokens}
 
 
 def _d_model(store: OutputStore) -> int:
     first = store.shard_paths("activations")[0]
-    import pyarrow.parquet as pq
-
     return int(pq.read_schema(first, filesystem=store.fs).field("activation").type.shape[0])
+
+
+def _show_epochs(state: dict | None, shown: int) -> int:
+    """Console lines for the epochs finished since ``shown``; returns the epochs shown now."""
+    if not state or state["epoch"] <= shown:
+        return shown
+    of = f"/{state['epochs']}" if state["epochs"] else ""
+    progress(f"fit: epoch {state['epoch']}{of}, loss {state['loss']:.4g}", final=state["epoch"] == state["epochs"])
+    return state["epoch"]
+
+
+def fit(store: OutputStore, cfg: ConceptJobConfig):
+    """Start the trainer actor and fit the concept model on the activation shards, one console
+    line per finished epoch; returns the actor (kept for the top examples) and its fit result."""
+    res = cfg.resources
+    say(f"fit: {cfg.concepts.method} with {cfg.concepts.nb_concepts} concepts (trainer actor)")
+    # two threads: fit_progress answers while fit runs
+    trainer = ray.remote(ConceptTrainer).options(num_gpus=res.trainer_gpus, num_cpus=res.cpus_per_worker,
+                                                 max_concurrency=2).remote(cfg.model_dump())
+    ref = trainer.fit.remote(_d_model(store))
+    shown = 0
+    while not ray.wait([ref], timeout=1.0)[0]:
+        shown = _show_epochs(ray.get(trainer.fit_progress.remote()), shown)
+    _show_epochs(ray.get(trainer.fit_progress.remote()), shown)
+    result = ray.get(ref)
+    held = next(m for m in result["metrics"] if m["split"] == "heldout")
+    say(f"fit: {result['fit_seconds']:.1f}s; held-out explained variance {held['explained_variance']:.3f}, "
+        f"mean L0 {held['mean_l0']:.1f}")
+    return trainer, result
+
+
+def interpret(store: OutputStore, cfg: ConceptJobConfig, trainer):
+    """Top activating inputs (trainer) and the vocabulary projection (a new model worker); returns
+    each concept's firing frequency, the model-worker actor and the vocabulary table."""
+    res = cfg.resources
+    say("interpret: top activating inputs")
+    frequency = ray.get(trainer.top_examples.remote())
+    worker = ray.remote(ConceptModelWorker).options(num_gpus=res.gpus_per_worker, num_cpus=res.cpus_per_worker) \
+        .remote(cfg.model_dump())
+    say("interpret: vocabulary projection")
+    vocab = ray.get(worker.vocabulary_projection.remote(cfg.interpretation.vocab_top_k))
+    store.write_table("concepts/vocabulary.parquet", vocab)
+    return frequency, worker, vocab
 
 
 def _importance_texts(store: OutputStore, n: int) -> tuple[list[int], list[str]]:
@@ -80,6 +112,50 @@ def _importance_texts(store: OutputStore, n: int) -> tuple[list[int], list[str]]
                 if len(ids) == n:
                     return ids, texts
     return ids, texts
+
+
+def importance(store: OutputStore, cfg: ConceptJobConfig, worker) -> tuple[np.ndarray, np.ndarray]:
+    """Concept-to-output gradients over ``importance.n_samples`` documents (model worker); writes
+    ``concepts/importance.parquet`` (and the per-document table); returns the means over
+    documents of the gradient and of concept x gradient, ``(nb_concepts,)`` each (zeros and NaN
+    when not computed)."""
+    C = cfg.concepts.nb_concepts
+    grad_mean = np.zeros(C)
+    cxg_mean = np.full(C, np.nan)
+    n_imp = 0
+    if cfg.importance.enabled and ray.get(worker.ping.remote()) and _task(cfg) != "base":
+        ids, texts = _importance_texts(store, cfg.importance.n_samples)
+        say(f"score: concept-to-output gradients over {len(texts)} documents")
+        imp = ray.get(worker.importance.remote(texts))
+        grad_mean, cxg_mean, n_imp = imp["gradient"].mean(0), imp["concept_x_gradient"].mean(0), len(texts)
+        store.write_table("concepts/importance_per_doc.parquet", pa.table({
+            "doc_id": pa.array(ids, pa.int64()), "target": pa.array(imp["target"], pa.int64()),
+            "gradient": tensor_array(imp["gradient"], "float32"),
+            "concept_x_gradient": tensor_array(imp["concept_x_gradient"], "float32")}))
+    store.write_table("concepts/importance.parquet", pa.table({
+        "concept": pa.array(np.arange(C), pa.int32()), "gradient": pa.array(grad_mean, pa.float32()),
+        "concept_x_gradient": pa.array(cxg_mean, pa.float32()), "n_samples": pa.array([n_imp] * C, pa.int32())}))
+    return grad_mean, cxg_mean
+
+
+def labels_stage(store: OutputStore, cfg: ConceptJobConfig, top: pa.Table, vocab: pa.Table,
+                 order: list[int]) -> tuple[dict[int, dict], list[dict]]:
+    """LLM labels and their scores for the concepts in ``order`` (the tqdm bars of the library
+    become ``labels: n/total`` lines); writes ``concepts/label_scores.parquet`` (removes a stale
+    one when nothing was scored)."""
+    lab = cfg.interpretation.labels
+    say("labels: " + ("LLM labels for the most important concepts" if lab.enabled else "disabled"))
+    with contextlib.redirect_stderr(TqdmLines("labels", sys.stderr)):
+        labels, scores = _label_and_score(cfg, store, top, vocab, order)
+    if labels:
+        say(f"labels: {sum(1 for v in labels.values() if v.get('label'))} of {len(labels)} concepts labelled")
+    if scores:
+        from raylens.concepts.scoring import scores_table
+
+        store.write_table("concepts/label_scores.parquet", scores_table(scores))
+    elif store.exists("concepts/label_scores.parquet"):  # from an earlier run with scoring on
+        store.remove("concepts/label_scores.parquet")
+    return labels, scores
 
 
 def _rows_by_concept(table: pa.Table | None) -> dict[int, list[dict]]:
@@ -118,71 +194,31 @@ def _label_cache(cfg: ConceptJobConfig) -> str | None:
     return str(p) if p is not None else None
 
 
-def run_concept_job(cfg: ConceptJobConfig, *, on_stage: Callable[[str], None] | None = None) -> dict:
-    """Run the whole concept job (Ray must be initialised). Returns paths and headline numbers."""
+def run_concept_job(cfg: ConceptJobConfig) -> dict:
+    """Run the whole concept job (Ray must be initialised). Returns paths and headline numbers.
+
+    Raises:
+        ConfigError: the output URI holds results made with other extraction settings, or the
+            corpus has no documents.
+    """
     store = OutputStore(cfg.output_uri)
     check_config(store, cfg)
     t_start = time.perf_counter()
-    res = cfg.resources
-
-    _say(f"documents: reading corpus {cfg.corpus.source!r} (limit {cfg.corpus.limit})")
     shards = write_documents(store, cfg)
     ext = extract(store, cfg, shards)
-
-    _say(f"fit: {cfg.concepts.method} with {cfg.concepts.nb_concepts} concepts (trainer actor)")
-    trainer = ray.remote(ConceptTrainer).options(num_gpus=res.trainer_gpus, num_cpus=res.cpus_per_worker) \
-        .remote(cfg.model_dump())
-    fit = ray.get(trainer.fit.remote(_d_model(store)))
-    held = next(m for m in fit["metrics"] if m["split"] == "heldout")
-    _say(f"fit: {fit['fit_seconds']:.1f}s; held-out explained variance {held['explained_variance']:.3f}, "
-         f"mean L0 {held['mean_l0']:.1f}")
-
-    _say("interpret: top activating inputs")
-    frequency = ray.get(trainer.top_examples.remote())
-    worker = ray.remote(ModelWorker).options(num_gpus=res.gpus_per_worker, num_cpus=res.cpus_per_worker) \
-        .remote(cfg.model_dump())
-    _say("interpret: vocabulary projection")
-    vocab = ray.get(worker.vocabulary_projection.remote(cfg.interpretation.vocab_top_k))
-    store.write_table("concepts/vocabulary.parquet", vocab)
-
-    C = cfg.concepts.nb_concepts
-    grad_mean = np.zeros(C)
-    cxg_mean = np.full(C, np.nan)
-    n_imp = 0
-    if cfg.importance.enabled and ray.get(worker.ping.remote()) and _task(cfg) != "base":
-        ids, texts = _importance_texts(store, cfg.importance.n_samples)
-        _say(f"score: concept-to-output gradients over {len(texts)} documents")
-        imp = ray.get(worker.importance.remote(texts))
-        grad_mean, cxg_mean, n_imp = imp["gradient"].mean(0), imp["concept_x_gradient"].mean(0), len(texts)
-        store.write_table("concepts/importance_per_doc.parquet", pa.table({
-            "doc_id": pa.array(ids, pa.int64()), "target": pa.array(imp["target"], pa.int64()),
-            "gradient": tensor_array(imp["gradient"], "float32"),
-            "concept_x_gradient": tensor_array(imp["concept_x_gradient"], "float32")}))
-    store.write_table("concepts/importance.parquet", pa.table({
-        "concept": pa.array(np.arange(C), pa.int32()), "gradient": pa.array(grad_mean, pa.float32()),
-        "concept_x_gradient": pa.array(cxg_mean, pa.float32()), "n_samples": pa.array([n_imp] * C, pa.int32())}))
-
+    trainer, fitted = fit(store, cfg)
+    frequency, worker, vocab = interpret(store, cfg, trainer)
+    grad_mean, cxg_mean = importance(store, cfg, worker)
     for actor in (worker, trainer):  # free their memory before the labels (a local LLM may start)
         ray.kill(actor)
     top = store.read_table("concepts/top_examples.parquet")
-    order = sorted(range(C), key=lambda c: -abs(float(grad_mean[c])))  # the report's order
-    _say("labels: " + ("LLM labels for the most important concepts" if cfg.interpretation.labels.enabled
-                       else "disabled"))
-    labels, scores = _label_and_score(cfg, store, top, vocab, order)
-    if scores:
-        from raylens.concepts.scoring import scores_table
-
-        store.write_table("concepts/label_scores.parquet", scores_table(scores))
-    elif store.exists("concepts/label_scores.parquet"):  # from an earlier run with scoring on
-        store.remove("concepts/label_scores.parquet")
-
-    from pipelines.report import write_concepts_table_and_report
-
+    order = sorted(range(cfg.concepts.nb_concepts), key=lambda c: -abs(float(grad_mean[c])))  # the report's order
+    labels, scores = labels_stage(store, cfg, top, vocab, order)
     report = write_concepts_table_and_report(store, cfg, top, vocab, grad_mean, cxg_mean, frequency, labels,
-                                             fit, ext, scores=scores)
+                                             fitted, ext, scores=scores)
     total = time.perf_counter() - t_start
-    _say(f"done in {total:.0f}s")
-    return {"output_uri": cfg.output_uri, "report": report, "fit": fit, "extract": ext, "seconds": total}
+    say(f"done in {total:.0f}s")
+    return {"output_uri": cfg.output_uri, "report": report, "fit": fitted, "extract": ext, "seconds": total}
 
 
 def _task(cfg: ConceptJobConfig) -> str:

@@ -1,0 +1,89 @@
+"""The shard-worker base: the plumbing of a ``map_batches`` stage over document shards, written
+once. For each shard named in the batch it skips a shard already marked done (a retried task or
+a resumed job), else reads ``documents/<shard>.parquet``, asks the subclass to process it, writes
+``<kind>/<shard>.parquet`` and its success marker, and returns one summary row per shard.
+
+A job's worker subclasses it and implements :meth:`ShardWorker.process_shard` (and names its
+output ``kind``); see `actors.concept_worker` and `actors.attribution_worker`. No Ray import:
+the pipeline hands the class to ``ray.data.Dataset.map_batches``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+
+import numpy as np
+import pyarrow as pa
+
+from raylens.io.store import OutputStore
+
+log = logging.getLogger(__name__)
+
+#: summary columns every shard worker returns (one row per shard), before its own counts
+SUMMARY_COLUMNS = ("shard", "skipped", "n_docs", "n_rows", "seconds")
+
+
+class ShardWorker(ABC):
+    """A ``map_batches`` callable that turns document shards into output shards of ``kind``.
+
+    Subclasses set :attr:`kind` and :attr:`store` (in their constructor) and implement
+    :meth:`process_shard`; :meth:`shard_counts` adds job-specific integer columns to the
+    summary rows.
+
+    Attributes:
+        kind: the output folder under the store (``"activations"``, ``"attributions"``).
+        store: the job's output store.
+    """
+
+    kind: str
+    store: OutputStore
+
+    @abstractmethod
+    def process_shard(self, shard: str, docs: pa.Table) -> tuple[pa.Table, dict]:
+        """Process one document shard.
+
+        Args:
+            shard: the shard's name (``documents/<shard>.parquet``).
+            docs: its documents (``raylens.io.schemas.DOCUMENTS_SCHEMA``: ``doc_id``, ``text``,
+                ``label``).
+
+        Returns:
+            ``(table, meta)``: the rows to write as ``<kind>/<shard>.parquet`` and the JSON
+            metadata of its success marker (``seconds`` is added by the caller).
+        """
+
+    def shard_counts(self, meta: dict) -> dict[str, int]:
+        """Job-specific integer summary columns of a shard, from its marker ``meta``
+        (default: none)."""
+        return {}
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``map_batches`` entry: process the shards named in ``batch["shard"]``.
+
+        Returns:
+            One summary row per shard: :data:`SUMMARY_COLUMNS` (``seconds`` in seconds of
+            reading plus processing, 0 for a skipped shard of an older run without it) and the
+            columns of :meth:`shard_counts`.
+        """
+        rows = [self.run_shard(str(shard)) for shard in batch["shard"]]
+        return {k: np.asarray([r[k] for r in rows]) for k in rows[0]} if rows else {}
+
+    def run_shard(self, shard: str) -> dict:
+        """One shard, skipped when already marked done; returns its summary row."""
+        skipped = self.store.is_done(self.kind, shard)
+        if skipped:
+            meta = self.store.shard_meta(self.kind, shard)
+        else:
+            t0 = time.perf_counter()
+            docs = self.store.read_table(f"documents/{shard}.parquet")
+            table, meta = self.process_shard(shard, docs)
+            meta["seconds"] = time.perf_counter() - t0
+            self.store.write_shard(self.kind, shard, table, meta)
+            meta = {"n_rows": table.num_rows, **meta}
+            log.info("%s: shard %s, %d documents, %d rows in %.1fs", self.kind, shard, docs.num_rows,
+                     table.num_rows, meta["seconds"])
+        row = {"shard": shard, "skipped": skipped, "n_docs": int(meta.get("n_docs", 0)),
+               "n_rows": int(meta["n_rows"]), "seconds": float(meta.get("seconds", 0.0))}
+        return row | {k: int(v) for k, v in self.shard_counts(meta).items()}

@@ -12,7 +12,9 @@ import pyarrow as pa
 
 from actors.model_worker import ModelWorker
 from raylens.config import ConceptJobConfig
-from raylens.models.split import SplitModel
+from raylens.config.preflight import check_model
+from raylens.models.loading import LoadedModel
+from raylens.models.split import SplitModel, load_split_model
 
 
 class ConceptModelWorker(ModelWorker):
@@ -22,9 +24,27 @@ class ConceptModelWorker(ModelWorker):
     config_class = ConceptJobConfig
     kind = "activations"
 
+    def __init__(self, config: dict, *, extraction_only: bool = False):
+        self.extraction_only = extraction_only
+        super().__init__(config)
+
+    def load(self) -> LoadedModel:
+        """With ``extraction_only``, only the embeddings and the blocks up to the split point
+        (`raylens.models.split.load_split_model`), except where the model's output is needed too
+        (a classifier's predicted class at granularity ``cls``); else the whole model."""
+        ex, m = self.cfg.extraction, self.cfg.model
+        needs_output = ex.granularity == "cls" and check_model(m.name, m.task) == "sequence_classification"
+        if not self.extraction_only or needs_output:
+            self.split = None
+            return super().load()
+        self.split = load_split_model(m.name, ex.split_point, task=m.task, dtype=m.dtype, device=self.device,
+                                      device_map=self.device_map)
+        return self.split.loaded
+
     def setup(self) -> None:
         """The model split at the configured layer (`raylens.models.split.SplitModel`)."""
-        self.split = SplitModel(self.loaded, self.cfg.extraction.split_point)
+        if self.split is None:
+            self.split = SplitModel(self.loaded, self.cfg.extraction.split_point)
 
     # ---- extraction (map_batches) ---------------------------------------------------
     def process_shard(self, shard: str, docs: pa.Table) -> tuple[pa.Table, dict]:
@@ -49,7 +69,7 @@ class ConceptModelWorker(ModelWorker):
     def _concept_model(self):
         from raylens.concepts.models import load_concept_model
 
-        return load_concept_model(self.store.download_dir("concept_model"))
+        return load_concept_model(self.store.download_dir("concept_model"), device=str(self.loaded.device))
 
     def vocabulary_projection(self, k: int) -> pa.Table:
         """Top ``k`` promoted/suppressed tokens of every concept

@@ -54,6 +54,10 @@ class ShardWorker(ABC):
             metadata of its success marker (``seconds`` is added by the caller).
         """
 
+    def shard_meta(self) -> dict:
+        """Extra marker metadata of every shard this worker writes (default: none)."""
+        return {}
+
     def shard_counts(self, meta: dict) -> dict[str, int]:
         """Job-specific integer summary columns of a shard, from its marker ``meta``
         (default: none)."""
@@ -80,6 +84,7 @@ class ShardWorker(ABC):
             docs = self.store.read_table(f"documents/{shard}.parquet")
             table, meta = self.process_shard(shard, docs)
             meta["seconds"] = time.perf_counter() - t0
+            meta.update(self.shard_meta())
             self.store.write_shard(self.kind, shard, table, meta)
             meta = {"n_rows": table.num_rows, **meta}
             log.info("%s: shard %s, %d documents, %d rows in %.1fs", self.kind, shard, docs.num_rows,

@@ -15,6 +15,7 @@ import torch
 
 from raylens.concepts.interpret import non_activating_table, quantile_sample, scan_concepts, top_examples_table
 from raylens.concepts.metrics import reconstruction_metrics
+from actors.model_worker import assigned_gpus
 from raylens.concepts.models import build_concept_model, load_concept_model
 from raylens.config import ConceptJobConfig
 from raylens.io.readers import ActivationStream
@@ -62,7 +63,7 @@ class ConceptTrainer:
         for r in rows:
             r["fit_seconds"] = fit_s
         self.store.write_table("concepts/metrics.parquet", pa.Table.from_pylist(rows))
-        return {"fit_seconds": fit_s, "metrics": rows, "n_fit_rows": model.n_fit_rows}
+        return {"fit_seconds": fit_s, "metrics": rows, "n_fit_rows": model.n_fit_rows, "gpus": assigned_gpus()}
 
     def fit_progress(self) -> dict | None:
         """Where a running :meth:`fit` is, for the driver's console (call it on an actor with
@@ -83,7 +84,7 @@ class ConceptTrainer:
         evenly over activation quantiles, with a ``quantile`` column) and
         ``concepts/non_activating.parquet`` (runs of text where a concept does not fire).
         Returns each concept's firing frequency."""
-        model = load_concept_model(self.store.download_dir("concept_model"))
+        model = load_concept_model(self.store.download_dir("concept_model"), device=self.device)
         interp = self.cfg.interpretation
         batches = self.store.iter_shard_batches(
             "activations", columns=["doc_id", "unit", "char_start", "char_end", "activation"])

@@ -29,29 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-import yaml
 
 from pipelines.console import Console, use_console
-from raylens.config import ConfigError, load_config
+from raylens.config import ConfigError, load_config, parse_overrides
+from raylens.config.plan import format_plan, plan_job
+from raylens.config.preflight import preflight
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 LOG_FORMAT = "%(asctime)s %(name)s: %(message)s"
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["corpus.limit=100", "concepts.params={top_k: 2}"]`` -> ``{"corpus.limit": 100, ...}``
-    (values parsed as YAML).
-
-    Raises:
-        ConfigError: an item has no ``=``.
-    """
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
-        k, v = item.split("=", 1)
-        out[k] = yaml.safe_load(v)
-    return out
 
 
 def init_ray(address: str | None) -> None:
@@ -219,6 +204,9 @@ class Job:
         parser.add_argument("--config", help="YAML config (default: built-in defaults)")
         parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                             help="override a field, e.g. --set corpus.limit=100 (repeatable)")
+        parser.add_argument("--plan", action="store_true",
+                            help="print what the run will need and produce (model config and a corpus sample "
+                                 "only: no weights, no Ray) and exit")
         parser.add_argument("--verbose", action="store_true",
                             help="show Ray's output (Ray Data progress, actor logs) on the console; "
                                  "without it, only the log file has it")
@@ -230,9 +218,13 @@ class Job:
         args = self.parser().parse_args(argv)
         try:
             cfg = load_config(args.config, parse_overrides(args.set), cls=self.config_class)
+            preflight(cfg)
         except (ConfigError, FileNotFoundError) as exc:
             print(f"[raylens] {exc}", file=sys.stderr)
             return EXIT_CONFIG
+        if args.plan:
+            print(format_plan(plan_job(cfg)), flush=True)
+            return EXIT_OK
         path = log_path(cfg.output_uri, self.name)
         with JobOutput(path, verbose=args.verbose) as out:
             out.console.say(f"log: {path} " + ("(the driver's logging; Ray's output is shown here)" if args.verbose

@@ -99,7 +99,8 @@ class ShardStage:
     seconds: float
 
 
-def run_shard_stage(stage: str, worker: type, cfg, shards: list[str], *, note: str = "") -> ShardStage:
+def run_shard_stage(stage: str, worker: type, cfg, shards: list[str], *, note: str = "",
+                    worker_kwargs: dict | None = None) -> ShardStage:
     """Run ``worker`` (a `actors.shard_worker.ShardWorker` subclass built from ``cfg``) over the
     document shards that have no success marker of ``worker.kind`` yet, on a pool of
     ``cfg.resources.num_workers`` actors with the configured GPUs and CPUs each.
@@ -113,6 +114,7 @@ def run_shard_stage(stage: str, worker: type, cfg, shards: list[str], *, note: s
         cfg: the job config (``output_uri`` and ``resources`` sections are read here).
         shards: every document shard of the job.
         note: appended to the first line.
+        worker_kwargs: more keyword arguments of the worker's constructor.
 
     Returns:
         The summary rows and seconds of the shards processed now.
@@ -127,7 +129,7 @@ def run_shard_stage(stage: str, worker: type, cfg, shards: list[str], *, note: s
     ds = ray.data.from_items([{"shard": s} for s in pending], override_num_blocks=len(pending))
     ds = ds.map_batches(
         worker,
-        fn_constructor_kwargs={"config": cfg.model_dump()},
+        fn_constructor_kwargs={"config": cfg.model_dump(), **(worker_kwargs or {})},
         batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=min(res.num_workers, len(pending))),
         num_gpus=res.gpus_per_worker,

@@ -44,7 +44,7 @@ def write_documents(store: OutputStore, cfg: ConceptJobConfig) -> list[str]:
 
 def extract(store: OutputStore, cfg: ConceptJobConfig, shards: list[str]) -> dict:
     """Run the model workers over the shards that have no ``_SUCCESS`` marker yet."""
-    run = run_shard_stage("extract", ConceptModelWorker, cfg, shards)
+    run = run_shard_stage("extract", ConceptModelWorker, cfg, shards, worker_kwargs={"extraction_only": True})
     if not run.rows:
         return {"n_shards": 0, "seconds": 0.0, "n_tokens": 0}
     rows, seconds = run.rows, run.seconds
@@ -90,10 +90,12 @@ def fit(store: OutputStore, cfg: ConceptJobConfig):
 
 def interpret(store: OutputStore, cfg: ConceptJobConfig, trainer):
     """Top activating inputs (trainer) and the vocabulary projection (a new model worker); returns
-    each concept's firing frequency, the model-worker actor and the vocabulary table."""
+    each concept's firing frequency, the model-worker actor and the vocabulary table. The trainer
+    is gone before the model worker asks for its GPUs (on one GPU both cannot hold one)."""
     res = cfg.resources
     say("interpret: top activating inputs")
     frequency = ray.get(trainer.top_examples.remote())
+    ray.kill(trainer)
     worker = ray.remote(ConceptModelWorker).options(num_gpus=res.gpus_per_worker, num_cpus=res.cpus_per_worker) \
         .remote(cfg.model_dump())
     say("interpret: vocabulary projection")
@@ -158,18 +160,6 @@ def labels_stage(store: OutputStore, cfg: ConceptJobConfig, top: pa.Table, vocab
     return labels, scores
 
 
-def _rows_by_concept(table: pa.Table | None) -> dict[int, list[dict]]:
-    out: dict[int, list[dict]] = {}
-    for r in ([] if table is None else table.to_pylist()):
-        out.setdefault(r["concept"], []).append(r)
-    return out
-
-
-def _example(r: dict) -> dict:
-    return {"text": r["context"], "spans": [[r["span_start"], r["span_end"]]], "activation": r["activation"],
-            "doc_id": r["doc_id"], "unit": r["unit"], "quantile": r.get("quantile")}
-
-
 def _label_and_score(cfg: ConceptJobConfig, store: OutputStore, top: pa.Table, vocab: pa.Table,
                      order: list[int]) -> tuple[dict[int, dict], list[dict]]:
     """`raylens.concepts.labeling.label_and_score` on the job's tables: labels, then their scores."""
@@ -180,12 +170,6 @@ def _label_and_score(cfg: ConceptJobConfig, store: OutputStore, top: pa.Table, v
     return label_and_score(cfg.interpretation.labels, top, vocab, order, sampled=tables["sampled_examples"],
                            non_activating=tables["non_activating"], seed=cfg.seed,
                            n_quantiles=cfg.interpretation.sample_quantiles, cache_path=_label_cache(cfg), say=_say)
-
-
-def _unscored(chosen: list[int], labels: dict[int, dict], n_scored: int, n_max: int) -> list[dict]:
-    """Error rows for the concepts that would have been scored but have no label (endpoint down)."""
-    return [{"concept": c, "label": None, "error": f"not scored: no label ({labels.get(c, {}).get('error')})"}
-            for c in chosen if not labels.get(c, {}).get("label")][: max(0, n_max - n_scored)]
 
 
 def _label_cache(cfg: ConceptJobConfig) -> str | None:
@@ -209,8 +193,7 @@ def run_concept_job(cfg: ConceptJobConfig) -> dict:
     trainer, fitted = fit(store, cfg)
     frequency, worker, vocab = interpret(store, cfg, trainer)
     grad_mean, cxg_mean = importance(store, cfg, worker)
-    for actor in (worker, trainer):  # free their memory before the labels (a local LLM may start)
-        ray.kill(actor)
+    ray.kill(worker)  # free its memory and GPUs before the labels (a local LLM may start)
     top = store.read_table("concepts/top_examples.parquet")
     order = sorted(range(cfg.concepts.nb_concepts), key=lambda c: -abs(float(grad_mean[c])))  # the report's order
     labels, scores = labels_stage(store, cfg, top, vocab, order)

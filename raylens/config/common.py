@@ -52,17 +52,25 @@ class ConfigError(ValueError):
 
 
 def format_validation_error(err: ValidationError) -> str:
-    """One line per bad field: ``  <dotted.path>: <message> (got <value>)``."""
+    """``invalid config: <dotted.path>: <message> (got <value>)``: one line for one bad field,
+    one indented line per field after a first ``invalid config:`` line for several."""
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(root)"
-        lines.append(f"  {loc}: {e['msg']}" + (f" (got {e['input']!r})" if e["type"] != "missing" else ""))
-    return "invalid config:\n" + "\n".join(lines)
+        lines.append(f"{loc}: {e['msg']}" + (f" (got {e['input']!r})" if e["type"] != "missing" else ""))
+    return field_error(*lines)
+
+
+def field_error(*lines: str) -> str:
+    """The message of a :class:`ConfigError` for ``lines`` (``"<field>: <why>"`` each)."""
+    if len(lines) == 1:
+        return f"invalid config: {lines[0]}"
+    return "invalid config:\n" + "\n".join(f"  {line}" for line in lines)
 
 
 def method_params_error(section: str, method: str, exc: ValueError) -> ConfigError:
     """A :class:`ConfigError` for a bad method parameter: ``exc``'s message starts with the
     parameter's name (the registries' ``check_params`` convention), so the line names the field
     ``<section>.params[.<method>].<name>``."""
-    return ConfigError(f"invalid config:\n  {section}.params.{exc}" if method == "" else
-                       f"invalid config:\n  {section}.params.{method}.{exc}")
+    return ConfigError(field_error(f"{section}.params.{exc}" if method == "" else
+                                   f"{section}.params.{method}.{exc}"))

@@ -77,7 +77,8 @@ def _model_numbers(name: str, task: str | None, split_point: int | str, dtype: s
             "bytes_per_param": _DTYPE_BYTES[dtype]}
 
 
-def _corpus_numbers(cfg: Any, sample_docs: int) -> dict[str, Any]:
+def _corpus_numbers(cfg: Any, sample_docs: int, *, max_tokens: int, exclude_first_tokens: int = 0,
+                    granularity: str = "token") -> dict[str, Any]:
     """Document count and, from a tokenised sample, tokens and activation rows per document."""
     import numpy as np
     import pyarrow as pa
@@ -86,19 +87,18 @@ def _corpus_numbers(cfg: Any, sample_docs: int) -> dict[str, Any]:
     from raylens.data.corpora import iter_corpus
     from raylens.models.builtins import BUILTIN_MODELS, builtin_config_path
 
-    c, ex = cfg.corpus, cfg.extraction
+    c = cfg.corpus
     sample = pa.concat_tables(list(iter_corpus(c.source, text_column=c.text_column, label_column=c.label_column,
                                                limit=sample_docs, shuffle_seed=c.shuffle_seed)))
     n_docs = c.limit if c.limit is not None else _count_documents(c)
     source = str(builtin_config_path(cfg.model.name)) if cfg.model.name in BUILTIN_MODELS else cfg.model.name
     tok = AutoTokenizer.from_pretrained(source)
     texts = [t for t in sample["text"].to_pylist() if t and t.strip()]
-    enc = tok(texts, truncation=True, max_length=ex.max_tokens, return_special_tokens_mask=True)
+    enc = tok(texts, truncation=True, max_length=max_tokens, return_special_tokens_mask=True)
     tokens = np.array([len(ids) for ids in enc["input_ids"]])
-    content = np.array([max(0, sum(1 - s for s in sp[ex.exclude_first_tokens:]) if ex.exclude_first_tokens
-                           else sum(1 - s for s in sp)) for sp in enc["special_tokens_mask"]])
+    content = np.array([sum(1 - s for s in sp[exclude_first_tokens:]) for sp in enc["special_tokens_mask"]])
     rows = {"token": content.mean(), "sample_mean": 1.0, "cls": 1.0,
-            "word": content.mean() * 0.8, "sentence": max(1.0, content.mean() / 20)}[ex.granularity]
+            "word": content.mean() * 0.8, "sentence": max(1.0, content.mean() / 20)}[granularity]
     n_docs = min(n_docs, sample.num_rows) if sample.num_rows < sample_docs else n_docs
     return {"n_docs": int(n_docs), "sample_docs": len(texts), "tokens_per_doc": float(tokens.mean()),
             "max_tokens_seen": int(tokens.max()) if len(tokens) else 0, "rows_per_doc": float(rows),
@@ -135,7 +135,8 @@ def plan_concept_job(cfg: Any, *, sample_docs: int = 200) -> dict[str, Any]:
     check_model(cfg.model.name, cfg.model.task, cfg.extraction.split_point)
     ex, res = cfg.extraction, cfg.resources
     m = _model_numbers(cfg.model.name, cfg.model.task, ex.split_point, cfg.model.dtype)
-    c = _corpus_numbers(cfg, sample_docs)
+    c = _corpus_numbers(cfg, sample_docs, max_tokens=ex.max_tokens, exclude_first_tokens=ex.exclude_first_tokens,
+                        granularity=ex.granularity)
     value_bytes = _DTYPE_BYTES[ex.activation_dtype]
     rows = c["n_docs"] * c["rows_per_doc"]
     payload = rows * m["d_model"] * value_bytes
@@ -157,7 +158,7 @@ def plan_concept_job(cfg: Any, *, sample_docs: int = 200) -> dict[str, Any]:
     flops_fit = 6 * m["d_model"] * cfg.concepts.nb_concepts * rows * epochs
     fit_speed = GPU_FLOPS if res.trainer_gpus > 0 else CPU_FLOPS
     return {
-        "model": m, "corpus": c,
+        "job": "concepts", "model": m, "corpus": c,
         "activations": {"rows": int(rows), "payload_bytes": int(payload), "disk_bytes": int(on_disk),
                         "n_shards": n_shards, "rows_per_shard": int(shard_rows),
                         "disk_bytes_per_shard": int(on_disk / max(n_shards, 1))},
@@ -173,6 +174,45 @@ def plan_concept_job(cfg: Any, *, sample_docs: int = 200) -> dict[str, Any]:
     }
 
 
+def plan_attribution_job(cfg: Any, *, sample_docs: int = 200) -> dict[str, Any]:
+    """What the attribution job ``cfg`` will need and produce: the whole model's weights per
+    worker, the documents, output rows and shards, host RAM per worker. No throughput is
+    estimated for attributions (their cost depends on each method's samples; see
+    ``bench/attribution_job.py``).
+
+    Raises:
+        ConfigError: through :func:`raylens.config.preflight.check_model` for a bad model.
+    """
+    import math as _math
+
+    from raylens.config.preflight import check_model
+    from raylens.models.loading import meta_model
+
+    check_model(cfg.model.name, cfg.model.task)
+    skeleton, task = meta_model(cfg.model.name, cfg.model.task)
+    a, res = cfg.attribution, cfg.resources
+    c = _corpus_numbers(cfg, sample_docs, max_tokens=a.max_tokens)
+    n_params = _n_params(skeleton)
+    weights = n_params * _DTYPE_BYTES[cfg.model.dtype]
+    n_targets = int(getattr(skeleton.config, "num_labels", 1)) if a.targets == "all_classes" else 1
+    rows = c["n_docs"] * len(a.methods) * n_targets
+    on_gpu = res.gpus_per_worker > 0
+    return {"job": "attribute", "model": {"architecture": type(skeleton).__name__, "task": task,
+                                          "params_total": n_params},
+            "corpus": c, "rows": rows, "n_shards": _math.ceil(c["n_docs"] / a.shard_size),
+            "memory": {"weights_full_bytes": int(weights),
+                       "weights_full_per_gpu_bytes": int(weights / max(1, _math.ceil(res.gpus_per_worker)))
+                       if on_gpu else 0,
+                       "host_ram_per_worker_bytes": int(RUNTIME_BYTES + (0 if on_gpu else weights))}}
+
+
+def plan_job(cfg: Any, *, sample_docs: int = 200) -> dict[str, Any]:
+    """:func:`plan_concept_job` or :func:`plan_attribution_job`, by the config's kind."""
+    if hasattr(cfg, "extraction"):
+        return plan_concept_job(cfg, sample_docs=sample_docs)
+    return plan_attribution_job(cfg, sample_docs=sample_docs)
+
+
 def _gib(n: float) -> str:
     return f"{n / 2**30:,.2f} GiB" if n >= 2**28 else f"{n / 2**20:,.1f} MiB"
 
@@ -185,6 +225,17 @@ def _duration(seconds: float) -> str:
 
 def format_plan(plan: dict[str, Any]) -> str:
     """The plan as the lines a user reads before a run."""
+    if plan["job"] == "attribute":
+        m, c, mem = plan["model"], plan["corpus"], plan["memory"]
+        return "\n".join([
+            f"model        {m['architecture']} ({m['task']}): {m['params_total'] / 1e6:,.1f}M parameters, "
+            f"{_gib(mem['weights_full_bytes'])} per worker"
+            + (f" ({_gib(mem['weights_full_per_gpu_bytes'])} per GPU)" if mem["weights_full_per_gpu_bytes"] else ""),
+            f"corpus       {c['n_docs']:,} documents; sample of {c['sample_docs']}: {c['tokens_per_doc']:.1f} tokens "
+            f"per document",
+            f"output       {plan['rows']:,} attribution rows in {plan['n_shards']:,} shards",
+            f"memory       host RAM per worker about {_gib(mem['host_ram_per_worker_bytes'])}",
+        ])
     m, c, a, mem, s = plan["model"], plan["corpus"], plan["activations"], plan["memory"], plan["seconds"]
     return "\n".join([
         f"model        {m['architecture']} ({m['task']}): {m['n_layers']} layers, d_model {m['d_model']}, "

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from raylens.config.common import ConfigError
+from raylens.config.common import ConfigError, field_error
 
 
 def _fail(field: str, exc: BaseException) -> ConfigError:
     msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-    return ConfigError(f"invalid config:\n  {field}: {msg}")
+    return ConfigError(field_error(f"{field}: {msg}"))
 
 
 def check_model(model_name: str, task: str | None, split_point: int | str | None = None) -> str:
@@ -58,8 +58,7 @@ def check_corpus(source: str, columns: dict[str, str | None]) -> None:
         raise _fail("corpus.source", exc) from None
     for field, column in columns.items():
         if column is not None and column not in have:
-            raise ConfigError(f"invalid config:\n  {field}: corpus {source!r} has no column {column!r}; "
-                              f"columns: {have}")
+            raise ConfigError(field_error(f"{field}: corpus {source!r} has no column {column!r}; columns: {have}"))
 
 
 def preflight(cfg: Any) -> None:

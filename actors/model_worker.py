@@ -66,6 +66,10 @@ class ModelWorker(ShardWorker):
         given (``CUDA_VISIBLE_DEVICES``, which Ray sets per actor; ``[]`` for none)."""
         return {"gpus": assigned_gpus()}
 
+    def gpus(self) -> list[str]:
+        """The GPU ids Ray gave this actor (:func:`assigned_gpus`)."""
+        return assigned_gpus()
+
     def ping(self) -> str:
         """The loaded model's class name (a cheap call that waits for the actor to be up)."""
         return type(self.loaded.model).__name__

@@ -193,6 +193,9 @@ def run_concept_job(cfg: ConceptJobConfig) -> dict:
     trainer, fitted = fit(store, cfg)
     frequency, worker, vocab = interpret(store, cfg, trainer)
     grad_mean, cxg_mean = importance(store, cfg, worker)
+    store.write_json("resources.json", {  # the GPU ids each stage's actors were given
+        "extract": {s: store.shard_meta("activations", s).get("gpus") for s in shards},
+        "trainer": fitted.get("gpus"), "model_worker": ray.get(worker.gpus.remote())})
     ray.kill(worker)  # free its memory and GPUs before the labels (a local LLM may start)
     top = store.read_table("concepts/top_examples.parquet")
     order = sorted(range(cfg.concepts.nb_concepts), key=lambda c: -abs(float(grad_mean[c])))  # the report's order

@@ -11,10 +11,16 @@ Interpreto's three steps, in a notebook or inside a Ray actor (no Ray import her
     outputs[0].scores                                                      # 3. look: (n_targets, n_elements)
 
 A method is a perturbator (:mod:`~raylens.attributions.perturbations`) plus an aggregator
-(:mod:`~raylens.attributions.aggregators`); :mod:`~raylens.attributions.base` runs the batched
-inference between them. Results follow :class:`~raylens.attributions.output.AttributionOutput`.
+(:mod:`~raylens.attributions.aggregators`) in one of the explainer kinds of
+:mod:`~raylens.attributions.base`; the batched inference between them runs in
+:mod:`~raylens.attributions.engine` on inputs prepared by :mod:`~raylens.attributions.inputs`.
+Results follow :class:`~raylens.attributions.output.AttributionOutput`. The methods a job can name
+are registered in :data:`METHODS` (:mod:`~raylens.attributions.methods`); :func:`check_params`
+checks a method's parameters without a model.
 
-A new method is those two parts, e.g. "mask one element and its right neighbour"::
+A new method is those two parts, e.g. "mask one element and its right neighbour" (add
+``@register_method`` above the class, and declare its own parameters in ``param_constraints``, to
+make it available by name to :func:`~raylens.attributions.corpus.build_explainers` and the jobs)::
 
     import numpy as np
     from raylens.attributions import PerturbationExplainer
@@ -64,6 +70,10 @@ from raylens.attributions.methods import (
     Sobol,
     SquareGrad,
     VarGrad,
+    available_methods,
+    check_params,
+    register_method,
+    unregister_method,
 )
 from raylens.attributions.metrics import (
     AOPCComprehensiveness,
@@ -98,5 +108,9 @@ __all__ = [
     "Sobol",
     "SquareGrad",
     "VarGrad",
+    "available_methods",
+    "check_params",
+    "register_method",
     "split_elements",
+    "unregister_method",
 ]

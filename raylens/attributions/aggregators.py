@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from raylens.attributions.constraints import Bool, Float, check_values
 from raylens.attributions.perturbations import EmbeddingContext
 
 # ----------------------------------------------------------------------------- masks
@@ -29,9 +30,12 @@ class MaskAggregator:
     """Base class: :meth:`aggregate` maps ``(keep, scores, info)`` to ``(n_targets, n_elements)``."""
 
     def aggregate(self, keep: np.ndarray, scores: np.ndarray, info: dict) -> np.ndarray:
+        """Element scores ``(n_targets, n_elements)`` from the perturbator's ``keep``
+        ``(n_rows, n_elements)`` and ``info``, and the rows' target scores ``(n_rows, n_targets)``."""
         raise NotImplementedError
 
     def params(self) -> dict:
+        """The parameters recorded in each output's ``params``."""
         return {}
 
 
@@ -68,9 +72,10 @@ class LimeAggregator(MaskAggregator):
     intercept: minimise ``sum_r w_r (f_r - b - z_r . phi)^2 + alpha ||phi||^2`` (LIME's surrogate,
     ``alpha=1`` like LIME's default ``Ridge``); the coefficients ``phi`` are the element scores."""
 
+    param_constraints = {"alpha": Float(min=0)}
+
     def __init__(self, alpha: float = 1.0):
-        if alpha < 0:
-            raise ValueError(f"alpha must be >= 0, got {alpha}")
+        check_values(self.param_constraints, {"alpha": alpha})
         self.alpha = float(alpha)
 
     def params(self) -> dict:
@@ -111,16 +116,24 @@ class GradientAggregator:
     """Base class: :meth:`terms` gives per-row tensors (first axis = rows) that are summed over
     the rows of an (input, target) pair; :meth:`finalize` maps the sums to token scores."""
 
+    param_constraints = {"input_x_gradient": Bool()}
+
     def __init__(self, input_x_gradient: bool = True):
+        check_values(self.param_constraints, {"input_x_gradient": input_x_gradient})
         self.input_x_gradient = bool(input_x_gradient)
 
     def params(self) -> dict:
+        """The parameters recorded in each output's ``params``."""
         return {"input_x_gradient": self.input_x_gradient}
 
     def terms(self, g: torch.Tensor, ctx: EmbeddingContext, info: dict, n_rows: int) -> dict[str, torch.Tensor]:
+        """Per-row terms ``(len(g), n_tokens, ...)`` from the gradients ``g`` ``(rows, n_tokens,
+        d_model)`` of one target for some rows of an input (``info``: the perturbator's tensors of
+        those rows; ``n_rows``: the input's row count); they are summed over all rows."""
         raise NotImplementedError
 
     def finalize(self, sums: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Token scores ``(n_tokens,)`` from the terms summed over the rows."""
         raise NotImplementedError
 
 

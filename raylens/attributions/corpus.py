@@ -30,6 +30,7 @@ better, insertion and comprehensiveness higher is better.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import time
@@ -42,7 +43,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from raylens.attributions.methods import METHODS
+from raylens.attributions.methods import METHODS, method_class
 from raylens.attributions.metrics import faithfulness
 from raylens.attributions.output import ATTRIBUTION_SCHEMA, AttributionOutput
 
@@ -79,7 +80,7 @@ def build_explainers(lm: Any, methods: Sequence[str], *, params: Mapping[str, Ma
     unknown = [m for m in list(methods) + list(params) if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown attribution method(s) {unknown}; available: {sorted(METHODS)}")
-    return {m: METHODS[m](lm, **{**common, **dict(params.get(m) or {})}) for m in methods}
+    return {m: method_class(m)(lm, **{**common, **dict(params.get(m) or {})}) for m in methods}
 
 
 def _class_target(value: Any, id2label: Mapping[int, str]) -> int:
@@ -145,6 +146,24 @@ def _error_row(doc_id: int, text: str, method: str, error: str, task: str, granu
     return row
 
 
+@dataclasses.dataclass
+class _Documents:
+    """The documents of one :func:`attribute_documents` call and what is known of each so far
+    (lists indexed by position in the call)."""
+
+    doc_ids: Sequence[int]
+    texts: list[str]
+    errors: list[str | None]
+    targets: list[Any]
+    truncated: list[bool]
+    prediction: dict[int, str] = dataclasses.field(default_factory=dict)
+    pred_score: dict[int, float] = dataclasses.field(default_factory=dict)
+
+    def ok(self) -> list[int]:
+        """Positions of the documents without an error."""
+        return [i for i in range(len(self.texts)) if self.errors[i] is None]
+
+
 def attribute_documents(
     lm: Any,
     explainers: Mapping[str, Any],
@@ -184,6 +203,28 @@ def attribute_documents(
         ValueError: an unknown ``target_mode``, ``targets`` missing for ``"column"``, or lengths that
             do not match.
     """
+    _check_call(explainers, doc_ids, texts, targets, target_mode, too_long)
+    first = next(iter(explainers.values()))
+    task = first.task
+    if target_mode == "all_classes" and task != "sequence_classification":
+        raise ValueError('target_mode="all_classes" is for classifiers')
+    docs = _screen(lm, first, doc_ids, texts, targets, target_mode, max_tokens, too_long)
+    if task == "sequence_classification":
+        _classify_documents(lm, first, docs, target_mode)
+    else:
+        _generate_targets(lm, first, docs, target_mode, max_tokens)
+    seconds: dict[str, float] = {}
+    explained = _explain_documents(explainers, docs, task, seconds)
+    per_row = _row_metrics(lm, [r[3] for r in explained], metrics, metric_options, seconds)
+    source = "column" if target_mode == "column" else (
+        "generated" if task == "causal_lm" else ("all_classes" if target_mode == "all_classes" else "predicted"))
+    rows = _rows(docs, explainers, explained, per_row, seconds, source, task, first.granularity)
+    return pa.Table.from_pylist(rows, schema=ROW_SCHEMA), seconds
+
+
+def _check_call(explainers: Mapping[str, Any], doc_ids: Sequence[int], texts: Sequence[str | None],
+                targets: Sequence[Any] | None, target_mode: str, too_long: str) -> None:
+    """The argument checks of :func:`attribute_documents` (raises ValueError)."""
     if target_mode not in TARGET_MODES:
         raise ValueError(f"target_mode must be one of {TARGET_MODES}, got {target_mode!r}")
     if too_long not in ("error", "truncate"):
@@ -196,130 +237,160 @@ def attribute_documents(
         raise ValueError('target_mode="column" needs the targets column')
     if not explainers:
         raise ValueError("no attribution method given")
-    first = next(iter(explainers.values()))
-    task, granularity, tok, model = first.task, first.granularity, lm.tokenizer, lm.model
-    if target_mode == "all_classes" and task != "sequence_classification":
-        raise ValueError('target_mode="all_classes" is for classifiers')
-    texts = ["" if t is None else str(t) for t in texts]
-    errors: list[str | None] = [None] * n
-    tgt: list[Any] = [None] * n
-    source = "generated" if task == "causal_lm" else ("all_classes" if target_mode == "all_classes" else "predicted")
-    id2label = {int(k): v for k, v in (getattr(model.config, "id2label", None) or {}).items()}
 
-    # 1. input checks: empty, too long, bad column target
+
+def _screen(lm: Any, first: Any, doc_ids: Sequence[int], texts: Sequence[str | None],
+            targets: Sequence[Any] | None, target_mode: str, max_tokens: int, too_long: str) -> _Documents:
+    """Input checks (empty, too long or cut, bad column target, what the explainer rejects): the
+    documents with their errors and column targets."""
+    tok, task = lm.tokenizer, first.task
+    n = len(doc_ids)
+    docs = _Documents(doc_ids=doc_ids, texts=["" if t is None else str(t) for t in texts], errors=[None] * n,
+                      targets=[None] * n, truncated=[False] * n)
+    texts = docs.texts
     lengths = [len(tok(t, add_special_tokens=True)["input_ids"]) if t.strip() else 0 for t in texts]
-    truncated = [False] * n
     if too_long == "truncate":
         room = max_tokens - (first.max_new_tokens if task == "causal_lm" else 0)
         for i, t in enumerate(texts):
             if lengths[i] > room:
                 texts[i], lengths[i] = _cut(tok, t, room), room
-                truncated[i] = True
+                docs.truncated[i] = True
+    id2label = _id2label(lm.model)
     for i, t in enumerate(texts):
         if not t.strip():
-            errors[i] = "empty text"
+            docs.errors[i] = "empty text"
         elif lengths[i] > max_tokens:
-            errors[i] = f"too long: {lengths[i]} tokens > max_tokens={max_tokens}"
+            docs.errors[i] = f"too long: {lengths[i]} tokens > max_tokens={max_tokens}"
         elif target_mode == "column":
-            source = "column"
-            v = targets[i]
             try:
-                if v is None or (isinstance(v, float) and math.isnan(v)):
-                    raise ValueError("missing target")
-                if task == "sequence_classification":
-                    tgt[i] = [_class_target(v, id2label)]
-                else:
-                    if not str(v):
-                        raise ValueError("empty target text")
-                    tgt[i] = str(v)
+                docs.targets[i] = _column_target(targets[i], task, id2label)
             except ValueError as exc:
-                errors[i] = f"bad target: {exc}"
-    ok = [i for i in range(n) if errors[i] is None]
+                docs.errors[i] = f"bad target: {exc}"
+    ok = docs.ok()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        checks = first.validate([texts[i] for i in ok], [tgt[i] for i in ok]) if ok else []
+        checks = first.validate([texts[i] for i in ok], [docs.targets[i] for i in ok]) if ok else []
     for i, e in zip(ok, checks):
         if e is not None:
-            errors[i] = re.sub(r"^input \d+(: | )?", "", e)  # the index is the batch's, not the document's
-    ok = [i for i in range(n) if errors[i] is None]
+            docs.errors[i] = re.sub(r"^input \d+(: | )?", "", e)  # the index is the batch's, not the document's
+    return docs
 
-    # 2. predictions (and the targets they decide)
-    prediction: dict[int, str] = {}
-    pred_score: dict[int, float] = {}
-    if ok and task == "sequence_classification":
-        cls, prob = _classify(model, tok, [texts[i] for i in ok], first.max_length, first.batch_size)
-        n_classes = int(model.config.num_labels)
-        for i, c, p in zip(ok, cls, prob):
-            prediction[i] = str(id2label.get(int(c), int(c)))
-            pred_score[i] = float(p)
-            if target_mode == "predicted":
-                tgt[i] = [int(c)]
-            elif target_mode == "all_classes":
-                tgt[i] = list(range(n_classes))
-    elif ok:
-        for i in ok:
-            if target_mode != "column":
-                try:
-                    tgt[i] = first.generate(texts[i])[0]
-                except ValueError as exc:
-                    errors[i] = str(exc)
-        ok = [i for i in ok if errors[i] is None]
-        for i in ok:
-            ids = tok(texts[i], add_special_tokens=True)["input_ids"]
-            if isinstance(tgt[i], str):
-                tgt[i] = first._resolve_target(0, texts[i], ids, tgt[i])
-            if len(ids) + len(tgt[i]) - 1 > max_tokens:
-                errors[i] = f"too long: {len(ids)} input + {len(tgt[i])} output tokens > max_tokens={max_tokens}"
-                continue
-            prediction[i] = tok.decode(tgt[i])
-            pred_score[i] = _mean_logprob(model, ids, tgt[i])
-        ok = [i for i in ok if errors[i] is None]
 
-    # 3. every method over the good documents
-    seconds: dict[str, float] = {}
-    rows_out: list[tuple[int, str, int, AttributionOutput]] = []
+def _id2label(model: torch.nn.Module) -> dict[int, str]:
+    return {int(k): v for k, v in (getattr(model.config, "id2label", None) or {}).items()}
+
+
+def _column_target(value: Any, task: str, id2label: Mapping[int, str]) -> Any:
+    """A target column value as a class index list (classifier) or an output text (causal LM)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        raise ValueError("missing target")
+    if task == "sequence_classification":
+        return [_class_target(value, id2label)]
+    if not str(value):
+        raise ValueError("empty target text")
+    return str(value)
+
+
+def _classify_documents(lm: Any, first: Any, docs: _Documents, target_mode: str) -> None:
+    """A classifier's prediction for the good documents (one clean forward per batch), and the
+    targets it decides."""
+    ok = docs.ok()
+    if not ok:
+        return
+    model = lm.model
+    cls, prob = _classify(model, lm.tokenizer, [docs.texts[i] for i in ok], first.max_length, first.batch_size)
+    n_classes = int(model.config.num_labels)
+    id2label = _id2label(model)
+    for i, c, p in zip(ok, cls, prob):
+        docs.prediction[i] = str(id2label.get(int(c), int(c)))
+        docs.pred_score[i] = float(p)
+        if target_mode == "predicted":
+            docs.targets[i] = [int(c)]
+        elif target_mode == "all_classes":
+            docs.targets[i] = list(range(n_classes))
+
+
+def _generate_targets(lm: Any, first: Any, docs: _Documents, target_mode: str, max_tokens: int) -> None:
+    """A causal LM's output to explain per good document (its greedy continuation, or the column's
+    text as token ids), recorded as the prediction with its mean log-probability."""
+    tok = lm.tokenizer
+    for i in docs.ok():
+        if target_mode != "column":
+            try:
+                docs.targets[i] = first.generate(docs.texts[i])[0]
+            except ValueError as exc:
+                docs.errors[i] = str(exc)
+    for i in docs.ok():
+        ids = tok(docs.texts[i], add_special_tokens=True)["input_ids"]
+        if isinstance(docs.targets[i], str):
+            docs.targets[i] = first.inputs.resolve_target(0, docs.texts[i], ids, docs.targets[i])
+        tgt = docs.targets[i]
+        if len(ids) + len(tgt) - 1 > max_tokens:
+            docs.errors[i] = f"too long: {len(ids)} input + {len(tgt)} output tokens > max_tokens={max_tokens}"
+            continue
+        docs.prediction[i] = tok.decode(tgt)
+        docs.pred_score[i] = _mean_logprob(lm.model, ids, tgt)
+
+
+def _explain_documents(explainers: Mapping[str, Any], docs: _Documents, task: str,
+                       seconds: dict[str, float]) -> list[tuple[int, str, int, AttributionOutput]]:
+    """Every method over the good documents: ``(document position, method, target index, output)``
+    per row (a classifier's output split per target); each method's time goes to ``seconds``."""
+    ok = docs.ok()
+    explained: list[tuple[int, str, int, AttributionOutput]] = []
     for name, explainer in explainers.items():
         t0 = time.perf_counter()
-        outs = explainer([texts[i] for i in ok], [tgt[i] for i in ok]) if ok else []
+        outs = explainer([docs.texts[i] for i in ok], [docs.targets[i] for i in ok]) if ok else []
         seconds[name] = time.perf_counter() - t0
         for i, out in zip(ok, outs):
             if task == "sequence_classification":
-                rows_out.extend((i, name, t, _one_target(out, t)) for t in range(out.n_targets))
+                explained.extend((i, name, t, _one_target(out, t)) for t in range(out.n_targets))
             else:
-                rows_out.append((i, name, 0, out))
+                explained.append((i, name, 0, out))
+    return explained
 
-    # 4. faithfulness of every row at once
-    per_row: list[dict[str, float]] = [{} for _ in rows_out]
-    if metrics and rows_out:
-        t0 = time.perf_counter()
-        res = faithfulness(lm, [r[3] for r in rows_out], return_per_output=True, **dict(metric_options or {}))
-        seconds["metrics"] = time.perf_counter() - t0
-        po = res["per_output"]
-        keys = {"deletion_auc": ("deletion", "auc", "random_auc"), "insertion_auc": ("insertion", "auc", "random_auc"),
-                "comprehensiveness": ("comprehensiveness", "aopc", "random_aopc"),
-                "sufficiency": ("sufficiency", "aopc", "random_aopc")}
-        for j in range(len(rows_out)):
-            for col, (m, k, kr) in keys.items():
-                per_row[j][col] = float(np.nanmean(po[m][j][k]))
-                per_row[j][col + "_random"] = float(np.nanmean(po[m][j][kr]))
 
-    # 5. rows
-    n_rows_by_method = defaultdict(int)
-    for _, name, _, _ in rows_out:
+def _row_metrics(lm: Any, outputs: list[AttributionOutput], metrics: bool, metric_options: Mapping[str, Any] | None,
+                 seconds: dict[str, float]) -> list[dict[str, float]]:
+    """The faithfulness columns of each row (all rows scored at once; empty dicts when off)."""
+    per_row: list[dict[str, float]] = [{} for _ in outputs]
+    if not (metrics and outputs):
+        return per_row
+    t0 = time.perf_counter()
+    res = faithfulness(lm, outputs, return_per_output=True, **dict(metric_options or {}))
+    seconds["metrics"] = time.perf_counter() - t0
+    po = res["per_output"]
+    keys = {"deletion_auc": ("deletion", "auc", "random_auc"), "insertion_auc": ("insertion", "auc", "random_auc"),
+            "comprehensiveness": ("comprehensiveness", "aopc", "random_aopc"),
+            "sufficiency": ("sufficiency", "aopc", "random_aopc")}
+    for j in range(len(outputs)):
+        for col, (m, k, kr) in keys.items():
+            per_row[j][col] = float(np.nanmean(po[m][j][k]))
+            per_row[j][col + "_random"] = float(np.nanmean(po[m][j][kr]))
+    return per_row
+
+
+def _rows(docs: _Documents, explainers: Mapping[str, Any], explained: list[tuple[int, str, int, AttributionOutput]],
+          per_row: list[dict[str, float]], seconds: Mapping[str, float], source: str, task: str,
+          granularity: str) -> list[dict[str, Any]]:
+    """The output rows: explained ones and one error row per method for each bad document, sorted
+    by document, method (``explainers`` order) and target."""
+    n_rows_by_method: dict[str, int] = defaultdict(int)
+    for _, name, _, _ in explained:
         n_rows_by_method[name] += 1
     rows: list[dict[str, Any]] = []
-    for j, (i, name, t, out) in enumerate(rows_out):
+    for j, (i, name, t, out) in enumerate(explained):
         row = out.to_arrow_row()
-        row.update(doc_id=int(doc_ids[i]), target_index=t, target_source=source, prediction=prediction.get(i),
-                   prediction_score=pred_score.get(i), error=None, truncated=truncated[i],
-                   seconds=seconds[name] / max(1, n_rows_by_method[name]), **per_row[j])
+        row.update(doc_id=int(docs.doc_ids[i]), target_index=t, target_source=source,
+                   prediction=docs.prediction.get(i), prediction_score=docs.pred_score.get(i), error=None,
+                   truncated=docs.truncated[i], seconds=seconds[name] / max(1, n_rows_by_method[name]), **per_row[j])
         rows.append(row)
-    for i in range(n):
-        if errors[i] is not None:
-            rows.extend(_error_row(doc_ids[i], texts[i], name, errors[i], task, granularity) for name in explainers)
+    for i, error in enumerate(docs.errors):
+        if error is not None:
+            rows.extend(_error_row(docs.doc_ids[i], docs.texts[i], name, error, task, granularity) for name in explainers)
     order = {name: k for k, name in enumerate(explainers)}
     rows.sort(key=lambda r: (r["doc_id"], order[r["method"]], r["target_index"]))
-    return pa.Table.from_pylist(rows, schema=ROW_SCHEMA), seconds
+    return rows
 
 
 # ----------------------------------------------------------------------------- corpus aggregates

@@ -1,7 +1,7 @@
 """Input elements of an attribution: tokens, words or sentences, and the token positions each covers.
 
-The word and sentence rules are those of :mod:`raylens.models.split` (the concept pipeline), so a
-"word" means the same thing in concepts and attributions:
+The word and sentence rules are those of :mod:`raylens.text`, which the concept pipeline
+(:mod:`raylens.models.split`) uses too, so a "word" means the same thing in concepts and attributions:
 
 * ``token``: every non-special token with a non-empty character span;
 * ``word``: spans of the regex ``\\w+(?:['’]\\w+)*|[^\\w\\s]`` (a word, or one punctuation
@@ -20,9 +20,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-import numpy as np
-
-from raylens.models.split import _SENTENCE_RE, _WORD_RE
+from raylens.text import group_tokens
 
 GRANULARITIES = ("token", "word", "sentence")
 
@@ -69,25 +67,8 @@ def split_elements(
         out = [Element(text[offsets[i][0]: offsets[i][1]], (int(offsets[i][0]), int(offsets[i][1])), (i,))
                for i in keep]
     else:
-        if granularity == "word":
-            spans = [(m.start(), m.end()) for m in _WORD_RE.finditer(text)]
-        else:
-            spans = [(m.start(), m.end()) for m in _SENTENCE_RE.finditer(text) if text[m.start(): m.end()].strip()]
-        starts = np.array([s for s, _ in spans], dtype=np.int64)
-        by_span: dict[int, list[int]] = {}
-        for i in keep:
-            s, e = offsets[i]
-            first = s + (len(text[s:e]) - len(text[s:e].lstrip()))  # first non-space character
-            j = int(np.searchsorted(starts, first, side="right")) - 1
-            if j >= 0:
-                by_span.setdefault(j, []).append(i)
-        out = []
-        for j in sorted(by_span):
-            s, e = spans[j]
-            if granularity == "sentence":
-                raw = text[s:e]
-                s, e = s + len(raw) - len(raw.lstrip()), e - (len(raw) - len(raw.rstrip()))
-            out.append(Element(text[s:e], (s, e), tuple(by_span[j])))
+        out = [Element(text[s:e], (s, e), tuple(tokens))
+               for s, e, tokens in group_tokens(text, offsets, keep, granularity)]
     if special_tokens is not None:
         first_real = min((min(el.tokens) for el in out), default=len(special))
         extra = [Element(special_tokens[i], (0, 0) if i < first_real else (len(text), len(text)), (i,))

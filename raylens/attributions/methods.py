@@ -23,13 +23,32 @@ Noise for SmoothGrad, SquareGrad, VarGrad and GradientSHAP is Gaussian in embedd
 per token to the embedding's norm: per-coordinate standard deviation
 ``noise_std * ||x_t|| / sqrt(d_model)``, so ``||noise_t|| ~= noise_std * ||x_t||``; only element
 tokens are moved.
+
+**The registry.** Every method is a class decorated with :func:`register_method`, which adds it to
+:data:`METHODS` under its class name (the names a job's config lists). A method declares the
+values its own parameters accept in ``param_constraints`` (those of its perturbator and
+aggregator, see :mod:`raylens.attributions.constraints`); the common ones are declared by
+:class:`~raylens.attributions.base.AttributionExplainer` and
+:class:`~raylens.attributions.base.GradientExplainer`. :func:`check_params` checks a method's
+parameters by name and value without a model. Adding a method is one registered class::
+
+    @register_method
+    class PairOcclusion(PerturbationExplainer):
+        param_constraints = {"width": Int(min=1)}
+
+        def __init__(self, model, tokenizer=None, *, width: int = 2, **kwargs):
+            super().__init__(model, tokenizer, perturbator=PairMasks(width), aggregator=OcclusionAggregator(),
+                             **kwargs)
 """
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Mapping
 from typing import Any
 
 from raylens.attributions.aggregators import (
+    GradientAggregator,
     GradientShapAggregator,
     IntegratedGradientsAggregator,
     KernelShapAggregator,
@@ -41,7 +60,8 @@ from raylens.attributions.aggregators import (
     SquareGradAggregator,
     VarGradAggregator,
 )
-from raylens.attributions.base import GradientExplainer, PerturbationExplainer
+from raylens.attributions.base import AttributionExplainer, GradientExplainer, PerturbationExplainer
+from raylens.attributions.constraints import constraints_of
 from raylens.attributions.perturbations import (
     IdentityPerturbator,
     InterpolationPerturbator,
@@ -51,11 +71,102 @@ from raylens.attributions.perturbations import (
     OcclusionPerturbator,
     RandomBaselinePerturbator,
     SobolPerturbator,
+    check_integration,
 )
+
+# ----------------------------------------------------------------------------- the registry
+
+#: every registered method, by name, in registration order (use :func:`register_method` to add one)
+METHODS: dict[str, type[AttributionExplainer]] = {}
+
+_BUILT_BY_METHOD = ("self", "model", "tokenizer", "perturbator", "aggregator")
+
+
+def _keywords(init: Any) -> list[str]:
+    """The keyword parameters a constructor takes (not the model, tokenizer or **kwargs)."""
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [n for n, p in inspect.signature(init).parameters.items() if p.kind in kinds and n not in _BUILT_BY_METHOD]
+
+
+def register_method(cls: type[AttributionExplainer]) -> type[AttributionExplainer]:
+    """Class decorator: add an attribution method to :data:`METHODS` under its class name.
+
+    The class must derive from :class:`~raylens.attributions.base.AttributionExplainer` and
+    declare (in ``param_constraints``, its own or its bases') every keyword parameter its
+    constructor takes, and nothing its constructors do not take.
+
+    Returns:
+        ``cls`` unchanged.
+
+    Raises:
+        TypeError: not an explainer class, or parameters and declarations that disagree.
+        ValueError: another class is registered under the same name.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, AttributionExplainer)):
+        raise TypeError(f"register_method needs an AttributionExplainer subclass, got {cls!r}")
+    name = cls.__name__
+    if METHODS.get(name, cls) is not cls:
+        raise ValueError(f"an attribution method named {name!r} is already registered")
+    declared = constraints_of(cls)
+    own = _keywords(cls.__dict__["__init__"]) if "__init__" in cls.__dict__ else []
+    accepted = {n for k in cls.__mro__ if "__init__" in k.__dict__ and issubclass(k, AttributionExplainer)
+                for n in _keywords(k.__dict__["__init__"])}
+    undeclared = [n for n in own if n not in declared]
+    unaccepted = [n for n in declared if n not in accepted]
+    if undeclared or unaccepted:
+        raise TypeError(f"{name}: parameters without a declared constraint {undeclared}, declared but not "
+                        f"taken by the constructor {unaccepted}; see param_constraints")
+    METHODS[name] = cls
+    return cls
+
+
+def unregister_method(name: str) -> type[AttributionExplainer]:
+    """Remove a method from :data:`METHODS` (e.g. a test's toy method) and return its class.
+
+    Raises:
+        ValueError: no method of that name is registered.
+    """
+    method_class(name)
+    return METHODS.pop(name)
+
+
+def available_methods() -> list[str]:
+    """The registered method names, in registration order."""
+    return list(METHODS)
+
+
+def method_class(name: str) -> type[AttributionExplainer]:
+    """The class registered as ``name``.
+
+    Raises:
+        ValueError: no method of that name (the message lists the registered ones).
+    """
+    if name not in METHODS:
+        raise ValueError(f"unknown attribution method {name!r}; available: {sorted(METHODS)}")
+    return METHODS[name]
+
+
+def check_params(method: str, params: Mapping[str, Any]) -> None:
+    """Check the options of one method without a model (what a job's config gives per method,
+    and the options common to every method): names the method takes, values in range.
+
+    Args:
+        method: a registered method name (:data:`METHODS`).
+        params: option name -> value, e.g. ``{"n_steps": 32}``.
+
+    Raises:
+        ValueError: an unknown method (``"unknown attribution method ..."``); otherwise a message
+            that starts with the parameter's name: an unknown parameter
+            (``"n_stepz: unknown parameter of IntegratedGradients; known: [...]"``) or a value
+            out of range (``"n_steps must be an int >= 1, got 0"``).
+    """
+    method_class(method).validate_params(params)
+
 
 # ----------------------------------------------------------------------------- perturbation
 
 
+@register_method
 class Occlusion(PerturbationExplainer):
     """Occlusion (Zeiler & Fergus, 2014, "Visualizing and Understanding Convolutional Networks").
 
@@ -69,25 +180,7 @@ class Occlusion(PerturbationExplainer):
         super().__init__(model, tokenizer, perturbator=OcclusionPerturbator(), aggregator=OcclusionAggregator(), **kwargs)
 
 
-class KernelShap(PerturbationExplainer):
-    """Kernel SHAP (Lundberg & Lee, 2017, "A Unified Approach to Interpreting Model Predictions").
-
-    Shapley values of the masking game ``v(S) = f(x with the elements outside S masked)``,
-    estimated by weighted least squares under the Shapley kernel with the efficiency constraint
-    imposed exactly: the scores of a target sum to ``f(x) - f(all elements masked)``. With
-    ``2^M - 2 <= n_samples`` (``M`` elements) all coalitions are enumerated and the values are
-    exact; otherwise ``n_samples`` coalitions are drawn from the kernel in antithetic pairs. Rows:
-    ``n_samples + 2`` per input (see :class:`~raylens.attributions.perturbations.KernelShapPerturbator`).
-
-    Args:
-        n_samples: coalitions per input (default 100).
-    """
-
-    def __init__(self, model: Any, tokenizer: Any = None, *, n_samples: int = 100, **kwargs: Any) -> None:
-        super().__init__(model, tokenizer, perturbator=KernelShapPerturbator(n_samples),
-                         aggregator=KernelShapAggregator(), **kwargs)
-
-
+@register_method
 class Lime(PerturbationExplainer):
     """LIME (Ribeiro et al., 2016, "Why Should I Trust You?").
 
@@ -104,12 +197,37 @@ class Lime(PerturbationExplainer):
         alpha: ridge penalty (default 1.0).
     """
 
+    param_constraints = {**constraints_of(LimePerturbator), **constraints_of(LimeAggregator)}
+
     def __init__(self, model: Any, tokenizer: Any = None, *, n_samples: int = 100, distance: str = "cosine",
                  kernel_width: float = 0.25, alpha: float = 1.0, **kwargs: Any) -> None:
         super().__init__(model, tokenizer, perturbator=LimePerturbator(n_samples, distance, kernel_width),
                          aggregator=LimeAggregator(alpha), **kwargs)
 
 
+@register_method
+class KernelShap(PerturbationExplainer):
+    """Kernel SHAP (Lundberg & Lee, 2017, "A Unified Approach to Interpreting Model Predictions").
+
+    Shapley values of the masking game ``v(S) = f(x with the elements outside S masked)``,
+    estimated by weighted least squares under the Shapley kernel with the efficiency constraint
+    imposed exactly: the scores of a target sum to ``f(x) - f(all elements masked)``. With
+    ``2^M - 2 <= n_samples`` (``M`` elements) all coalitions are enumerated and the values are
+    exact; otherwise ``n_samples`` coalitions are drawn from the kernel in antithetic pairs. Rows:
+    ``n_samples + 2`` per input (see :class:`~raylens.attributions.perturbations.KernelShapPerturbator`).
+
+    Args:
+        n_samples: coalitions per input (default 100).
+    """
+
+    param_constraints = constraints_of(KernelShapPerturbator)
+
+    def __init__(self, model: Any, tokenizer: Any = None, *, n_samples: int = 100, **kwargs: Any) -> None:
+        super().__init__(model, tokenizer, perturbator=KernelShapPerturbator(n_samples),
+                         aggregator=KernelShapAggregator(), **kwargs)
+
+
+@register_method
 class Sobol(PerturbationExplainer):
     """Sobol total-order indices (Fel et al., 2021, "Look at the Variance! Efficient Black-box
     Explanations with Sobol-based Sensitivity Analysis").
@@ -124,6 +242,8 @@ class Sobol(PerturbationExplainer):
         n_samples: QMC points per matrix (default 32; powers of 2 balance the sequence best).
     """
 
+    param_constraints = constraints_of(SobolPerturbator)
+
     def __init__(self, model: Any, tokenizer: Any = None, *, n_samples: int = 32, **kwargs: Any) -> None:
         super().__init__(model, tokenizer, perturbator=SobolPerturbator(n_samples), aggregator=SobolAggregator(),
                          **kwargs)
@@ -132,6 +252,7 @@ class Sobol(PerturbationExplainer):
 # ----------------------------------------------------------------------------- gradients
 
 
+@register_method
 class Saliency(GradientExplainer):
     """Saliency (Simonyan et al., 2013, "Deep Inside Convolutional Networks"), as gradient x input
     by default (Shrikumar et al., 2017).
@@ -154,11 +275,14 @@ class Saliency(GradientExplainer):
         input_x_gradient: multiply by the input embedding (default True).
     """
 
+    param_constraints = constraints_of(SaliencyAggregator)
+
     def __init__(self, model: Any, tokenizer: Any = None, *, input_x_gradient: bool = True, **kwargs: Any) -> None:
         super().__init__(model, tokenizer, perturbator=IdentityPerturbator(),
                          aggregator=SaliencyAggregator(input_x_gradient), **kwargs)
 
 
+@register_method
 class IntegratedGradients(GradientExplainer):
     """Integrated Gradients (Sundararajan et al., 2017, "Axiomatic Attribution for Deep Networks"),
     textbook form.
@@ -195,6 +319,7 @@ class IntegratedGradients(GradientExplainer):
         integration: the quadrature rule.
     """
 
+    param_constraints = constraints_of(InterpolationPerturbator)
     _uses_baseline = True
 
     def __init__(self, model: Any, tokenizer: Any = None, *, n_steps: int = 50, baseline: str | int = "zero",
@@ -202,8 +327,36 @@ class IntegratedGradients(GradientExplainer):
         super().__init__(model, tokenizer, perturbator=InterpolationPerturbator(n_steps, integration),
                          aggregator=IntegratedGradientsAggregator(), baseline=baseline, **kwargs)
 
+    @classmethod
+    def _check_together(cls, values: Mapping[str, Any]) -> None:
+        check_integration(values["n_steps"], values["integration"])
 
-class SmoothGrad(GradientExplainer):
+
+class NoiseTunnel(GradientExplainer):
+    """The gradients of ``n_samples`` noisy copies of the input embeddings
+    (:class:`~raylens.attributions.perturbations.NoisePerturbator`), reduced over the copies by the
+    subclass's ``aggregator_class``: one idea behind SmoothGrad, SquareGrad and VarGrad (Captum's
+    ``NoiseTunnel``). Not a method itself.
+
+    Args:
+        n_samples: noisy copies (default 20).
+        noise_std: noise scale relative to each token embedding's norm (default 0.1).
+        input_x_gradient: multiply by the input embedding (default True).
+    """
+
+    #: the reduction over the noisy copies (a :class:`~raylens.attributions.aggregators.GradientAggregator`)
+    aggregator_class: type[GradientAggregator]
+    param_constraints = {**constraints_of(NoisePerturbator), **constraints_of(GradientAggregator)}
+    _stochastic = True
+
+    def __init__(self, model: Any, tokenizer: Any = None, *, n_samples: int = 20, noise_std: float = 0.1,
+                 input_x_gradient: bool = True, **kwargs: Any) -> None:
+        super().__init__(model, tokenizer, perturbator=NoisePerturbator(n_samples, noise_std),
+                         aggregator=self.aggregator_class(input_x_gradient), **kwargs)
+
+
+@register_method
+class SmoothGrad(NoiseTunnel):
     """SmoothGrad (Smilkov et al., 2017, "SmoothGrad: removing noise by adding noise").
 
     Mean gradient over ``n_samples`` noisy copies of the input embeddings, times the input:
@@ -218,15 +371,11 @@ class SmoothGrad(GradientExplainer):
         input_x_gradient: multiply by the input embedding (default True).
     """
 
-    _stochastic = True
-
-    def __init__(self, model: Any, tokenizer: Any = None, *, n_samples: int = 20, noise_std: float = 0.1,
-                 input_x_gradient: bool = True, **kwargs: Any) -> None:
-        super().__init__(model, tokenizer, perturbator=NoisePerturbator(n_samples, noise_std),
-                         aggregator=SmoothGradAggregator(input_x_gradient), **kwargs)
+    aggregator_class = SmoothGradAggregator
 
 
-class SquareGrad(GradientExplainer):
+@register_method
+class SquareGrad(NoiseTunnel):
     """SquareGrad (Hooker et al., 2019, "A Benchmark for Interpretability Methods in Deep Neural
     Networks").
 
@@ -239,15 +388,11 @@ class SquareGrad(GradientExplainer):
         input_x_gradient: multiply by the input embedding (default True).
     """
 
-    _stochastic = True
-
-    def __init__(self, model: Any, tokenizer: Any = None, *, n_samples: int = 20, noise_std: float = 0.1,
-                 input_x_gradient: bool = True, **kwargs: Any) -> None:
-        super().__init__(model, tokenizer, perturbator=NoisePerturbator(n_samples, noise_std),
-                         aggregator=SquareGradAggregator(input_x_gradient), **kwargs)
+    aggregator_class = SquareGradAggregator
 
 
-class VarGrad(GradientExplainer):
+@register_method
+class VarGrad(NoiseTunnel):
     """VarGrad (Hooker et al., 2019; Adebayo et al., 2018).
 
     Variance over ``n_samples`` noisy copies (population variance): ``var_k (g_k . x)``, or
@@ -259,14 +404,10 @@ class VarGrad(GradientExplainer):
         input_x_gradient: multiply by the input embedding (default True).
     """
 
-    _stochastic = True
-
-    def __init__(self, model: Any, tokenizer: Any = None, *, n_samples: int = 20, noise_std: float = 0.1,
-                 input_x_gradient: bool = True, **kwargs: Any) -> None:
-        super().__init__(model, tokenizer, perturbator=NoisePerturbator(n_samples, noise_std),
-                         aggregator=VarGradAggregator(input_x_gradient), **kwargs)
+    aggregator_class = VarGradAggregator
 
 
+@register_method
 class GradientShap(GradientExplainer):
     """GradientSHAP (Lundberg & Lee, 2017), the expected-gradients estimator.
 
@@ -282,6 +423,7 @@ class GradientShap(GradientExplainer):
         baseline: the baselines' centre, as for :class:`IntegratedGradients` (default ``"zero"``).
     """
 
+    param_constraints = constraints_of(RandomBaselinePerturbator)
     _stochastic = True
     _uses_baseline = True
 
@@ -291,6 +433,8 @@ class GradientShap(GradientExplainer):
                          aggregator=GradientShapAggregator(), baseline=baseline, **kwargs)
 
 
-#: every method, by name
-METHODS = {cls.__name__: cls for cls in (Occlusion, Lime, KernelShap, Sobol, Saliency, IntegratedGradients,
-                                         SmoothGrad, SquareGrad, VarGrad, GradientShap)}
+__all__ = [
+    "METHODS", "GradientShap", "IntegratedGradients", "KernelShap", "Lime", "NoiseTunnel", "Occlusion", "Saliency",
+    "SmoothGrad", "Sobol", "SquareGrad", "VarGrad", "available_methods", "check_params", "method_class",
+    "register_method", "unregister_method",
+]

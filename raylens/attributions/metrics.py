@@ -62,7 +62,8 @@ fraction grid ``fractions`` (ERASER's ``1, 5, 10, 20, 50 %`` by default), removi
 rankings are shared by the targets of an output; outputs of several methods for the same text
 share their unmasked, fully masked and random rows), packed ``batch_size`` rows at a time,
 longest first, right-padded with attention masks: padding never changes a score (batch size 1
-equals batch size N up to float rounding, tested).
+equals batch size N up to float rounding, tested). The scoring runs in the attribution methods'
+engine (:class:`~raylens.attributions.engine.InferenceEngine`); only the default score differs.
 
 References:
     .. [1] V. Petsiuk, A. Das, K. Saenko. "RISE: Randomized Input Sampling for Explanation of
@@ -76,7 +77,6 @@ References:
 
 from __future__ import annotations
 
-import inspect
 import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -84,51 +84,32 @@ from typing import Any
 import numpy as np
 import torch
 
+from raylens.attributions.constraints import Int, OneOf, check_values
+from raylens.attributions.engine import INFERENCE_MODES, InferenceEngine, RowBlock, default_replace_token_id
+from raylens.attributions.engine import target_pairs, teacher_forced
+from raylens.attributions.inputs import unwrap_model
 from raylens.attributions.output import AttributionOutput
 
-INFERENCE_MODES = ("logits", "softmax", "log_softmax")
 #: ``inference_mode=None`` picks the score per task.
 DEFAULT_INFERENCE_MODES = {"sequence_classification": "softmax", "causal_lm": "log_softmax"}
 #: ERASER's AOPC bins (fraction of elements removed or kept).
 ERASER_FRACTIONS: tuple[float, ...] = (0.01, 0.05, 0.10, 0.20, 0.50)
 
 
-def default_replace_token_id(tokenizer: Any) -> int:
-    """The token that stands in for a removed element: the mask token, else the pad token.
+def _model_task(model: Any, tokenizer: Any) -> tuple[torch.nn.Module, Any, str | None]:
+    """``(hf_model, tokenizer, task)`` from a :class:`~raylens.models.loading.LoadedModel` or an HF
+    model (its task from the config's architectures; None without a config)."""
+    hf_model, tokenizer, task = unwrap_model(model, tokenizer)
+    if task is None and hasattr(hf_model, "config"):
+        from raylens.models.loading import detect_task
 
-    Raises:
-        ValueError: the tokenizer has neither a mask nor a pad token.
-    """
-    for attr in ("mask_token_id", "pad_token_id"):
-        tid = getattr(tokenizer, attr, None)
-        if tid is not None:
-            return int(tid)
-    raise ValueError("the tokenizer has neither a mask nor a pad token: pass replace_token_id")
-
-
-def _unwrap(model: Any, tokenizer: Any) -> tuple[torch.nn.Module, Any, str | None]:
-    """``(hf_model, tokenizer, task)`` from a :class:`~raylens.models.loading.LoadedModel` or an HF model."""
-    if hasattr(model, "model") and hasattr(model, "task") and hasattr(model, "tokenizer"):
-        return model.model, tokenizer if tokenizer is not None else model.tokenizer, model.task
-    if tokenizer is None:
-        raise ValueError("pass a tokenizer with a bare Hugging Face model (or pass a LoadedModel)")
-    from raylens.models.loading import detect_task
-
-    task = detect_task(model.config) if hasattr(model, "config") else None
-    return model, tokenizer, task
-
-
-def _transform(logits: torch.Tensor, mode: str) -> torch.Tensor:
-    logits = logits.float()
-    if mode == "softmax":
-        return logits.softmax(-1)
-    if mode == "log_softmax":
-        return logits.log_softmax(-1)
-    return logits
+        task = detect_task(hf_model.config)
+    return hf_model, tokenizer, task
 
 
 class _Scorer:
-    """Scores masked variants of attribution inputs, batched and right-padded.
+    """Scores masked variants of attribution inputs with the attribution engine
+    (:class:`~raylens.attributions.engine.InferenceEngine`: batched, right-padded).
 
     ``score(outputs, masks)`` takes one boolean keep-mask matrix ``(n_masks, n_elements)`` per
     output and returns one ``(n_masks, n_targets)`` float64 matrix per output.
@@ -136,25 +117,14 @@ class _Scorer:
 
     def __init__(self, model: Any, tokenizer: Any, *, batch_size: int, inference_mode: str | None,
                  replace_token_id: int | None) -> None:
-        if inference_mode is not None and inference_mode not in INFERENCE_MODES:
-            raise ValueError(f"inference_mode must be one of {INFERENCE_MODES}, got {inference_mode!r}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.model, self.tokenizer, self.task = _unwrap(model, tokenizer)
+        check_values({"inference_mode": OneOf(INFERENCE_MODES, optional=True), "batch_size": Int(min=1)},
+                     {"inference_mode": inference_mode, "batch_size": batch_size})
+        self.model, self.tokenizer, self.task = _model_task(model, tokenizer)
         self.batch_size = batch_size
         self.inference_mode = inference_mode
         self.replace_token_id = replace_token_id
         pad = getattr(self.tokenizer, "pad_token_id", None)
         self.pad_id = int(pad) if pad is not None else 0  # value irrelevant: attention mask 0
-        try:
-            params = inspect.signature(self.model.forward).parameters
-        except (TypeError, ValueError):
-            params = {}
-        self._logits_to_keep = "logits_to_keep" in params
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.get_input_embeddings().weight.device
 
     def mode_for(self, task: str) -> str:
         return self.inference_mode or DEFAULT_INFERENCE_MODES[task]
@@ -182,73 +152,48 @@ class _Scorer:
     def score(self, outputs: Sequence[AttributionOutput], masks: Sequence[np.ndarray]) -> list[np.ndarray]:
         if len({o.task for o in outputs}) > 1:
             raise ValueError("outputs of different tasks cannot be scored with one model")
-        # Identical rows (same tokens, same targets: e.g. the same input explained by several
-        # methods, whose unmasked, fully masked and random-ranking rows coincide) run once.
+        rows, where = self._unique_rows(outputs, masks)
+        scores: list[np.ndarray | None] = [None] * len(rows)
+        if rows:
+            task = outputs[0].task
+            # Longest first, so each batch holds similar lengths (little padding work).
+            order = sorted(range(len(rows)), key=lambda r: -len(rows[r][1]))
+            blocks = [RowBlock(rows[r][1][None, :], *target_pairs(task, len(outputs[rows[r][0]].input_ids),
+                                                                  outputs[rows[r][0]].targets)) for r in order]
+            engine = InferenceEngine(self.model, task, pad_id=self.pad_id, batch_size=self.batch_size,
+                                     inference_mode=None, progress=False)
+            with engine.eval_mode():
+                for r, v in zip(order, engine.score_blocks(blocks, mode=self.mode_for(task))):
+                    scores[r] = v[0]
+        return [np.stack([scores[r] for r in idx]) if idx else np.zeros((0, out.n_targets))
+                for out, idx in zip(outputs, where)]
+
+    def _unique_rows(self, outputs: Sequence[AttributionOutput],
+                     masks: Sequence[np.ndarray]) -> tuple[list[tuple[int, np.ndarray]], list[list[int]]]:
+        """The distinct token-id rows to score, ``(index of the output that owns it, ids)``, and per
+        output, per mask, the index of its row. Identical rows (same tokens, same targets: e.g. the
+        same input explained by several methods, whose unmasked, fully masked and random-ranking
+        rows coincide) run once."""
         unique: dict[tuple, int] = {}
-        rows: list[tuple[int, np.ndarray]] = []  # (output index that owns it, token ids)
-        where: list[list[int]] = []  # per output, per mask: index into rows
+        rows: list[tuple[int, np.ndarray]] = []
+        where: list[list[int]] = []
         for i, (out, m) in enumerate(zip(outputs, masks)):
             self._check(out)
             base = np.asarray(out.input_ids, dtype=np.int64)
             rid = self.replace_id_for(out)
-            tgt = np.asarray(out.targets, dtype=np.int64)
             idx = []
             for j in range(m.shape[0]):
                 ids = base.copy()
                 for e in np.flatnonzero(~m[j]):
                     ids[out.element_tokens[e]] = rid
-                if out.task == "causal_lm":  # the last target token is never an input
-                    ids = np.concatenate([ids, tgt[:-1]])
+                ids = teacher_forced(out.task, ids, out.targets)  # the last target token is never an input
                 key = (out.task, len(base), tuple(out.targets), ids.tobytes())
                 if key not in unique:
                     unique[key] = len(rows)
                     rows.append((i, ids))
                 idx.append(unique[key])
             where.append(idx)
-        scores: list[np.ndarray | None] = [None] * len(rows)
-        # Longest first, so each batch holds similar lengths (little padding work).
-        order = sorted(range(len(rows)), key=lambda r: -len(rows[r][1]))
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.inference_mode():
-                for s in range(0, len(order), self.batch_size):
-                    chunk = order[s:s + self.batch_size]
-                    got = self._score_batch(outputs, [rows[r] for r in chunk])
-                    for r, v in zip(chunk, got):
-                        scores[r] = v
-        finally:
-            self.model.train(was_training)
-        return [np.stack([scores[r] for r in idx]) if idx else np.zeros((0, out.n_targets))
-                for out, idx in zip(outputs, where)]
-
-    def _score_batch(self, outputs, batch) -> list[np.ndarray]:
-        """Target scores ``(n_targets,)`` (float64) of each ``(output index, token ids)`` row."""
-        width = max(len(ids) for _, ids in batch)
-        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for b, (_, row) in enumerate(batch):
-            ids[b, :len(row)] = torch.from_numpy(row)
-            mask[b, :len(row)] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        if outputs[batch[0][0]].task == "sequence_classification":
-            mode = self.mode_for("sequence_classification")
-            scores = _transform(self.model(input_ids=ids, attention_mask=mask).logits, mode)
-            scores = scores.double().cpu().numpy()
-            return [scores[b, list(outputs[i].targets)] for b, (i, _) in enumerate(batch)]
-        # Causal LM: target t of a row with n_in input tokens is predicted at n_in - 1 + t.
-        starts = [len(outputs[i].input_ids) - 1 for i, _ in batch]
-        kwargs = {"logits_to_keep": width - min(starts)} if self._logits_to_keep else {}
-        logits = self.model(input_ids=ids, attention_mask=mask, **kwargs).logits
-        offset = width - logits.shape[1]  # sequence position of logits[:, 0]
-        res = []
-        for b, (i, _) in enumerate(batch):
-            out = outputs[i]
-            pos = torch.arange(out.n_targets, device=logits.device) + starts[b] - offset
-            sel = _transform(logits[b, pos], self.mode_for("causal_lm"))  # (n_targets, vocab)
-            tgt = torch.as_tensor(list(out.targets), dtype=torch.long, device=sel.device)
-            res.append(sel.gather(1, tgt[:, None])[:, 0].double().cpu().numpy())
-        return res
+        return rows, where
 
 
 # ----------------------------------------------------------------------------- rankings and plans

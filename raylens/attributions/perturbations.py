@@ -14,6 +14,9 @@ A perturbator turns one input into the rows the model is run on.
 
 Stochastic perturbators draw from generators seeded by ``(seed, input key, row)``, so the same
 seed gives the same rows whatever the batch size or the other inputs of the call.
+
+A perturbator with parameters declares the values they accept in ``param_constraints``
+(:mod:`raylens.attributions.constraints`) and checks them when built.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
+
+from raylens.attributions.constraints import Float, Int, OneOf, check_values
 
 # ----------------------------------------------------------------------------- token-id space
 
@@ -41,9 +46,12 @@ class MaskPerturbator:
     first_row_is_clean: bool = False
 
     def masks(self, n_elements: int, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+        """``(keep, info)``: ``keep`` ``(n_rows, n_elements)`` bool (True = element left as is) and
+        what the aggregator needs; ``rng`` is seeded per input (draw every random number from it)."""
         raise NotImplementedError
 
     def params(self) -> dict:
+        """The parameters recorded in each output's ``params``."""
         return {}
 
 
@@ -75,10 +83,10 @@ class KernelShapPerturbator(MaskPerturbator):
     """
 
     first_row_is_clean = True
+    param_constraints = {"n_samples": Int(min=1)}
 
     def __init__(self, n_samples: int = 100):
-        if n_samples < 1:
-            raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+        check_values(self.param_constraints, {"n_samples": n_samples})
         self.n_samples = int(n_samples)
 
     def params(self) -> dict:
@@ -117,14 +125,11 @@ class LimePerturbator(MaskPerturbator):
     """
 
     first_row_is_clean = True
+    param_constraints = {"n_samples": Int(min=2), "distance": OneOf(("cosine", "hamming")),
+                         "kernel_width": Float(min=0, strict=True)}
 
     def __init__(self, n_samples: int = 100, distance: str = "cosine", kernel_width: float = 0.25):
-        if n_samples < 2:
-            raise ValueError(f"n_samples must be >= 2, got {n_samples}")
-        if distance not in ("cosine", "hamming"):
-            raise ValueError(f"distance must be 'cosine' or 'hamming', got {distance!r}")
-        if kernel_width <= 0:
-            raise ValueError(f"kernel_width must be > 0, got {kernel_width}")
+        check_values(self.param_constraints, {"n_samples": n_samples, "distance": distance, "kernel_width": kernel_width})
         self.n_samples, self.distance, self.kernel_width = int(n_samples), distance, float(kernel_width)
 
     def params(self) -> dict:
@@ -151,9 +156,10 @@ class SobolPerturbator(MaskPerturbator):
     ``n_samples * (M + 2)`` rows.
     """
 
+    param_constraints = {"n_samples": Int(min=2)}
+
     def __init__(self, n_samples: int = 32):
-        if n_samples < 2:
-            raise ValueError(f"n_samples must be >= 2, got {n_samples}")
+        check_values(self.param_constraints, {"n_samples": n_samples})
         self.n_samples = int(n_samples)
 
     def params(self) -> dict:
@@ -216,9 +222,13 @@ class EmbeddingPerturbator:
     n_rows: int = 1
 
     def rows(self, ctx: EmbeddingContext, rows: Sequence[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The perturbed input embeddings ``(len(rows), n_tokens, d_model)`` float32 of the given
+        row indices (in ``0..n_rows-1``) and per-row tensors (first axis ``len(rows)``) for the
+        aggregator; random rows draw from ``ctx.generator(row)``."""
         raise NotImplementedError
 
     def params(self) -> dict:
+        """The parameters recorded in each output's ``params``."""
         return {}
 
 
@@ -235,6 +245,19 @@ class IdentityPerturbator(EmbeddingPerturbator):
 INTEGRATION_RULES = ("midpoint", "trapezoid", "gauss_legendre")
 
 
+def check_integration(n_steps: int, rule: str) -> None:
+    """Check a quadrature: ``rule`` one of :data:`INTEGRATION_RULES`, ``n_steps`` an int >= 1
+    (>= 2 for ``"trapezoid"``).
+
+    Raises:
+        ValueError: naming ``integration`` or ``n_steps``.
+    """
+    check_values({"integration": OneOf(INTEGRATION_RULES), "n_steps": Int(min=1)},
+                 {"integration": rule, "n_steps": n_steps})
+    if rule == "trapezoid" and n_steps < 2:
+        raise ValueError(f"n_steps must be >= 2 with integration='trapezoid', got {n_steps}")
+
+
 def integration_points(n_steps: int, rule: str) -> tuple[np.ndarray, np.ndarray]:
     """``(alphas, weights)`` of a quadrature rule for an integral over ``[0, 1]``; weights sum to 1.
 
@@ -242,10 +265,7 @@ def integration_points(n_steps: int, rule: str) -> tuple[np.ndarray, np.ndarray]
     weights ``1/(n - 1)`` halved at both ends (needs ``n >= 2``); ``gauss_legendre``: Gauss-Legendre
     nodes mapped to ``[0, 1]`` (exact for polynomials of degree ``2n - 1``).
     """
-    if rule not in INTEGRATION_RULES:
-        raise ValueError(f"integration must be one of {INTEGRATION_RULES}, got {rule!r}")
-    if n_steps < 1 or (rule == "trapezoid" and n_steps < 2):
-        raise ValueError(f"n_steps must be >= {2 if rule == 'trapezoid' else 1} for {rule}, got {n_steps}")
+    check_integration(n_steps, rule)
     if rule == "midpoint":
         return (np.arange(n_steps) + 0.5) / n_steps, np.full(n_steps, 1.0 / n_steps)
     if rule == "trapezoid":
@@ -260,7 +280,10 @@ class InterpolationPerturbator(EmbeddingPerturbator):
     """Points on the straight path from the reference to the input (Integrated Gradients):
     ``reference + alpha_k (x - reference)`` on element tokens, with quadrature weights."""
 
+    param_constraints = {"n_steps": Int(min=1), "integration": OneOf(INTEGRATION_RULES)}
+
     def __init__(self, n_steps: int = 50, integration: str = "gauss_legendre"):
+        check_integration(n_steps, integration)
         self.alphas, self.weights = integration_points(int(n_steps), integration)
         self.n_steps, self.integration = int(n_steps), integration
         self.n_rows = self.n_steps
@@ -281,11 +304,10 @@ class NoisePerturbator(EmbeddingPerturbator):
     """``n_samples`` noisy copies of the input, ``x + eps`` on element tokens, ``eps`` as in
     :meth:`EmbeddingContext.noise` (SmoothGrad, SquareGrad, VarGrad)."""
 
+    param_constraints = {"n_samples": Int(min=1), "noise_std": Float(min=0)}
+
     def __init__(self, n_samples: int = 20, noise_std: float = 0.1):
-        if n_samples < 1:
-            raise ValueError(f"n_samples must be >= 1, got {n_samples}")
-        if noise_std < 0:
-            raise ValueError(f"noise_std must be >= 0, got {noise_std}")
+        check_values(self.param_constraints, {"n_samples": n_samples, "noise_std": noise_std})
         self.n_samples, self.noise_std = int(n_samples), float(noise_std)
         self.n_rows = self.n_samples
 
@@ -296,21 +318,11 @@ class NoisePerturbator(EmbeddingPerturbator):
         return torch.stack([ctx.x + ctx.noise(ctx.generator(r), self.noise_std) for r in rows]), {}
 
 
-class RandomBaselinePerturbator(EmbeddingPerturbator):
+class RandomBaselinePerturbator(NoisePerturbator):
     """GradientSHAP's samples: for row ``k`` a random baseline ``b_k = reference + eps_k``
     (``eps_k`` as in :meth:`EmbeddingContext.noise`) and a random ``alpha_k ~ U(0, 1)``; the row is
-    ``b_k + alpha_k (x - b_k)`` on element tokens, and the aggregator gets ``delta_k = x - b_k``."""
-
-    def __init__(self, n_samples: int = 20, noise_std: float = 0.1):
-        if n_samples < 1:
-            raise ValueError(f"n_samples must be >= 1, got {n_samples}")
-        if noise_std < 0:
-            raise ValueError(f"noise_std must be >= 0, got {noise_std}")
-        self.n_samples, self.noise_std = int(n_samples), float(noise_std)
-        self.n_rows = self.n_samples
-
-    def params(self) -> dict:
-        return {"n_samples": self.n_samples, "noise_std": self.noise_std}
+    ``b_k + alpha_k (x - b_k)`` on element tokens, and the aggregator gets ``delta_k = x - b_k``.
+    Parameters as :class:`NoisePerturbator` (the noise is around the reference)."""
 
     def rows(self, ctx, rows):
         embs, deltas = [], []

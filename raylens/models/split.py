@@ -23,7 +23,6 @@ import contextlib
 import dataclasses
 import difflib
 import logging
-import re
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -32,12 +31,11 @@ import torch
 
 from raylens.io.schemas import activations_schema, tensor_array
 from raylens.models.loading import LoadedModel, load_model, meta_model
+from raylens.text import TEXT_UNITS, group_tokens
 
 log = logging.getLogger(__name__)
 
 GRANULARITIES = ("token", "word", "sentence", "sample_mean", "cls")
-_WORD_RE = re.compile(r"\w+(?:['’]\w+)*|[^\w\s]")
-_SENTENCE_RE = re.compile(r"[^.!?]*(?:[.!?]+|$)")
 
 
 def layer_stack(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
@@ -270,28 +268,9 @@ class SplitModel:
         if granularity == "sample_mean":
             end = enc.offsets[keep[-1]][1]
             return [Unit(0, end, text[:end], keep)]
-        if granularity == "word":
-            spans = [(m.start(), m.end()) for m in _WORD_RE.finditer(text)]
-        elif granularity == "sentence":
-            spans = [(m.start(), m.end()) for m in _SENTENCE_RE.finditer(text) if text[m.start(): m.end()].strip()]
-        else:
+        if granularity not in TEXT_UNITS:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-        starts = np.array([s for s, _ in spans])
-        by_span: dict[int, list[int]] = {}
-        for i in keep:
-            s, e = enc.offsets[i]
-            first = s + (len(text[s:e]) - len(text[s:e].lstrip()))  # first non-space character
-            j = int(np.searchsorted(starts, first, side="right")) - 1
-            if j >= 0:
-                by_span.setdefault(j, []).append(i)
-        out = []
-        for j in sorted(by_span):
-            s, e = spans[j]
-            if granularity == "sentence":  # trim surrounding whitespace from the span
-                raw = text[s:e]
-                s, e = s + len(raw) - len(raw.lstrip()), e - (len(raw) - len(raw.rstrip()))
-            out.append(Unit(s, e, text[s:e], by_span[j]))
-        return out
+        return [Unit(s, e, text[s:e], tokens) for s, e, tokens in group_tokens(text, enc.offsets, keep, granularity)]
 
     def extract(
         self,

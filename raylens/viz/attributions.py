@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 
-from raylens.viz._html import (
+from raylens.viz.markup import (
     CSP,
     PALETTE_DARK,
     PALETTE_LIGHT,
@@ -201,20 +201,9 @@ def _params_html(params: dict) -> str:
     return "".join(chips) or '<span class="rl-muted">no parameters</span>'
 
 
-def _block(out: AttributionOutput, b: int) -> tuple[str, dict]:
-    """HTML of one output's block and the data its script needs."""
-    text = "" if out.text is None else str(out.text)
-    n_el, n_t = out.n_elements, out.n_targets
-    scores = np.asarray(out.scores, dtype=np.float32).reshape(n_t, n_el)
-    rows = [[_cell(x) for x in r] for r in scores]
-    scales = [_row_scale(r) for r in rows]
-    tips = [_target_tip(out, t) for t in range(n_t)]
-    tscores = None if out.target_scores is None else [
-        to_float(x) for x in np.asarray(out.target_scores, dtype=np.float64).reshape(-1)
-    ]
+def _targets_html(out: AttributionOutput, tscores: list[float | None] | None) -> str:
+    """The row of target buttons (classes, or output tokens of a causal LM); the first is on."""
     is_lm = out.task == "causal_lm"
-
-    # -- targets --
     tabs = []
     for t, label in enumerate(out.target_labels):
         ts = tscores[t] if tscores is not None and t < len(tscores) else None
@@ -233,20 +222,18 @@ def _block(out: AttributionOutput, b: int) -> tuple[str, dict]:
             f'role="tab" aria-selected="{"true" if on else "false"}" data-t="{t}" title="{esc(tip)}">'
             f'<span class="rl-lab">{lab}</span>{extra}</button>'
         )
-    if tabs:
-        targets_html = (
-            f'<div class="rl-row"><span class="rl-k">{"output" if is_lm else "class"}</span>'
-            f'<div class="rl-tabs" role="tablist">{"".join(tabs)}</div></div>'
-        )
-    else:
-        targets_html = '<div class="rl-row"><span class="rl-k">targets</span><span class="rl-muted">none</span></div>'
+    if not tabs:
+        return '<div class="rl-row"><span class="rl-k">targets</span><span class="rl-muted">none</span></div>'
+    return (
+        f'<div class="rl-row"><span class="rl-k">{"output" if is_lm else "class"}</span>'
+        f'<div class="rl-tabs" role="tablist">{"".join(tabs)}</div></div>'
+    )
 
-    # -- highlighted text (first target rendered server-side) --
-    row0: list[float | str] = rows[0] if rows else ["NaN"] * n_el
-    scale0 = scales[0] if scales else 0.0
-    tip0 = tips[0] if tips else ""
+
+def _text_html(out: AttributionOutput, text: str, row0: list[float | str], scale0: float, tip0: str) -> str:
+    """The input text with its elements highlighted for one row of scores (rendered server-side)."""
     parts = []
-    for kind, val in _segments(text, out.element_spans, n_el):
+    for kind, val in _segments(text, out.element_spans, out.n_elements):
         if kind == "gap":
             parts.append(esc(val))
             continue
@@ -262,12 +249,15 @@ def _block(out: AttributionOutput, b: int) -> tuple[str, dict]:
         else:
             _, s, e = val
             parts.append(f'<span class="rl-el {cls}" {common}>{esc(text[s:e])}</span>')
-    body = "".join(parts) if parts else '<span class="rl-muted">(empty text)</span>'
+    return "".join(parts) if parts else '<span class="rl-muted">(empty text)</span>'
 
+
+def _legend_html(out: AttributionOutput, maxs: list[str]) -> str:
+    """The colour legend of the first target's row."""
+    is_lm, n_t = out.task == "causal_lm", out.n_targets
     cur = token_html(out.target_labels[0]) if (is_lm and n_t) else esc(out.target_labels[0]) if n_t else "\u2014"
-    maxs = [fmt_num(s) for s in scales]
     m0 = esc(maxs[0]) if maxs else "\u2014"
-    legend = (
+    return (
         '<div class="rl-legend">'
         f'<span>input attributions for {"output token" if is_lm else "class"} '
         f'<b class="rl-cur">{cur}</b></span>'
@@ -277,6 +267,22 @@ def _block(out: AttributionOutput, b: int) -> tuple[str, dict]:
         "</div>"
     )
 
+
+def _block(out: AttributionOutput, b: int) -> tuple[str, dict]:
+    """HTML of one output's block and the data its script needs."""
+    text = "" if out.text is None else str(out.text)
+    n_el, n_t = out.n_elements, out.n_targets
+    scores = np.asarray(out.scores, dtype=np.float32).reshape(n_t, n_el)
+    rows = [[_cell(x) for x in r] for r in scores]
+    scales = [_row_scale(r) for r in rows]
+    tips = [_target_tip(out, t) for t in range(n_t)]
+    tscores = None if out.target_scores is None else [
+        to_float(x) for x in np.asarray(out.target_scores, dtype=np.float64).reshape(-1)
+    ]
+    is_lm = out.task == "causal_lm"
+    row0: list[float | str] = rows[0] if rows else ["NaN"] * n_el
+    body = _text_html(out, text, row0, scales[0] if scales else 0.0, tips[0] if tips else "")
+    maxs = [fmt_num(s) for s in scales]
     what = ("output token" if n_t == 1 else "output tokens") if is_lm else ("class" if n_t == 1 else "classes")
     meta = (
         f'{esc(_TASK_NAMES.get(out.task, out.task))} \u00b7 {esc(out.granularity)} \u00b7 '
@@ -288,7 +294,7 @@ def _block(out: AttributionOutput, b: int) -> tuple[str, dict]:
         f'<span class="rl-method">{esc(out.method)}</span><span class="rl-meta">{meta}</span>'
         f'<span class="rl-params">{_params_html(out.params)}</span>'
         "</header>"
-        f"{targets_html}{legend}"
+        f"{_targets_html(out, tscores)}{_legend_html(out, maxs)}"
         f'<div class="rl-row rl-in"><span class="rl-k">input</span><div class="rl-text">{body}</div></div>'
         "</section>"
     )

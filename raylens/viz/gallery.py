@@ -15,7 +15,7 @@ Sections, in order:
   clickable), with its document id, prediction and metrics.
 
 Offline and escaped like the other views (inline CSS/JS, the shared Content-Security-Policy,
-every text through :func:`~raylens.viz._html.esc`). Standard library only.
+every text through :func:`~raylens.viz.markup.esc`). Standard library only.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from raylens.attributions.output import AttributionOutput
-from raylens.viz._html import CSP, esc, fmt_num
+from raylens.viz.markup import CSP, esc, fmt_num
 from raylens.viz.attributions import attribution_html
 
 KINDS = ("best", "worst", "random")

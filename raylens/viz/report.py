@@ -40,17 +40,17 @@ import os
 import pathlib
 from typing import Any, Iterable, Sequence
 
-from raylens.viz._html import CSP as _CSP
-from raylens.viz._html import PALETTE_DARK as _PALETTE_DARK
-from raylens.viz._html import PALETTE_LIGHT as _PALETTE_LIGHT
-from raylens.viz._html import esc as _esc
-from raylens.viz._html import finite as _finite
-from raylens.viz._html import fmt_num as _fmt_num
-from raylens.viz._html import json_for_script as _json_for_script
-from raylens.viz._html import json_num as _json_num
-from raylens.viz._html import readable_token as _readable_token
-from raylens.viz._html import to_float as _to_float
-from raylens.viz._html import token_html as _token_html
+from raylens.viz.markup import CSP as _CSP
+from raylens.viz.markup import PALETTE_DARK as _PALETTE_DARK
+from raylens.viz.markup import PALETTE_LIGHT as _PALETTE_LIGHT
+from raylens.viz.markup import esc as _esc
+from raylens.viz.markup import finite as _finite
+from raylens.viz.markup import fmt_num as _fmt_num
+from raylens.viz.markup import json_for_script as _json_for_script
+from raylens.viz.markup import json_num as _json_num
+from raylens.viz.markup import readable_token as _readable_token
+from raylens.viz.markup import to_float as _to_float
+from raylens.viz.markup import token_html as _token_html
 
 __all__ = ["render_concept_report"]
 
@@ -482,6 +482,15 @@ def render_concept_report(
     else:
         body = '<main id="concepts"><div class="empty">No concepts to show.</div></main>'
 
+    page = _page_html(title, summary, derived, body, _meta_json(ordered, title, summary), len(ordered))
+    path = pathlib.Path(out_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page, encoding="utf-8", newline="\n")
+    return path
+
+
+def _meta_json(ordered: list[dict], title: str, summary: dict | None) -> str:
+    """The JSON metadata block embedded for scripting (safe inside ``<script>``)."""
     meta = {
         "title": str(title),
         "summary": {
@@ -505,12 +514,15 @@ def render_concept_report(
         ],
     }
     try:
-        meta_json = _json_for_script(meta)
+        return _json_for_script(meta)
     except (TypeError, ValueError):  # exotic ids etc.: fall back to strings
-        meta_json = _json_for_script(json.loads(json.dumps(meta, default=str)))
+        return _json_for_script(json.loads(json.dumps(meta, default=str)))
 
+
+def _page_html(title: str, summary: dict | None, derived: dict, body: str, meta_json: str, n_concepts: int) -> str:
+    """The whole report page around the concept cards ``body``."""
     generated = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    page = (
+    return (
         "<!DOCTYPE html>\n"
         '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         f'<meta http-equiv="Content-Security-Policy" content="{_esc(_CSP)}">\n'
@@ -527,7 +539,7 @@ def render_concept_report(
         '<option value="imp_asc">importance ↑</option><option value="freq">frequency ↓</option>'
         '<option value="id">concept id</option></select>'
         '<button type="button" id="expand">expand / collapse examples</button>'
-        f'<span id="count">{len(ordered)} concepts</span>'
+        f'<span id="count">{n_concepts} concepts</span>'
         "</div>\n"
         f"{body}\n"
         "</div>\n"
@@ -535,8 +547,3 @@ def render_concept_report(
         f"<script>{_JS}</script>\n"
         "</body>\n</html>\n"
     )
-
-    path = pathlib.Path(out_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page, encoding="utf-8", newline="\n")
-    return path

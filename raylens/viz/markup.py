@@ -33,6 +33,7 @@ def to_float(value: Any) -> float | None:
 
 
 def finite(x: float | None) -> bool:
+    """Whether ``x`` is a finite float (not None, NaN or infinite)."""
     return x is not None and math.isfinite(x)
 
 
@@ -61,6 +62,7 @@ def json_for_script(obj: Any) -> str:
 
 
 def json_num(x: float | None) -> float | None:
+    """``x`` when finite, else None (JSON has no NaN or infinity)."""
     return x if finite(x) else None
 
 

@@ -17,6 +17,7 @@ from raylens.concepts.interpret import non_activating_table, quantile_sample, sc
 from raylens.concepts.metrics import reconstruction_metrics
 from actors.model_worker import assigned_gpus
 from raylens.concepts.models import build_concept_model, load_concept_model
+from raylens.io.schemas import METRICS_SCHEMA
 from raylens.config import ConceptJobConfig
 from raylens.io.readers import ActivationStream
 from raylens.io.store import OutputStore
@@ -62,7 +63,7 @@ class ConceptTrainer:
             rows.append({"model": "fitted", "split": split, **m})
         for r in rows:
             r["fit_seconds"] = fit_s
-        self.store.write_table("concepts/metrics.parquet", pa.Table.from_pylist(rows))
+        self.store.write_table("concepts/metrics.parquet", pa.Table.from_pylist(rows, schema=METRICS_SCHEMA))
         return {"fit_seconds": fit_s, "metrics": rows, "n_fit_rows": model.n_fit_rows, "gpus": assigned_gpus()}
 
     def fit_progress(self) -> dict | None:

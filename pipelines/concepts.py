@@ -24,7 +24,7 @@ from pipelines.console import TqdmLines, progress, say
 from pipelines.console import say as _say
 from pipelines.report import write_concepts_table_and_report
 from raylens.config import ConceptJobConfig
-from raylens.io.schemas import tensor_array
+from raylens.io.schemas import IMPORTANCE_SCHEMA, importance_per_doc_schema, tensor_array
 from raylens.io.store import OutputStore
 
 log = logging.getLogger(__name__)
@@ -130,13 +130,13 @@ def importance(store: OutputStore, cfg: ConceptJobConfig, worker) -> tuple[np.nd
         say(f"score: concept-to-output gradients over {len(texts)} documents")
         imp = ray.get(worker.importance.remote(texts))
         grad_mean, cxg_mean, n_imp = imp["gradient"].mean(0), imp["concept_x_gradient"].mean(0), len(texts)
-        store.write_table("concepts/importance_per_doc.parquet", pa.table({
-            "doc_id": pa.array(ids, pa.int64()), "target": pa.array(imp["target"], pa.int64()),
-            "gradient": tensor_array(imp["gradient"], "float32"),
-            "concept_x_gradient": tensor_array(imp["concept_x_gradient"], "float32")}))
-    store.write_table("concepts/importance.parquet", pa.table({
-        "concept": pa.array(np.arange(C), pa.int32()), "gradient": pa.array(grad_mean, pa.float32()),
-        "concept_x_gradient": pa.array(cxg_mean, pa.float32()), "n_samples": pa.array([n_imp] * C, pa.int32())}))
+        store.write_table("concepts/importance_per_doc.parquet", pa.Table.from_arrays(
+            [pa.array(ids, pa.int64()), pa.array(imp["target"], pa.int64()),
+             tensor_array(imp["gradient"], "float32"), tensor_array(imp["concept_x_gradient"], "float32")],
+            schema=importance_per_doc_schema(C)))
+    store.write_table("concepts/importance.parquet", pa.Table.from_pydict(
+        {"concept": np.arange(C), "gradient": grad_mean, "concept_x_gradient": cxg_mean, "n_samples": [n_imp] * C},
+        schema=IMPORTANCE_SCHEMA))
     return grad_mean, cxg_mean
 
 

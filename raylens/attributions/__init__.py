@@ -82,7 +82,8 @@ from raylens.attributions.metrics import (
     Insertion,
     faithfulness,
 )
-from raylens.attributions.output import ATTRIBUTION_SCHEMA, AttributionOutput
+from raylens.attributions.output import AttributionOutput
+from raylens.io.schemas import ATTRIBUTION_SCHEMA
 
 __all__ = [
     "AOPCComprehensiveness",

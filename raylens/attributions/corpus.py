@@ -45,27 +45,15 @@ import torch
 
 from raylens.attributions.methods import METHODS, method_class
 from raylens.attributions.metrics import faithfulness
-from raylens.attributions.output import ATTRIBUTION_SCHEMA, AttributionOutput
+from raylens.attributions.output import AttributionOutput
+from raylens.io.schemas import ATTRIBUTION_ROW_SCHEMA as ROW_SCHEMA
+from raylens.io.schemas import METRIC_COLUMNS, SUMMARY_SCHEMA, WORDS_SCHEMA
 
 TARGET_MODES = ("predicted", "column", "all_classes")
-METRIC_COLUMNS = ("deletion_auc", "insertion_auc", "comprehensiveness", "sufficiency")
 #: higher is better for these metrics; lower for the others
 HIGHER_IS_BETTER = {"deletion_auc": False, "insertion_auc": True, "comprehensiveness": True, "sufficiency": False}
 
-ROW_SCHEMA = pa.schema(
-    [pa.field("doc_id", pa.int64(), nullable=False), pa.field("target_index", pa.int32())]
-    + list(ATTRIBUTION_SCHEMA)
-    + [
-        pa.field("target_source", pa.string()),  # predicted | column | generated | all_classes
-        pa.field("prediction", pa.string()),  # predicted class label, or the generated text
-        pa.field("prediction_score", pa.float64()),  # softmax prob. of the class / mean log-prob. per output token
-        pa.field("error", pa.string()),  # null when the row was explained
-        pa.field("truncated", pa.bool_()),  # the text was cut to max_tokens (too_long="truncate")
-        pa.field("seconds", pa.float64()),  # the method's time for the batch, shared equally by its rows
-    ]
-    + [pa.field(m, pa.float64()) for m in METRIC_COLUMNS]
-    + [pa.field(m + "_random", pa.float64()) for m in METRIC_COLUMNS]
-)
+
 
 
 def build_explainers(lm: Any, methods: Sequence[str], *, params: Mapping[str, Mapping[str, Any]] | None = None,
@@ -453,11 +441,7 @@ def word_importance(tables: Iterable[pa.Table], *, min_count: int = 3, top_k: in
             for rank, (w, m, c, d) in enumerate(ranked[:top_k]):
                 for k, v in zip(out, (method, group, direction, rank, w, m, c, d)):
                     out[k].append(v)
-    return pa.table({
-        "method": pa.array(out["method"], pa.string()), "group": pa.array(out["group"], pa.string()),
-        "direction": pa.array(out["direction"], pa.string()), "rank": pa.array(out["rank"], pa.int32()),
-        "word": pa.array(out["word"], pa.string()), "mean_score": pa.array(out["mean_score"], pa.float64()),
-        "count": pa.array(out["count"], pa.int64()), "n_docs": pa.array(out["n_docs"], pa.int64())})
+    return pa.Table.from_pydict(out, schema=WORDS_SCHEMA)
 
 
 def method_summary(tables: Iterable[pa.Table], seconds: Mapping[str, float] | None = None) -> pa.Table:
@@ -490,7 +474,7 @@ def method_summary(tables: Iterable[pa.Table], seconds: Mapping[str, float] | No
         for m in list(METRIC_COLUMNS) + [m + "_random" for m in METRIC_COLUMNS]:
             row[m] = a["sums"][m] / a["counts"][m] if a["counts"][m] else float("nan")
         rows.append(row)
-    return pa.Table.from_pylist(rows)
+    return pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA)
 
 
 __all__ = ["HIGHER_IS_BETTER", "METRIC_COLUMNS", "ROW_SCHEMA", "TARGET_MODES", "attribute_documents",

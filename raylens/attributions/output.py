@@ -8,7 +8,6 @@ import json
 from typing import Any, Literal
 
 import numpy as np
-import pyarrow as pa
 
 Task = Literal["sequence_classification", "causal_lm"]
 Granularity = Literal["token", "word", "sentence"]
@@ -115,18 +114,3 @@ class AttributionOutput:
         return attribution_html([self], standalone=False)
 
 
-ATTRIBUTION_SCHEMA = pa.schema([
-    pa.field("text", pa.string()),
-    pa.field("task", pa.string()),
-    pa.field("granularity", pa.string()),
-    pa.field("elements", pa.list_(pa.string())),
-    pa.field("element_spans", pa.list_(pa.list_(pa.int32(), 2))),
-    pa.field("element_tokens", pa.list_(pa.list_(pa.int32()))),  # token positions per element
-    pa.field("input_ids", pa.list_(pa.int64())),  # the prompt's token ids, special tokens included
-    pa.field("scores", pa.list_(pa.list_(pa.float32()))),  # (n_targets, n_elements), ragged across rows
-    pa.field("targets", pa.list_(pa.int64())),
-    pa.field("target_labels", pa.list_(pa.string())),
-    pa.field("method", pa.string()),
-    pa.field("params", pa.string()),  # JSON
-    pa.field("target_scores", pa.list_(pa.float32())),
-])

@@ -29,25 +29,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from raylens.io.schemas import tensor_column_to_numpy
+from raylens.io.schemas import (NON_ACTIVATING_SCHEMA, SAMPLED_EXAMPLES_SCHEMA, TOP_EXAMPLES_SCHEMA, VOCAB_SCHEMA,
+                                 tensor_column_to_numpy)
 
-TOP_EXAMPLES_SCHEMA = pa.schema(
-    [
-        pa.field("concept", pa.int32()),
-        pa.field("rank", pa.int32()),
-        pa.field("activation", pa.float32()),
-        pa.field("doc_id", pa.int64()),
-        pa.field("unit", pa.int32()),
-        pa.field("char_start", pa.int32()),
-        pa.field("char_end", pa.int32()),
-        pa.field("text", pa.string()),
-        pa.field("context", pa.string()),
-        pa.field("span_start", pa.int32()),
-        pa.field("span_end", pa.int32()),
-    ]
-)
-#: `top_examples_table` of a `quantile_sample`: the top-example columns plus the activation bin.
-SAMPLED_EXAMPLES_SCHEMA = TOP_EXAMPLES_SCHEMA.append(pa.field("quantile", pa.int32()))
+
 
 
 def _merge_smallest(keys: torch.Tensor, cols: dict[str, torch.Tensor], new_keys: torch.Tensor,
@@ -347,15 +332,7 @@ def top_examples_table(
     return pa.Table.from_pydict(rows, schema=schema)
 
 
-NON_ACTIVATING_SCHEMA = pa.schema(
-    [
-        pa.field("concept", pa.int32()),
-        pa.field("doc_id", pa.int64()),
-        pa.field("char_start", pa.int32()),
-        pa.field("char_end", pa.int32()),
-        pa.field("text", pa.string()),
-    ]
-)
+
 
 
 def non_activating_table(quiet: dict[str, torch.Tensor], documents: dict[int, str]) -> pa.Table:
@@ -377,16 +354,7 @@ def non_activating_table(quiet: dict[str, torch.Tensor], documents: dict[int, st
     return pa.Table.from_pydict(rows, schema=NON_ACTIVATING_SCHEMA)
 
 
-VOCAB_SCHEMA = pa.schema(
-    [
-        pa.field("concept", pa.int32()),
-        pa.field("direction", pa.string()),
-        pa.field("rank", pa.int32()),
-        pa.field("token_id", pa.int64()),
-        pa.field("token", pa.string()),
-        pa.field("score", pa.float32()),
-    ]
-)
+
 
 
 def unembedding(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -54,6 +54,7 @@ import pyarrow as pa
 
 from raylens.concepts.labels import (MARK_CLOSE, MARK_OPEN, example_activation, excerpt_window, mark_spans,
                                      normalize_spans, seeded_rng)
+from raylens.io.schemas import SCORES_SCHEMA
 from raylens.llm.cache import ReplyCache, cache_key, prompt_hash
 from raylens.llm.client import complete_all
 from raylens.llm.config import LabelerConfig
@@ -292,15 +293,7 @@ def _counts(truths: Sequence[int], answers: Sequence[int | None]) -> dict[str, A
     return {"accuracy": acc, "balanced_accuracy": bal, "tp": tp, "fp": fp, "tn": tn, "fn": fn, "answered": answered}
 
 
-SCORES_SCHEMA = pa.schema(
-    [pa.field("concept", pa.string()), pa.field("label", pa.string())]
-    + [pa.field(f"{task}_{name}", pa.float64()) for task in ("detection", "fuzzing")
-       for name in ("accuracy", "balanced_accuracy")]
-    + [pa.field(f"{task}_{name}", pa.int32()) for task in ("detection", "fuzzing")
-       for name in ("tp", "fp", "tn", "fn", "n_examples", "n_errors")]
-    + [pa.field("n_examples", pa.int32()), pa.field("n_errors", pa.int32()), pa.field("n_cached", pa.int32()),
-       pa.field("error", pa.string())]
-)
+
 
 
 def scores_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:

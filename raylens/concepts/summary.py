@@ -14,20 +14,9 @@ from collections.abc import Mapping, Sequence
 
 import pyarrow as pa
 
-#: ``concepts/concepts.parquet``: one row per concept
-CONCEPTS_SCHEMA = pa.schema([
-    pa.field("concept", pa.int32()),
-    pa.field("label", pa.string()),
-    pa.field("label_error", pa.string()),
-    pa.field("importance", pa.float32()),
-    pa.field("importance_x_activation", pa.float32()),
-    pa.field("frequency", pa.float32()),
-    pa.field("top_tokens", pa.list_(pa.string())),
-    pa.field("bottom_tokens", pa.list_(pa.string())),
-    pa.field("detection_accuracy", pa.float32()),
-    pa.field("fuzzing_accuracy", pa.float32()),
-    pa.field("label_score_error", pa.string()),
-])
+from raylens.io.schemas import CONCEPTS_SCHEMA
+
+
 
 
 def _tokens_by_concept(vocabulary: pa.Table) -> dict[tuple[int, str], list[str]]:

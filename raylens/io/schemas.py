@@ -1,4 +1,10 @@
-"""The one schema of every artifact raylens writes (pyarrow).
+"""The one schema of every artifact raylens writes (pyarrow), and only here.
+
+Concept job: ``documents/`` (:data:`DOCUMENTS_SCHEMA`), ``activations/``
+(:func:`activations_schema`), ``concepts/`` top examples, sampled examples, non-activating runs,
+vocabulary, metrics, importance (two tables), label scores, and the concepts table. Attribution
+job: its rows (:data:`ATTRIBUTION_ROW_SCHEMA`, the library's :data:`ATTRIBUTION_SCHEMA` plus the
+job's columns), the per-method summary and the word table.
 
 Activations are ``arrow.fixed_shape_tensor`` columns of shape ``(d_model,)`` (float16 by
 default, float32 on request), never Python lists of floats. Arrow has no bfloat16:
@@ -68,3 +74,161 @@ def tensor_column_to_numpy(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
         return np.concatenate([c.to_numpy_ndarray() for c in column.chunks])
     return column.to_numpy_ndarray()
 
+
+# ---- concept job: concepts/*.parquet ---------------------------------------------------------
+TOP_EXAMPLES_SCHEMA = pa.schema(
+    [
+        pa.field("concept", pa.int32()),
+        pa.field("rank", pa.int32()),
+        pa.field("activation", pa.float32()),
+        pa.field("doc_id", pa.int64()),
+        pa.field("unit", pa.int32()),
+        pa.field("char_start", pa.int32()),
+        pa.field("char_end", pa.int32()),
+        pa.field("text", pa.string()),
+        pa.field("context", pa.string()),
+        pa.field("span_start", pa.int32()),
+        pa.field("span_end", pa.int32()),
+    ]
+)
+#: `top_examples_table` of a `quantile_sample`: the top-example columns plus the activation bin.
+SAMPLED_EXAMPLES_SCHEMA = TOP_EXAMPLES_SCHEMA.append(pa.field("quantile", pa.int32()))
+
+
+NON_ACTIVATING_SCHEMA = pa.schema(
+    [
+        pa.field("concept", pa.int32()),
+        pa.field("doc_id", pa.int64()),
+        pa.field("char_start", pa.int32()),
+        pa.field("char_end", pa.int32()),
+        pa.field("text", pa.string()),
+    ]
+)
+
+
+VOCAB_SCHEMA = pa.schema(
+    [
+        pa.field("concept", pa.int32()),
+        pa.field("direction", pa.string()),
+        pa.field("rank", pa.int32()),
+        pa.field("token_id", pa.int64()),
+        pa.field("token", pa.string()),
+        pa.field("score", pa.float32()),
+    ]
+)
+
+
+SCORES_SCHEMA = pa.schema(
+    [pa.field("concept", pa.string()), pa.field("label", pa.string())]
+    + [pa.field(f"{task}_{name}", pa.float64()) for task in ("detection", "fuzzing")
+       for name in ("accuracy", "balanced_accuracy")]
+    + [pa.field(f"{task}_{name}", pa.int32()) for task in ("detection", "fuzzing")
+       for name in ("tp", "fp", "tn", "fn", "n_examples", "n_errors")]
+    + [pa.field("n_examples", pa.int32()), pa.field("n_errors", pa.int32()), pa.field("n_cached", pa.int32()),
+       pa.field("error", pa.string())]
+)
+
+
+#: ``concepts/concepts.parquet``: one row per concept
+CONCEPTS_SCHEMA = pa.schema([
+    pa.field("concept", pa.int32()),
+    pa.field("label", pa.string()),
+    pa.field("label_error", pa.string()),
+    pa.field("importance", pa.float32()),
+    pa.field("importance_x_activation", pa.float32()),
+    pa.field("frequency", pa.float32()),
+    pa.field("top_tokens", pa.list_(pa.string())),
+    pa.field("bottom_tokens", pa.list_(pa.string())),
+    pa.field("detection_accuracy", pa.float32()),
+    pa.field("fuzzing_accuracy", pa.float32()),
+    pa.field("label_score_error", pa.string()),
+])
+
+#: ``concepts/metrics.parquet``: reconstruction metrics of the fitted model per split
+#: (`raylens.concepts.metrics.reconstruction_metrics`), with the fit's seconds
+METRICS_SCHEMA = pa.schema(
+    [pa.field("model", pa.string()), pa.field("split", pa.string())]
+    + [pa.field(name, pa.float64()) for name in ("mse", "explained_variance", "mean_l0", "sparsity_ratio",
+                                                  "dead_fraction", "fid")]
+    + [pa.field("fid_rows", pa.int64()), pa.field("n_rows", pa.int64()), pa.field("fit_seconds", pa.float64())]
+)
+
+#: ``concepts/importance.parquet``: per concept, the mean concept-to-output gradient and concept x
+#: gradient over ``n_samples`` documents
+IMPORTANCE_SCHEMA = pa.schema(
+    [
+        pa.field("concept", pa.int32()),
+        pa.field("gradient", pa.float32()),
+        pa.field("concept_x_gradient", pa.float32()),
+        pa.field("n_samples", pa.int32()),
+    ]
+)
+
+
+def importance_per_doc_schema(nb_concepts: int) -> pa.Schema:
+    """``concepts/importance_per_doc.parquet``: per document, its output ``target`` and the
+    ``(nb_concepts,)`` float32 gradient and concept x gradient vectors."""
+    vector = pa.fixed_shape_tensor(pa.float32(), [nb_concepts])
+    return pa.schema([pa.field("doc_id", pa.int64()), pa.field("target", pa.int64()),
+                      pa.field("gradient", vector), pa.field("concept_x_gradient", vector)])
+
+
+# ---- attribution job -------------------------------------------------------------------------
+#: one explanation (`raylens.attributions.output.AttributionOutput.to_arrow_row`)
+ATTRIBUTION_SCHEMA = pa.schema([
+    pa.field("text", pa.string()),
+    pa.field("task", pa.string()),
+    pa.field("granularity", pa.string()),
+    pa.field("elements", pa.list_(pa.string())),
+    pa.field("element_spans", pa.list_(pa.list_(pa.int32(), 2))),
+    pa.field("element_tokens", pa.list_(pa.list_(pa.int32()))),  # token positions per element
+    pa.field("input_ids", pa.list_(pa.int64())),  # the prompt's token ids, special tokens included
+    pa.field("scores", pa.list_(pa.list_(pa.float32()))),  # (n_targets, n_elements), ragged across rows
+    pa.field("targets", pa.list_(pa.int64())),
+    pa.field("target_labels", pa.list_(pa.string())),
+    pa.field("method", pa.string()),
+    pa.field("params", pa.string()),  # JSON
+    pa.field("target_scores", pa.list_(pa.float32())),
+])
+
+
+#: the per-row faithfulness metrics of the attribution job (each also with a ``_random`` baseline)
+METRIC_COLUMNS = ("deletion_auc", "insertion_auc", "comprehensiveness", "sufficiency")
+
+#: ``attributions/shard-*.parquet``: one row per (document, method, target)
+ATTRIBUTION_ROW_SCHEMA = pa.schema(
+    [pa.field("doc_id", pa.int64(), nullable=False), pa.field("target_index", pa.int32())]
+    + list(ATTRIBUTION_SCHEMA)
+    + [
+        pa.field("target_source", pa.string()),  # predicted | column | generated | all_classes
+        pa.field("prediction", pa.string()),  # predicted class label, or the generated text
+        pa.field("prediction_score", pa.float64()),  # softmax prob. of the class / mean log-prob. per output token
+        pa.field("error", pa.string()),  # null when the row was explained
+        pa.field("truncated", pa.bool_()),  # the text was cut to max_tokens (too_long="truncate")
+        pa.field("seconds", pa.float64()),  # the method's time for the batch, shared equally by its rows
+    ]
+    + [pa.field(m, pa.float64()) for m in METRIC_COLUMNS]
+    + [pa.field(m + "_random", pa.float64()) for m in METRIC_COLUMNS]
+)
+
+#: ``summary.parquet``: one row per method (`raylens.attributions.corpus.method_summary`)
+SUMMARY_SCHEMA = pa.schema(
+    [pa.field("method", pa.string()), pa.field("n_rows", pa.int64()), pa.field("n_docs", pa.int64()),
+     pa.field("n_errors", pa.int64()), pa.field("seconds", pa.float64()), pa.field("rows_per_second", pa.float64())]
+    + [pa.field(m, pa.float64()) for m in METRIC_COLUMNS]
+    + [pa.field(m + "_random", pa.float64()) for m in METRIC_COLUMNS]
+)
+
+#: ``words.parquet``: per method and class (``group``), the highest and lowest mean-attribution words
+WORDS_SCHEMA = pa.schema(
+    [
+        pa.field("method", pa.string()),
+        pa.field("group", pa.string()),
+        pa.field("direction", pa.string()),
+        pa.field("rank", pa.int32()),
+        pa.field("word", pa.string()),
+        pa.field("mean_score", pa.float64()),
+        pa.field("count", pa.int64()),
+        pa.field("n_docs", pa.int64()),
+    ]
+)

@@ -32,15 +32,13 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from raylens.assets import cache_dir, file_lock
+from raylens.assets import build_folder, cache_dir, file_lock
 from raylens.data.builtins import BUILTIN_CORPORA, builtin_corpus_path
 from raylens.data.corpora import iter_corpus
 from raylens.models.wheels import wheel_model_path
@@ -430,16 +428,13 @@ def build_sentiment_classifier(*, n_train: int = DEFAULT_RECIPE.n_train, epochs:
         if (final / ".complete").exists() and not force:
             return final
         log.info("building %s into %s (once; about 5 minutes on 2 CPU cores)", BUILTIN_NAME, final)
-        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}-"))
-        try:
-            record = train_sentiment_classifier(tmp, recipe, num_threads=num_threads)
-            (tmp / ".complete").write_text(json.dumps({"eval_accuracy": record["eval_accuracy"]}) + "\n")
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+        record: dict[str, Any] = {}
+
+        def build(tmp: Path) -> str:
+            record.update(train_sentiment_classifier(tmp, recipe, num_threads=num_threads))
+            return json.dumps({"eval_accuracy": record["eval_accuracy"]})
+
+        build_folder(final, build)
         log.info("built %s: held-out accuracy %.3f in %.0f s", final, record["eval_accuracy"], record["seconds"])
     return final
 

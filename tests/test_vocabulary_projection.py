@@ -93,3 +93,40 @@ def test_bfloat16_unembedding_is_cast_in_vocabulary_chunks():
         _assert_same(table, reference, 11, 6, exact=chunk_concepts >= 11)
         assert table.column("token").to_pylist()[:1] == [f"t{reference['promoted'][0][0][0]}"]
     assert model.lm_head.weight.dtype == torch.bfloat16  # the model is left as it was
+
+
+_FULL_SCALE = r"""
+import json, resource, sys
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from raylens.concepts.interpret import vocabulary_projection
+
+class Ids:  # token strings without a 128k-token tokenizer file
+    def convert_ids_to_tokens(self, ids):
+        return [f"t{i}" for i in ids]
+
+torch.manual_seed(0)
+model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=2, vocab_size=128256))
+dictionary = torch.randn(16384, 64)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+table = vocabulary_projection(dictionary, model, Ids(), k=10)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"rows": table.num_rows, "peak_growth": after - before}))
+"""
+
+
+@pytest.mark.slow
+def test_full_scale_projection_stays_in_its_memory_budget():
+    """16,384 concepts x a 128,256-token vocabulary on CPU: one float32 copy of the logits would be
+    7.8 GiB (17.6 GiB with a negated copy and ``W.float()``); in chunks of 512 concepts the peak
+    grows by the documented budget (512 x 128,256 float32 = 250 MiB) plus working copies."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _FULL_SCALE], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["rows"] == 16384 * 2 * 10
+    assert got["peak_growth"] < 0.5 * 2**30, got  # measured 267 MiB; one unchunked float32 copy: 7.8 GiB

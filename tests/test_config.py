@@ -75,3 +75,22 @@ def test_preflight_on_whole_configs(tmp_path):
     cfg = load_config(None, {"corpus.target_column": "target"}, cls=AttributionJobConfig)
     with pytest.raises(ConfigError, match="corpus.target_column"):
         preflight(cfg)
+
+
+@pytest.mark.parametrize("job, override, field", [
+    ("concepts", "concepts.params={top_kk: 8}", "concepts.params.top_kk"),
+    ("concepts", "concepts.params={top_k: 1000}", "concepts.params.top_k"),
+    ("concepts", "extraction.split_point=99", "extraction.split_point"),
+    ("concepts", "model.name=no-such/model-xyz", "model.name"),
+    ("attribute", "attribution.params={IntegratedGradients: {n_stepz: 8}}",
+     "attribution.params.IntegratedGradients.n_stepz"),
+    ("attribute", "corpus.text_column=body", "corpus.text_column"),
+])
+def test_jobs_exit_2_with_one_line_naming_the_field_before_ray(job, override, field, capsys, tmp_path):
+    import importlib
+
+    main = importlib.import_module(f"jobs.{job}").main
+    code = main(["--set", override, "--set", f"output_uri={tmp_path / 'out'}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and field in err, err
+    assert not (tmp_path / "out" / "logs").exists()  # stopped before the job's log and Ray

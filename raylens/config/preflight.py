@@ -13,7 +13,7 @@ from raylens.config.common import ConfigError, field_error
 
 def _fail(field: str, exc: BaseException) -> ConfigError:
     msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-    return ConfigError(field_error(f"{field}: {msg}"))
+    return ConfigError(field_error(f"{field}: {' '.join(str(msg).split())}"))  # one line
 
 
 def check_model(model_name: str, task: str | None, split_point: int | str | None = None) -> str:

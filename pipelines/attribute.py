@@ -15,7 +15,7 @@ import time
 import pyarrow as pa
 
 from actors.attribution_worker import AttributionModelWorker
-from pipelines.common import check_job_key, run_shard_stage, say, write_corpus_shards
+from pipelines.common import check_job_key, run_shard_stage, say, write_corpus_shards, write_issues
 from raylens.attributions.corpus import method_summary, word_importance
 from raylens.attributions.gallery_examples import select_examples
 from raylens.config import AttributionJobConfig
@@ -86,6 +86,11 @@ def write_gallery(store: OutputStore, cfg: AttributionJobConfig, summary: pa.Tab
     return store.path("gallery.html")
 
 
+def _issue_kind(error: str) -> str:
+    """The ``kind`` of an attribution error row: ``empty``, ``too_long`` or ``error``."""
+    return "empty" if error.startswith("empty") else "too_long" if error.startswith("too long") else "error"
+
+
 def run_attribution_job(cfg: AttributionJobConfig) -> dict:
     """Run the whole attribution job (Ray must be initialised). Returns paths and numbers."""
 
@@ -94,6 +99,10 @@ def run_attribution_job(cfg: AttributionJobConfig) -> dict:
     t_start = time.perf_counter()
     shards = write_documents(store, cfg)
     run = attribute(store, cfg, shards)
+    write_issues(store, [{"doc_id": r["doc_id"], "stage": "attribute", "kind": _issue_kind(r["error"]),
+                          "message": f"{r['method']}: {r['error']}"}
+                         for rb in store.iter_shard_batches("attributions", columns=["doc_id", "method", "error"])
+                         for r in rb.to_pylist() if r["error"] is not None])
     say("summary: per-method metrics and the corpus word table")
     summary, words = summarize(store, cfg)
     for r in summary.to_pylist():

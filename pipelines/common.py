@@ -4,6 +4,8 @@ document shards on an actor pool (Ray Data)."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 import time
 from dataclasses import dataclass
 
@@ -13,7 +15,7 @@ import ray
 from pipelines.console import progress, say
 from raylens.config import ConfigError
 from raylens.data.corpora import iter_corpus
-from raylens.io.schemas import DOCUMENTS_SCHEMA
+from raylens.io.schemas import DOCUMENTS_SCHEMA, issues_table
 from raylens.io.store import OutputStore, shard_name
 
 __all__ = ["ShardStage", "check_job_key", "run_shard_stage", "say", "write_corpus_shards"]
@@ -144,3 +146,14 @@ def run_shard_stage(stage: str, worker: type, cfg, shards: list[str], *, note: s
         progress(f"{stage}: {len(rows)}/{len(pending)} shards, {rate:.{0 if rate >= 10 else 2}f} rows/s, "
                  f"about {left:.0f}s left", final=len(rows) == len(pending))
     return ShardStage(rows, time.perf_counter() - t0)
+
+
+def write_issues(store: OutputStore, issues: list[dict]) -> None:
+    """Write the job's per-document problems to ``issues.parquet``
+    (`raylens.io.schemas.ISSUES_SCHEMA`, also when there are none) and say how many of each kind."""
+    table = issues_table(issues)
+    store.write_table("issues.parquet", table)
+    kinds = Counter(table["kind"].to_pylist())
+    detail = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
+    say(f"issues: {table.num_rows} recorded in issues.parquet" + (f" ({detail})" if detail else ""))
+

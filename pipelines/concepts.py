@@ -19,7 +19,7 @@ import ray
 
 from actors.concept_worker import ConceptModelWorker
 from actors.trainer import ConceptTrainer
-from pipelines.common import check_job_key, run_shard_stage, write_corpus_shards
+from pipelines.common import check_job_key, run_shard_stage, write_corpus_shards, write_issues
 from pipelines.console import TqdmLines, progress, say
 from pipelines.console import say as _say
 from pipelines.report import write_concepts_table_and_report
@@ -190,6 +190,7 @@ def run_concept_job(cfg: ConceptJobConfig) -> dict:
     t_start = time.perf_counter()
     shards = write_documents(store, cfg)
     ext = extract(store, cfg, shards)
+    write_issues(store, [i for s in shards for i in store.shard_meta("activations", s).get("issues", [])])
     trainer, fitted = fit(store, cfg)
     frequency, worker, vocab = interpret(store, cfg, trainer)
     grad_mean, cxg_mean = importance(store, cfg, worker)

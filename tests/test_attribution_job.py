@@ -120,6 +120,10 @@ def test_classifier_job_one_row_per_document_method_after_a_killed_actor(cls_job
     r = rows.to_pylist()
     errors = {x["doc_id"]: x["error"] for x in r if x["error"] is not None}
     assert errors == {238: "empty text", 239: errors.get(239)} and errors[239].startswith("too long")
+    issues = store.read_table("issues.parquet").to_pylist()  # the job's table of per-document problems
+    assert sorted((i["doc_id"], i["stage"], i["kind"]) for i in issues) == [
+        (238, "attribute", "empty"), (238, "attribute", "empty"), (239, "attribute", "too_long"),
+        (239, "attribute", "too_long")]
     ok = [x for x in r if x["error"] is None]
     assert all(x["prediction"] in ("negative", "positive") and 0.5 <= x["prediction_score"] <= 1 for x in ok)
     assert all(x["target_labels"] == [x["prediction"]] for x in ok)  # the predicted class is explained

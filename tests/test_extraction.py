@@ -75,6 +75,7 @@ def test_empty_and_long_texts_are_recorded(smollm):
     assert set(table["doc_id"].to_pylist()) == {2, 3}
     by_doc = {i["doc_id"]: i["error"] for i in issues}
     assert "empty" in by_doc[0] and "empty" in by_doc[1] and "truncated" in by_doc[2]
+    assert {i["doc_id"]: i["kind"] for i in issues} == {0: "empty", 1: "empty", 2: "truncated"}
     assert max(table.filter(table["doc_id"].to_numpy() == 2)["token_end"].to_pylist()) <= 32
 
 

@@ -59,3 +59,15 @@ def test_s3_store_writes_each_object_once_at_its_key(s3_query, tmp_path):
     again = OutputStore(uri)  # a rerun sees the finished shards
     assert again.done_shards("acts") == [shard_name(i) for i in range(3)]
 
+
+
+def test_issues_table_schema_and_order():
+    from raylens.io.schemas import ISSUES_SCHEMA, issues_table
+
+    t = issues_table([{"doc_id": 3, "stage": "extract", "kind": "truncated", "error": "truncated to max_tokens=8"},
+                      {"doc_id": 1, "stage": "attribute", "kind": "empty", "message": "Saliency: empty text"}])
+    assert t.schema.equals(ISSUES_SCHEMA)
+    assert t.to_pylist() == [
+        {"doc_id": 1, "stage": "attribute", "kind": "empty", "message": "Saliency: empty text"},
+        {"doc_id": 3, "stage": "extract", "kind": "truncated", "message": "truncated to max_tokens=8"}]
+    assert issues_table([]).num_rows == 0

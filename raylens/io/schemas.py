@@ -232,3 +232,27 @@ WORDS_SCHEMA = pa.schema(
         pa.field("n_docs", pa.int64()),
     ]
 )
+
+
+# ---- both jobs -------------------------------------------------------------------------------
+#: ``issues.parquet``: one row per problem with one document (the job went on): ``stage``
+#: (``extract``, ``attribute``), ``kind`` (``empty``, ``truncated``, ``float16_overflow``,
+#: ``too_long``, ``error``) and the message
+ISSUES_SCHEMA = pa.schema(
+    [
+        pa.field("doc_id", pa.int64()),
+        pa.field("stage", pa.string()),
+        pa.field("kind", pa.string()),
+        pa.field("message", pa.string()),
+    ]
+)
+
+
+def issues_table(issues: list[dict]) -> pa.Table:
+    """:data:`ISSUES_SCHEMA` rows from issue dicts (``doc_id``, ``stage``, ``kind``, and the
+    message as ``message`` or ``error``), sorted by document then stage."""
+    rows = sorted(({"doc_id": int(i["doc_id"]), "stage": i.get("stage"), "kind": i.get("kind", "error"),
+                    "message": i.get("message", i.get("error"))} for i in issues),
+                  key=lambda r: (r["doc_id"], r["stage"] or ""))
+    return pa.Table.from_pylist(rows, schema=ISSUES_SCHEMA)
+

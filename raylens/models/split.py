@@ -92,7 +92,7 @@ def float16_overflow_issues(per_doc: dict[int, np.ndarray], doc_ids: Sequence[in
     for i, values in per_doc.items():
         n = int(np.count_nonzero(np.abs(values) > FLOAT16_MAX))
         if n:
-            out.append({"doc_id": int(doc_ids[i]), "stage": "extract",
+            out.append({"doc_id": int(doc_ids[i]), "stage": "extract", "kind": "float16_overflow",
                         "error": f"{n} activation values beyond float16's range (|x| > 65,504) stored as inf; "
                                  "those rows are left out of the fit; use extraction.activation_dtype: float32"})
     return out
@@ -304,8 +304,9 @@ class SplitModel:
             ``(table, issues)``: the activation table (schema :func:`raylens.io.schemas.activations_schema`,
             ``n_units`` rows, ordered by ``doc_id`` then ``unit``; ``predicted_class`` set for a
             sequence classifier at granularity ``cls``, whose forward then runs to the end,
-            null otherwise) and one dict ``{doc_id, stage,
-            error}`` per empty or truncated document (empty ones produce no rows).
+            null otherwise) and one dict ``{doc_id, stage, kind, error}`` per empty, truncated or
+            float16-overflowing document (``kind``: ``empty``, ``truncated``, ``float16_overflow``;
+            empty ones produce no rows).
 
         Raises:
             ValueError: unknown granularity, or ``texts`` and ``doc_ids`` of different lengths.
@@ -320,9 +321,10 @@ class SplitModel:
         issues: list[dict] = []
         for doc, t, e, u in zip(doc_ids, texts, encoded, units):
             if not t.strip() or not u:
-                issues.append({"doc_id": int(doc), "stage": "extract", "error": "empty text: no tokens, skipped"})
+                issues.append({"doc_id": int(doc), "stage": "extract", "kind": "empty",
+                               "error": "empty text: no tokens, skipped"})
             elif e.truncated:
-                issues.append({"doc_id": int(doc), "stage": "extract",
+                issues.append({"doc_id": int(doc), "stage": "extract", "kind": "truncated",
                                "error": f"truncated to max_tokens={max_tokens}"})
         # A classifier's prediction costs the rest of the forward: only at granularity cls, where
         # the row is the one the classification head reads (the forward then does not stop early).

@@ -15,8 +15,11 @@ classes or the vocabulary, computed in float32.
 **Batching.** Rows are packed in the order given into batches of at most ``batch_size`` rows
 (and at most ``max_batch_tokens`` padded tokens when given), right-padded with an attention mask
 of 0 on padding (and ``position_ids`` from the mask for causal LMs), so padding never changes a
-score. A causal LM computes logits only at the positions read (``logits_to_keep``) when its
-``forward`` accepts it.
+score. A causal LM computes logits only where they are read when its ``forward`` accepts
+``logits_to_keep``: at exactly the positions read (``keep_logits="positions"``, the methods'
+default), or at every position from the first one read to the end (``"tail"``, one slice: what
+the metrics have always used). The two agree up to float rounding (the output projection runs on
+a different number of rows); each caller keeps its own, so its scores stay exactly what they were.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ import torch
 
 #: what the target score is read from: raw logits, probabilities or log-probabilities
 INFERENCE_MODES = ("logits", "softmax", "log_softmax")
+#: which logits a causal LM computes: exactly the positions read, or all from the first one on
+KEEP_LOGITS = ("positions", "tail")
 
 
 def default_replace_token_id(tokenizer: Any) -> int:
@@ -102,11 +107,14 @@ class InferenceEngine:
         max_batch_tokens: also cap rows x padded length per batch (None: no cap).
         inference_mode: the default of :meth:`forward`'s ``mode`` (None: callers always pass one).
         progress: show a tqdm bar over batches (None: when there are several inputs and batches).
+        keep_logits: ``"positions"`` or ``"tail"`` (see the module docstring).
     """
 
     def __init__(self, model: Any, task: str, *, pad_id: int, batch_size: int = 32,
                  max_batch_tokens: int | None = None, inference_mode: str | None = "logits",
-                 progress: bool | None = None) -> None:
+                 progress: bool | None = None, keep_logits: str = "positions") -> None:
+        if keep_logits not in KEEP_LOGITS:
+            raise ValueError(f"keep_logits must be one of {KEEP_LOGITS}, got {keep_logits!r}")
         self.model = model
         self.task = task
         self.pad_id = int(pad_id)
@@ -114,6 +122,7 @@ class InferenceEngine:
         self.max_batch_tokens = max_batch_tokens
         self.inference_mode = inference_mode
         self.progress = progress
+        self.keep_logits = keep_logits
         try:
             fwd = inspect.signature(model.forward).parameters
         except (TypeError, ValueError):
@@ -188,11 +197,16 @@ class InferenceEngine:
             if self.position_ids:
                 kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
             index = pos
-            if self.logits_to_keep:
+            width = attention_mask.shape[1]
+            if self.logits_to_keep and self.keep_logits == "tail":
+                kwargs["logits_to_keep"] = width - int(pos.min())
+            elif self.logits_to_keep:
                 keep = torch.unique(pos)
                 kwargs["logits_to_keep"] = keep
                 index = torch.searchsorted(keep, pos)
             logits = self.model(**kwargs).logits
+            if self.keep_logits == "tail":
+                index = pos - (width - logits.shape[1])  # logits[:, 0] is position width - n_kept
             vec = logits[rows.to(logits.device), index.to(logits.device)]
         else:
             logits = self.model(**kwargs).logits
@@ -243,5 +257,5 @@ class InferenceEngine:
         ).double().cpu().numpy()
 
 
-__all__ = ["INFERENCE_MODES", "InferenceEngine", "RowBlock", "default_replace_token_id", "target_pairs",
+__all__ = ["INFERENCE_MODES", "KEEP_LOGITS", "InferenceEngine", "RowBlock", "default_replace_token_id", "target_pairs",
            "teacher_forced", "transform"]

@@ -161,7 +161,7 @@ class _Scorer:
             blocks = [RowBlock(rows[r][1][None, :], *target_pairs(task, len(outputs[rows[r][0]].input_ids),
                                                                   outputs[rows[r][0]].targets)) for r in order]
             engine = InferenceEngine(self.model, task, pad_id=self.pad_id, batch_size=self.batch_size,
-                                     inference_mode=None, progress=False)
+                                     inference_mode=None, progress=False, keep_logits="tail")
             with engine.eval_mode():
                 for r, v in zip(order, engine.score_blocks(blocks, mode=self.mode_for(task))):
                     scores[r] = v[0]

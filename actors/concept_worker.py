@@ -12,8 +12,7 @@ import pyarrow as pa
 
 from actors.model_worker import ModelWorker
 from raylens.config import ConceptJobConfig
-from raylens.config.preflight import check_model
-from raylens.models.loading import LoadedModel
+from raylens.models.loading import LoadedModel, model_task
 from raylens.models.split import SplitModel, load_split_model
 
 
@@ -33,7 +32,7 @@ class ConceptModelWorker(ModelWorker):
         (`raylens.models.split.load_split_model`), except where the model's output is needed too
         (a classifier's predicted class at granularity ``cls``); else the whole model."""
         ex, m = self.cfg.extraction, self.cfg.model
-        needs_output = ex.granularity == "cls" and check_model(m.name, m.task) == "sequence_classification"
+        needs_output = ex.granularity == "cls" and model_task(m.name, m.task)[1] == "sequence_classification"
         if not self.extraction_only or needs_output:
             self.split = None
             return super().load()

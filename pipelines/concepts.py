@@ -26,6 +26,7 @@ from pipelines.report import write_concepts_table_and_report
 from raylens.config import ConceptJobConfig
 from raylens.io.schemas import IMPORTANCE_SCHEMA, importance_per_doc_schema, tensor_array
 from raylens.io.store import OutputStore
+from raylens.models.loading import model_task
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ def importance(store: OutputStore, cfg: ConceptJobConfig, worker) -> tuple[np.nd
     grad_mean = np.zeros(C)
     cxg_mean = np.full(C, np.nan)
     n_imp = 0
-    if cfg.importance.enabled and ray.get(worker.ping.remote()) and _task(cfg) != "base":
+    if cfg.importance.enabled and ray.get(worker.ping.remote()) and model_task(cfg.model.name, cfg.model.task)[1] != "base":
         ids, texts = _importance_texts(store, cfg.importance.n_samples)
         say(f"score: concept-to-output gradients over {len(texts)} documents")
         imp = ray.get(worker.importance.remote(texts))
@@ -190,12 +191,13 @@ def run_concept_job(cfg: ConceptJobConfig) -> dict:
     t_start = time.perf_counter()
     shards = write_documents(store, cfg)
     ext = extract(store, cfg, shards)
-    write_issues(store, [i for s in shards for i in store.shard_meta("activations", s).get("issues", [])])
+    markers = {s: store.shard_meta("activations", s) for s in shards}  # read once: issues and GPU ids
+    write_issues(store, [i for meta in markers.values() for i in meta.get("issues", [])])
     trainer, fitted = fit(store, cfg)
     frequency, worker, vocab = interpret(store, cfg, trainer)
     grad_mean, cxg_mean = importance(store, cfg, worker)
     store.write_json("resources.json", {  # the GPU ids each stage's actors were given
-        "extract": {s: store.shard_meta("activations", s).get("gpus") for s in shards},
+        "extract": {s: meta.get("gpus") for s, meta in markers.items()},
         "trainer": fitted.get("gpus"), "model_worker": ray.get(worker.gpus.remote())})
     ray.kill(worker)  # free its memory and GPUs before the labels (a local LLM may start)
     top = store.read_table("concepts/top_examples.parquet")
@@ -206,13 +208,3 @@ def run_concept_job(cfg: ConceptJobConfig) -> dict:
     total = time.perf_counter() - t_start
     say(f"done in {total:.0f}s")
     return {"output_uri": cfg.output_uri, "report": report, "fit": fitted, "extract": ext, "seconds": total}
-
-
-def _task(cfg: ConceptJobConfig) -> str:
-    if cfg.model.task:
-        return cfg.model.task
-    from transformers import AutoConfig
-
-    from raylens.models.loading import detect_task, resolve_model_source
-
-    return detect_task(AutoConfig.from_pretrained(resolve_model_source(cfg.model.name)))

@@ -4,14 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 from collections.abc import Iterator
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from raylens.llm.server import free_loopback_port
 
 
 @contextlib.contextmanager
@@ -22,7 +17,7 @@ def s3_server(bucket: str = "raylens-test") -> Iterator[str]:
     import pyarrow.fs as pafs
     from moto.server import ThreadedMotoServer
 
-    port = free_port()
+    port = free_loopback_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}

@@ -44,7 +44,7 @@ def test_yaml_syntax_error_names_line_and_column(tmp_path):
 
 
 def test_model_and_split_point_checked_from_config_only():
-    assert check_model("smollm2-135m", None, 15) == "causal_lm"
+    assert check_model("smollm2-135m", None, 15)[1:] == ("causal_lm", "model.layers.15")
     with pytest.raises(ConfigError, match="extraction.split_point: split_point 99 is out of range"):
         check_model("smollm2-135m", None, 99)
     with pytest.raises(ConfigError, match="extraction.split_point: .*not a module"):

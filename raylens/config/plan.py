@@ -53,21 +53,25 @@ def _n_params(module: Any) -> int:
 
 
 def _model_numbers(name: str, task: str | None, split_point: int | str, dtype: str) -> dict[str, Any]:
-    """Parameter counts of the whole model and of what extraction loads (meta device)."""
+    """Parameter counts of the whole model and of what extraction loads (meta device).
+
+    Raises:
+        ConfigError: through :func:`raylens.config.preflight.check_model` for a bad model or split.
+    """
     import torch
     from transformers import AutoModel
 
-    from raylens.models.loading import meta_model, truncated_config
-    from raylens.models.split import layer_stack, resolve_split_point
+    from raylens.config.preflight import check_model
+    from raylens.models.loading import truncated_config
+    from raylens.models.split import block_index, layer_stack
 
-    skeleton, task = meta_model(name, task)
+    skeleton, task, path = check_model(name, task, split_point)
     cfg = skeleton.config
-    path = resolve_split_point(skeleton, split_point)
-    stack, layers = layer_stack(skeleton)
-    rest = path[len(stack) + 1:].split(".")[0] if path.startswith(stack + ".") else ""
-    n_blocks = int(rest) + 1 if rest.isdigit() else len(layers)
+    _, layers = layer_stack(skeleton)
+    index = block_index(skeleton, path)
+    n_blocks = len(layers) if index is None else index + 1
     with torch.device("meta"):
-        part = AutoModel.from_config(truncated_config(cfg, n_blocks)) if rest.isdigit() else skeleton
+        part = skeleton if index is None else AutoModel.from_config(truncated_config(cfg, n_blocks))
     embed = skeleton.get_input_embeddings().weight.numel()
     return {"architecture": type(skeleton).__name__, "task": task, "n_layers": len(layers), "split": path,
             "blocks_loaded": n_blocks, "d_model": int(cfg.hidden_size), "vocab_size": int(cfg.vocab_size),
@@ -106,8 +110,15 @@ def _corpus_numbers(cfg: Any, sample_docs: int, *, max_tokens: int, exclude_firs
 
 
 def _count_documents(corpus: Any) -> int:
-    from raylens.data.corpora import iter_corpus
+    """Rows of the corpus: from the Parquet footers (or one CSV scan) for a file, folder or URI;
+    by streaming it otherwise (built-ins, JSON lines, ``datasets`` names)."""
+    from pathlib import Path
 
+    from raylens.data.corpora import file_dataset, iter_corpus
+
+    source = corpus.source
+    if (Path(source).exists() or "://" in source) and Path(source).suffix.lower() not in (".json", ".jsonl"):
+        return file_dataset(source).count_rows()
     return sum(t.num_rows for t in iter_corpus(corpus.source, text_column=corpus.text_column,
                                                label_column=corpus.label_column, chunk_rows=65536))
 
@@ -130,9 +141,6 @@ def plan_concept_job(cfg: Any, *, sample_docs: int = 200) -> dict[str, Any]:
     Raises:
         ConfigError: through :func:`raylens.config.preflight.check_model` for a bad model or split.
     """
-    from raylens.config.preflight import check_model
-
-    check_model(cfg.model.name, cfg.model.task, cfg.extraction.split_point)
     ex, res = cfg.extraction, cfg.resources
     m = _model_numbers(cfg.model.name, cfg.model.task, ex.split_point, cfg.model.dtype)
     c = _corpus_numbers(cfg, sample_docs, max_tokens=ex.max_tokens, exclude_first_tokens=ex.exclude_first_tokens,
@@ -183,13 +191,9 @@ def plan_attribution_job(cfg: Any, *, sample_docs: int = 200) -> dict[str, Any]:
     Raises:
         ConfigError: through :func:`raylens.config.preflight.check_model` for a bad model.
     """
-    import math as _math
-
     from raylens.config.preflight import check_model
-    from raylens.models.loading import meta_model
 
-    check_model(cfg.model.name, cfg.model.task)
-    skeleton, task = meta_model(cfg.model.name, cfg.model.task)
+    skeleton, task, _ = check_model(cfg.model.name, cfg.model.task)
     a, res = cfg.attribution, cfg.resources
     c = _corpus_numbers(cfg, sample_docs, max_tokens=a.max_tokens)
     n_params = _n_params(skeleton)
@@ -199,9 +203,9 @@ def plan_attribution_job(cfg: Any, *, sample_docs: int = 200) -> dict[str, Any]:
     on_gpu = res.gpus_per_worker > 0
     return {"job": "attribute", "model": {"architecture": type(skeleton).__name__, "task": task,
                                           "params_total": n_params},
-            "corpus": c, "rows": rows, "n_shards": _math.ceil(c["n_docs"] / a.shard_size),
+            "corpus": c, "rows": rows, "n_shards": math.ceil(c["n_docs"] / a.shard_size),
             "memory": {"weights_full_bytes": int(weights),
-                       "weights_full_per_gpu_bytes": int(weights / max(1, _math.ceil(res.gpus_per_worker)))
+                       "weights_full_per_gpu_bytes": int(weights / max(1, math.ceil(res.gpus_per_worker)))
                        if on_gpu else 0,
                        "host_ram_per_worker_bytes": int(RUNTIME_BYTES + (0 if on_gpu else weights))}}
 

@@ -16,9 +16,10 @@ def _fail(field: str, exc: BaseException) -> ConfigError:
     return ConfigError(field_error(f"{field}: {' '.join(str(msg).split())}"))  # one line
 
 
-def check_model(model_name: str, task: str | None, split_point: int | str | None = None) -> str:
+def check_model(model_name: str, task: str | None, split_point: int | str | None = None
+                ) -> tuple[Any, str, str | None]:
     """Read the model's config (a skeleton on the meta device: no weights, no memory) and, when
-    given, resolve ``split_point`` in it. Returns the model's task.
+    given, resolve ``split_point`` in it. Returns ``(skeleton, task, split module path or None)``.
 
     Raises:
         ConfigError: ``model.name`` cannot be read, or ``extraction.split_point`` is out of range
@@ -31,12 +32,12 @@ def check_model(model_name: str, task: str | None, split_point: int | str | None
         model, task = meta_model(model_name, task)
     except (FileNotFoundError, ValueError, KeyError) as exc:
         raise _fail("model.name", exc) from None
-    if split_point is not None:
-        try:
-            resolve_split_point(model, split_point)
-        except ValueError as exc:
-            raise _fail("extraction.split_point", exc) from None
-    return task
+    if split_point is None:
+        return model, task, None
+    try:
+        return model, task, resolve_split_point(model, split_point)
+    except ValueError as exc:
+        raise _fail("extraction.split_point", exc) from None
 
 
 def check_corpus(source: str, columns: dict[str, str | None]) -> None:

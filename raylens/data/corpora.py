@@ -37,19 +37,12 @@ def _iter_source(source: str, text_column: str, label_column: str | None, chunk_
     path = Path(source)
     suffix = path.suffix.lower()
     if path.exists() or "://" in source:
-        import pyarrow.dataset as ds
-
         if suffix in (".jsonl", ".json"):
             import pyarrow.json as pj
 
             batches = pj.read_json(source).to_batches(chunk_rows)
         else:
-            fmt = "csv" if suffix in (".csv", ".tsv") else "parquet"
-            if suffix == ".tsv":
-                import pyarrow.csv as pcsv
-
-                fmt = ds.CsvFileFormat(parse_options=pcsv.ParseOptions(delimiter="\t"))
-            batches = ds.dataset(source, format=fmt).to_batches(batch_size=chunk_rows)
+            batches = file_dataset(source).to_batches(batch_size=chunk_rows)
         for b in batches:
             yield _select(pa.Table.from_batches([b]), text_column, label_column, source)
         return
@@ -90,6 +83,19 @@ def _select(table: pa.Table, text_column: str, label_column: str | None, source:
     return pa.table({"text": texts, "label": labels})
 
 
+def file_dataset(source: str):
+    """A ``pyarrow.dataset`` over a CSV (``.csv``), TSV (``.tsv``) or Parquet (anything else) file,
+    folder or URI; opening it reads only its schema (Parquet footer, CSV header)."""
+    import pyarrow.dataset as ds
+
+    suffix = Path(source).suffix.lower()
+    if suffix == ".tsv":
+        import pyarrow.csv as pcsv
+
+        return ds.dataset(source, format=ds.CsvFileFormat(parse_options=pcsv.ParseOptions(delimiter="\t")))
+    return ds.dataset(source, format="csv" if suffix == ".csv" else "parquet")
+
+
 def corpus_columns(source: str) -> list[str]:
     """The column names of a corpus, reading only its schema (Parquet footer, CSV header, the
     first JSON line; a built-in's are ``text`` and ``label``).
@@ -109,14 +115,7 @@ def corpus_columns(source: str) -> list[str]:
             with open(path, encoding="utf-8", errors="replace") as fh:
                 first = fh.readline()
             return list(json.loads(first)) if first.strip() else []
-        import pyarrow.dataset as ds
-
-        if suffix in (".csv", ".tsv"):
-            import pyarrow.csv as pcsv
-
-            fmt = ds.CsvFileFormat(parse_options=pcsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ","))
-            return ds.dataset(source, format=fmt).schema.names
-        return ds.dataset(source, format="parquet").schema.names
+        return file_dataset(source).schema.names
     try:
         import datasets
 

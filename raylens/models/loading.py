@@ -110,6 +110,21 @@ def load_model_config(source: str, *, name: str | None = None) -> Any:
         ) from exc
 
 
+def model_task(name_or_path: str, task: Task | None = None) -> tuple[Any, str]:
+    """A model's ``transformers`` config and its task (``task`` when given, else read from the
+    config's ``architectures``), from ``config.json`` only: no weights, nothing built. A built-in
+    recipe model not built yet is described by the model it is fine-tuned from, with its task.
+
+    Raises:
+        FileNotFoundError: as :func:`load_model_config`.
+    """
+    source = str(builtin_config_path(name_or_path)) if name_or_path in BUILTIN_MODELS else name_or_path
+    config = load_model_config(source, name=name_or_path)
+    if task is None and name_or_path in BUILTIN_MODELS and BUILTIN_MODELS[name_or_path].kind == "finetuned":
+        return config, "sequence_classification"
+    return config, task or detect_task(config)
+
+
 def meta_model(name_or_path: str, task: Task | None = None) -> tuple[torch.nn.Module, str]:
     """The model's skeleton on PyTorch's meta device (no weights, no memory) and its task: enough
     to check module paths and count parameters before anything is loaded. A built-in recipe model
@@ -119,11 +134,7 @@ def meta_model(name_or_path: str, task: Task | None = None) -> tuple[torch.nn.Mo
         FileNotFoundError: as :func:`load_model_config`.
         ValueError: unknown ``task``.
     """
-    source = str(builtin_config_path(name_or_path)) if name_or_path in BUILTIN_MODELS else name_or_path
-    config = load_model_config(source, name=name_or_path)
-    task = task or detect_task(config)
-    if name_or_path in BUILTIN_MODELS and BUILTIN_MODELS[name_or_path].kind == "finetuned":
-        task = "sequence_classification"
+    config, task = model_task(name_or_path, task)
     classes = model_classes()
     if task not in classes:
         raise ValueError(f"task must be one of {sorted(classes)}, got {task!r}")

@@ -84,10 +84,15 @@ FLOAT16_MAX = 65504.0
 
 
 def float16_overflow_issues(per_doc: dict[int, np.ndarray], doc_ids: Sequence[int]) -> list[dict]:
-    """One issue per document whose activations exceed float16's range (``|x| > 65,504``): stored
-    as float16 they become ``inf`` (those rows are left out of the fit by
+    """One issue per document whose activations exceed float16's range (``|x| > 65,504``):
+    stored as float16 they become ``inf`` (those rows are left out of the fit by
     :class:`raylens.io.readers.ActivationStream`). Bfloat16 models reach such values (a massive
-    activation); ``extraction.activation_dtype: float32`` stores them exactly."""
+    activation); ``extraction.activation_dtype: float32`` stores them exactly.
+
+    Args:
+        per_doc: document index -> its unit activations, float32 ``(n_units, d_model)``.
+        doc_ids: ``(n_docs,)`` ids, indexed by the same document index.
+    """
     out = []
     for i, values in per_doc.items():
         n = int(np.count_nonzero(np.abs(values) > FLOAT16_MAX))
@@ -96,6 +101,14 @@ def float16_overflow_issues(per_doc: dict[int, np.ndarray], doc_ids: Sequence[in
                         "error": f"{n} activation values beyond float16's range (|x| > 65,504) stored as inf; "
                                  "those rows are left out of the fit; use extraction.activation_dtype: float32"})
     return out
+
+
+def block_index(model: torch.nn.Module, module_path: str) -> int | None:
+    """The index in :func:`layer_stack` of the block holding ``module_path`` (the block itself or
+    a module inside it), or ``None`` for a module outside the stack (embeddings, final norm)."""
+    stack, _ = layer_stack(model)
+    rest = module_path[len(stack) + 1:].split(".")[0] if module_path.startswith(stack + ".") else ""
+    return int(rest) if rest.isdigit() else None
 
 
 def load_split_model(name_or_path: str, split_point: int | str, *, task: str | None = None,
@@ -116,14 +129,12 @@ def load_split_model(name_or_path: str, split_point: int | str, *, task: str | N
     """
     skeleton, _ = meta_model(name_or_path, task)
     path = resolve_split_point(skeleton, split_point)
-    stack, layers = layer_stack(skeleton)
-    prefix = f"{stack}."
-    index = path[len(prefix):].split(".")[0] if path.startswith(prefix) else ""
-    if not (truncate and index.isdigit()):
+    index = block_index(skeleton, path)
+    if not truncate or index is None:
         loaded = load_model(name_or_path, task=task, dtype=dtype, device=device, device_map=device_map)
         return SplitModel(loaded, path)
     loaded = load_model(name_or_path, task=task, dtype=dtype, device=device, device_map=device_map,
-                        num_layers=int(index) + 1)
+                        num_layers=index + 1)
     base = f"{skeleton.base_model_prefix}."
     inner = path[len(base):] if path.startswith(base) and skeleton.base_model is not skeleton else path
     return SplitModel(loaded, inner)

@@ -43,9 +43,41 @@ def write_documents(store: OutputStore, cfg: ConceptJobConfig) -> list[str]:
                                limit=c.limit, shuffle_seed=c.shuffle_seed, shard_size=cfg.extraction.shard_size)
 
 
+def _gpu_bytes() -> float | None:
+    """Memory of one GPU of the cluster (bytes), asked of a one-GPU task; None without CUDA
+    (Ray's fake GPUs)."""
+    def probe() -> float | None:
+        import torch
+
+        return float(torch.cuda.get_device_properties(0).total_memory) if torch.cuda.is_available() else None
+
+    return ray.get(ray.remote(num_gpus=1, num_cpus=0)(probe).remote())
+
+
+def extraction_resources(cfg: ConceptJobConfig) -> ConceptJobConfig:
+    """``cfg`` with the extraction stage's workers and GPUs placed by
+    `raylens.models.placement.extraction_placement` when workers have several GPUs: workers of one
+    GPU each when the extraction model fits on one, else sharded over the fewest GPUs that hold it."""
+    res = cfg.resources
+    if res.gpus_per_worker <= 1:
+        return cfg
+    from raylens.config.plan import plan_concept_job
+    from raylens.models.placement import extraction_placement
+
+    need = plan_concept_job(cfg, sample_docs=50)["memory"]["extraction_gpu_peak_bytes"]
+    place = extraction_placement(need_bytes=need, gpu_bytes=_gpu_bytes(), num_workers=res.num_workers,
+                                 gpus_per_worker=res.gpus_per_worker)
+    if place.reason != "as configured":
+        say(f"extract: {place.reason}")
+    return cfg.model_copy(update={"resources": res.model_copy(
+        update={"num_workers": place.num_workers, "gpus_per_worker": place.gpus_per_worker})})
+
+
 def extract(store: OutputStore, cfg: ConceptJobConfig, shards: list[str]) -> dict:
-    """Run the model workers over the shards that have no ``_SUCCESS`` marker yet."""
-    run = run_shard_stage("extract", ConceptModelWorker, cfg, shards, worker_kwargs={"extraction_only": True})
+    """Run the model workers over the shards that have no ``_SUCCESS`` marker yet (placed by
+    :func:`extraction_resources`)."""
+    run = run_shard_stage("extract", ConceptModelWorker, extraction_resources(cfg), shards,
+                          worker_kwargs={"extraction_only": True})
     if not run.rows:
         return {"n_shards": 0, "seconds": 0.0, "n_tokens": 0}
     rows, seconds = run.rows, run.seconds

@@ -145,6 +145,9 @@ def run_shard_stage(stage: str, worker: type, cfg, shards: list[str], *, note: s
         rate = sum(r["n_rows"] for r in rows) / max(elapsed, 1e-9)
         progress(f"{stage}: {len(rows)}/{len(pending)} shards, {rate:.{0 if rate >= 10 else 2}f} rows/s, "
                  f"about {left:.0f}s left", final=len(rows) == len(pending))
+    n_oom = sum(int(r.get("oom_splits", 0)) for r in rows)
+    if n_oom:
+        say(f"{stage}: {n_oom} batches ran out of memory and were split and retried (counts in the shard markers)")
     return ShardStage(rows, time.perf_counter() - t0)
 
 

@@ -1,11 +1,12 @@
 """Checks that need more than the config's own fields, run by the jobs before any Ray work: the
-model's config (read, not its weights) names a model whose split point exists, and the corpus
-exists and has the columns the config names. Each problem is one :class:`ConfigError` line that
+model's config (read, not its weights) names a model whose split point exists, the corpus
+exists and has the columns the config names, and not every text of it is blank. Each problem is one :class:`ConfigError` line that
 names the field.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from raylens.config.common import ConfigError, field_error
@@ -62,6 +63,39 @@ def check_corpus(source: str, columns: dict[str, str | None]) -> None:
             raise ConfigError(field_error(f"{field}: corpus {source!r} has no column {column!r}; columns: {have}"))
 
 
+def check_corpus_texts(corpus: Any, label_column: str | None = None) -> None:
+    """Read the corpus (``corpus``: a :class:`~raylens.config.common.CorpusConfig`) until a text
+    that is not blank: the first chunk for a usable corpus, every row (up to ``corpus.limit``
+    when no sample is drawn) for a corpus whose texts are all blank. A ``datasets`` name is not
+    read here (the job stops on it when it writes its documents).
+
+    Raises:
+        ConfigError: ``corpus.source`` has no rows, or every text is blank (empty, whitespace,
+            null or refused); ``corpus.label_column`` or ``corpus.id_column`` is missing.
+    """
+    from raylens.data.builtins import BUILTIN_CORPORA
+    from raylens.data.corpora import iter_corpus
+
+    source = corpus.source
+    if source not in BUILTIN_CORPORA and "://" not in source and not Path(source).exists():
+        return
+    n = 0
+    try:
+        for chunk in iter_corpus(source, text_column=corpus.text_column, label_column=label_column,
+                                 limit=corpus.limit if corpus.shuffle_seed is None else None,
+                                 id_column=corpus.id_column, invalid_utf8=corpus.invalid_utf8):
+            if any(t and t.strip() for t in chunk["text"].to_pylist()):
+                return
+            n += chunk.num_rows
+    except KeyError as exc:
+        field = "corpus.id_column" if "id column" in str(exc) else "corpus.source"
+        raise _fail(field, exc) from None
+    except (OSError, ValueError) as exc:
+        raise _fail("corpus.source", exc) from None
+    why = f"every text in column {corpus.text_column!r} of the {n} rows read is blank" if n else "it has no rows"
+    raise ConfigError(field_error(f"corpus.source: no document to explain in {source!r}: {why}"))
+
+
 def preflight(cfg: Any) -> None:
     """Every check of this module for a job config (:class:`ConceptJobConfig` or
     :class:`AttributionJobConfig`), before Ray starts.
@@ -71,7 +105,8 @@ def preflight(cfg: Any) -> None:
     """
     corpus = cfg.corpus
     columns = {"corpus.text_column": corpus.text_column, "corpus.label_column": corpus.label_column,
-               "corpus.target_column": getattr(corpus, "target_column", None)}
+               "corpus.target_column": getattr(corpus, "target_column", None), "corpus.id_column": corpus.id_column}
     check_corpus(corpus.source, columns)
+    check_corpus_texts(corpus, getattr(corpus, "target_column", None) or corpus.label_column)
     extraction = getattr(cfg, "extraction", None)
     check_model(cfg.model.name, cfg.model.task, extraction.split_point if extraction is not None else None)

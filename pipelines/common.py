@@ -14,6 +14,7 @@ import ray
 
 from pipelines.console import progress, say
 from raylens.config import ConfigError
+from raylens.config.preflight import job_key_error
 from raylens.data.corpora import iter_corpus
 from raylens.io.schemas import DOCUMENTS_SCHEMA, issues_table
 from raylens.io.store import OutputStore, shard_name
@@ -85,13 +86,9 @@ def check_job_key(store: OutputStore, key: dict, config: dict, output_uri: str) 
         ConfigError: naming the settings that differ.
     """
     if store.exists("job_key.json"):
-        old = store.read_json("job_key.json")
-        if old != key:
-            diffs = [f"{s}.{k}" for s in key for k in key[s] if old.get(s, {}).get(k) != key[s][k]]
-            diffs += [s for s in old if s not in key]
-            raise ConfigError(
-                f"output_uri {output_uri!r} holds results made with other settings ({', '.join(diffs)}); "
-                "use a new output_uri or delete the old one")
+        err = job_key_error(output_uri, store.read_json("job_key.json"), key)
+        if err is not None:
+            raise err
     else:
         store.write_json("job_key.json", key)
     store.write_json("config.json", config)

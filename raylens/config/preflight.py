@@ -96,6 +96,48 @@ def check_corpus_texts(corpus: Any, label_column: str | None = None) -> None:
     raise ConfigError(field_error(f"corpus.source: no document to explain in {source!r}: {why}"))
 
 
+def job_key_error(output_uri: str, old: dict, key: dict) -> ConfigError | None:
+    """The error for resuming into ``output_uri``, whose ``job_key.json`` holds ``old``, with a job
+    whose key is ``key`` (the settings that determine the rows): None when they are equal, else a
+    :class:`ConfigError` naming the settings that differ."""
+    if old == key:
+        return None
+    diffs = [f"{s}.{k}" for s in key for k in key[s] if old.get(s, {}).get(k) != key[s][k]]
+    diffs += [s for s in old if s not in key]
+    return ConfigError(f"output_uri {output_uri!r} holds results made with other settings ({', '.join(diffs)}); "
+                       "use a new output_uri or delete the old one")
+
+
+def check_output(output_uri: str, key: dict) -> None:
+    """Check the output URI without creating it: it is not a file, and results already under it
+    (its ``job_key.json``) were made with the same ``key``.
+
+    Raises:
+        ConfigError: naming ``output_uri``.
+    """
+    import json
+
+    import pyarrow.fs as pafs
+
+    try:
+        fs, root = pafs.FileSystem.from_uri(output_uri) if "://" in output_uri else \
+            (pafs.LocalFileSystem(), str(Path(output_uri).absolute()))
+        info = fs.get_file_info(root)
+        if info.type == pafs.FileType.File:
+            raise ConfigError(field_error(f"output_uri: {output_uri!r} is a file, not a folder"))
+        if info.type == pafs.FileType.NotFound or fs.get_file_info(f"{root}/job_key.json").type != pafs.FileType.File:
+            return
+        with fs.open_input_stream(f"{root}/job_key.json") as fh:
+            old = json.loads(fh.read())
+    except (OSError, ValueError) as exc:  # unreachable now: the job itself reports it
+        if isinstance(exc, ConfigError):
+            raise
+        return
+    err = job_key_error(output_uri, old, key)
+    if err is not None:
+        raise err
+
+
 def preflight(cfg: Any) -> None:
     """Every check of this module for a job config (:class:`ConceptJobConfig` or
     :class:`AttributionJobConfig`), before Ray starts.
@@ -109,4 +151,5 @@ def preflight(cfg: Any) -> None:
     check_corpus(corpus.source, columns)
     check_corpus_texts(corpus, getattr(corpus, "target_column", None) or corpus.label_column)
     extraction = getattr(cfg, "extraction", None)
+    check_output(cfg.output_uri, cfg.extraction_key() if extraction is not None else cfg.job_key())
     check_model(cfg.model.name, cfg.model.task, extraction.split_point if extraction is not None else None)

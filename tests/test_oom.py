@@ -100,3 +100,41 @@ def test_concept_importance_batches_split_on_oom_give_the_same_gradients(clf, ho
     torch.testing.assert_close(got[0], ref[0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got[1], ref[1], rtol=1e-4, atol=1e-5)
     assert torch.equal(got[2], ref[2])
+
+
+def test_attribution_worker_marker_counts_the_splits_and_rows_are_unchanged(tmp_path, hook):
+    """The job's attribution worker (called directly, no Ray) on one document shard, without and
+    with the hook: the same attribution table, and the shard marker counts the splits."""
+    import pyarrow as pa
+
+    from actors.attribution_worker import AttributionModelWorker
+    from raylens.config import AttributionJobConfig, load_config
+    from raylens.io.schemas import DOCUMENTS_SCHEMA
+    from raylens.io.store import OutputStore
+
+    docs = pa.table({"doc_id": [0, 1], "text": TEXTS[:2], "label": [None, None]}, schema=DOCUMENTS_SCHEMA)
+    tables, markers = [], []
+    for limit, name in ((None, "plain"), (2, "oom")):
+        hook(limit)
+        out = str(tmp_path / name)
+        OutputStore(out).write_shard("documents", "shard-00000", docs)
+        cfg = load_config(None, {"output_uri": out, "attribution.methods": ["Occlusion", "Saliency"],
+                                 "attribution.batch_size": 8, "metrics.enabled": False}, cls=AttributionJobConfig)
+        worker = AttributionModelWorker(config=cfg.model_dump())
+        summary = worker({"shard": np.array(["shard-00000"])})
+        store = OutputStore(out)
+        tables.append(store.read_table("attributions/shard-00000.parquet"))
+        markers.append(store.shard_meta("attributions", "shard-00000"))
+        assert int(summary["oom_splits"][0]) == markers[-1]["oom_splits"]
+    assert markers[0]["oom_splits"] == 0 and markers[1]["oom_splits"] >= 2
+    plain, oom = (t.drop_columns([c for c in t.column_names if "second" in c]).to_pylist() for t in tables)
+    assert len(plain) == len(oom) == 4
+    for a, b in zip(plain, oom):
+        assert a.keys() == b.keys()
+        for k in a:
+            try:
+                want = np.asarray(a[k], dtype=float)
+            except (TypeError, ValueError):
+                assert a[k] == b[k], k
+                continue
+            np.testing.assert_allclose(np.asarray(b[k], dtype=float), want, rtol=1e-5, atol=1e-5, err_msg=k)

@@ -78,11 +78,11 @@ def _kill_driver_after_first_shards(job: str, args: list[str], markers: pathlib.
         below = _descendants(proc.pid)
         proc.send_signal(signal.SIGKILL)  # the driver, mid-job
         proc.wait()
-    finally:
-        for pid in [proc.pid] + locals().get("below", []):
+    finally:  # the driver's process group (its own session) and every process it started
+        for kill, target in [(os.killpg, proc.pid)] + [(os.kill, p) for p in [proc.pid] + locals().get("below", [])]:
             try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
+                kill(target, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
                 pass
         proc.wait()
 

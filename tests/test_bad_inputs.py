@@ -123,4 +123,4 @@ def test_bad_target_values_are_error_rows_and_the_others_are_explained():
     rows = {r["doc_id"]: r for r in table.to_pylist()}
     assert rows[0]["error"] is None and rows[3]["error"] is None
     assert "'banana' is neither a class index nor a class name" in rows[1]["error"]
-    assert rows[2]["error"] == "missing target"
+    assert rows[2]["error"] == "bad target: missing target"

@@ -18,11 +18,12 @@ import numpy as np
 import pyarrow as pa
 
 from raylens.io.store import OutputStore
+from raylens.models.batching import take_oom_events
 
 log = logging.getLogger(__name__)
 
 #: summary columns every shard worker returns (one row per shard), before its own counts
-SUMMARY_COLUMNS = ("shard", "skipped", "n_docs", "n_rows", "seconds")
+SUMMARY_COLUMNS = ("shard", "skipped", "n_docs", "n_rows", "seconds", "oom_splits")
 
 
 class ShardWorker(ABC):
@@ -68,7 +69,9 @@ class ShardWorker(ABC):
 
         Returns:
             One summary row per shard: :data:`SUMMARY_COLUMNS` (``seconds`` in seconds of
-            reading plus processing, 0 for a skipped shard of an older run without it) and the
+            reading plus processing, 0 for a skipped shard of an older run without it),
+            ``oom_splits`` (batches split after running out of device memory,
+            `raylens.models.batching`; also in the marker) and the
             columns of :meth:`shard_counts`.
         """
         rows = [self.run_shard(str(shard)) for shard in batch["shard"]]
@@ -81,14 +84,17 @@ class ShardWorker(ABC):
             meta = self.store.shard_meta(self.kind, shard)
         else:
             t0 = time.perf_counter()
+            take_oom_events()  # count this shard's out-of-memory splits only
             docs = self.store.read_table(f"documents/{shard}.parquet")
             table, meta = self.process_shard(shard, docs)
             meta["seconds"] = time.perf_counter() - t0
+            meta["oom_splits"] = take_oom_events()
             meta.update(self.shard_meta())
             self.store.write_shard(self.kind, shard, table, meta)
             meta = {"n_rows": table.num_rows, **meta}
             log.info("%s: shard %s, %d documents, %d rows in %.1fs", self.kind, shard, docs.num_rows,
                      table.num_rows, meta["seconds"])
         row = {"shard": shard, "skipped": skipped, "n_docs": int(meta.get("n_docs", 0)),
-               "n_rows": int(meta["n_rows"]), "seconds": float(meta.get("seconds", 0.0))}
+               "n_rows": int(meta["n_rows"]), "seconds": float(meta.get("seconds", 0.0)),
+               "oom_splits": int(meta.get("oom_splits", 0))}
         return row | {k: int(v) for k, v in self.shard_counts(meta).items()}

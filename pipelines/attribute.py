@@ -32,9 +32,7 @@ def check_config(store: OutputStore, cfg: AttributionJobConfig) -> None:
 def write_documents(store: OutputStore, cfg: AttributionJobConfig) -> list[str]:
     """The corpus into ``documents/`` shards (once); the target column, when set, as ``label``."""
     c = cfg.corpus
-    return write_corpus_shards(store, c.source, text_column=c.text_column,
-                               label_column=c.target_column or c.label_column, limit=c.limit,
-                               shuffle_seed=c.shuffle_seed, shard_size=cfg.attribution.shard_size)
+    return write_corpus_shards(store, c, cfg.attribution.shard_size, label_column=c.target_column or c.label_column)
 
 
 def attribute(store: OutputStore, cfg: AttributionJobConfig, shards: list[str]) -> dict:

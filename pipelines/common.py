@@ -4,16 +4,17 @@ document shards on an actor pool (Ray Data)."""
 
 from __future__ import annotations
 
-from collections import Counter
-
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from pipelines.console import progress, say
 from raylens.config import ConfigError
+from raylens.config.preflight import job_key_error
 from raylens.data.corpora import iter_corpus
 from raylens.io.schemas import DOCUMENTS_SCHEMA, issues_table
 from raylens.io.store import OutputStore, shard_name
@@ -21,49 +22,59 @@ from raylens.io.store import OutputStore, shard_name
 __all__ = ["ShardStage", "check_job_key", "run_shard_stage", "say", "write_corpus_shards"]
 
 
-def write_corpus_shards(store: OutputStore, source: str, *, text_column: str, label_column: str | None,
-                        limit: int | None, shuffle_seed: int | None, shard_size: int) -> list[str]:
-    """Stream the corpus into ``documents/`` shards of ``shard_size`` rows, once: a rerun reads the
-    manifest written at the end. Returns the shard names. Console: the corpus read, documents read
-    so far, then the count written.
+def write_corpus_shards(store: OutputStore, corpus, shard_size: int, *, label_column: str | None = None) -> list[str]:
+    """Stream the corpus (``corpus``: the job's corpus section) into ``documents/`` shards of
+    ``shard_size`` rows, once: a rerun reads the manifest written at the end. Rows refused by the
+    corpus reader (`raylens.data.corpora.iter_corpus`: invalid UTF-8 with ``skip``, a text that
+    is a list or a mapping, a repeated id) are not documents; their problems and those of the
+    kept rows (replaced bytes, null or non-string texts) go into the manifest's ``issues``,
+    which :func:`write_issues` adds to ``issues.parquet``. Console: the corpus read, documents
+    read so far, then the count written.
+
+    Args:
+        label_column: the column read as ``label`` (default ``corpus.label_column``).
 
     Raises:
-        ConfigError: the corpus produced no documents.
+        ConfigError: the corpus produced no documents, or every text is blank.
     """
-    say(f"documents: reading corpus {source!r} (limit {limit})")
+    source = corpus.source
+    say(f"documents: reading corpus {source!r} (limit {corpus.limit})")
     if store.exists("documents", "_manifest.json"):
         shards = store.read_json("documents/_manifest.json")["shards"]
         say(f"documents: {len(shards)} shards written by an earlier run")
         return shards
-    shards, buf, n = [], [], 0
-    chunks = iter_corpus(source, text_column=text_column, label_column=label_column, limit=limit,
-                         shuffle_seed=shuffle_seed, chunk_rows=shard_size)
+    chunks = iter_corpus(source, text_column=corpus.text_column, label_column=label_column or corpus.label_column,
+                         limit=corpus.limit, shuffle_seed=corpus.shuffle_seed, chunk_rows=shard_size,
+                         id_column=corpus.id_column, invalid_utf8=corpus.invalid_utf8, with_issues=True)
+    shards: list[str] = []
+    issues: list[dict] = []
+    n_read = n_text = 0
 
-    n_read = 0
-
-    def flush(tables: list[pa.Table]) -> None:
-        nonlocal n_read
+    def flush(table: pa.Table) -> None:
+        nonlocal n_read, n_text
         name = shard_name(len(shards))
-        table = pa.concat_tables(tables).cast(DOCUMENTS_SCHEMA)
-        store.write_shard("documents", name, table)
+        store.write_shard("documents", name, table.cast(DOCUMENTS_SCHEMA))
         shards.append(name)
         n_read += table.num_rows
+        n_text += sum(1 for t in table["text"].to_pylist() if t and t.strip())
         progress(f"documents: {n_read} read, {len(shards)} shards written")
 
+    buf = None
     for chunk in chunks:
-        buf.append(chunk)
-        n += chunk.num_rows
-        while n >= shard_size:
-            whole = pa.concat_tables(buf)
-            flush([whole.slice(0, shard_size)])
-            rest = whole.slice(shard_size)
-            buf, n = ([rest] if rest.num_rows else []), rest.num_rows
-    if n:
+        issues += [{"doc_id": d, "stage": "corpus", **i} for d, row in zip(chunk["doc_id"].to_pylist(),
+                                                                          chunk["issues"].to_pylist()) for i in row]
+        kept = chunk.filter(pc.invert(chunk["refused"])).select(["doc_id", "text", "label"])
+        buf = kept if buf is None else pa.concat_tables([buf, kept])
+        while buf.num_rows >= shard_size:
+            flush(buf.slice(0, shard_size))
+            buf = buf.slice(shard_size)
+    if buf is not None and buf.num_rows:
         flush(buf)
-    if not shards:
-        raise ConfigError(f"corpus.source {source!r} produced no documents")
-    store.write_json("documents/_manifest.json", {"shards": shards})
-    say(f"documents: {n_read} documents in {len(shards)} shards")
+    if not n_text:
+        raise ConfigError(f"corpus.source {source!r} produced no documents" if not n_read else
+                          f"corpus.source: every text of the {n_read} documents of {source!r} is blank")
+    store.write_json("documents/_manifest.json", {"shards": shards, "issues": issues})
+    say(f"documents: {n_read} documents in {len(shards)} shards" + (f", {len(issues)} corpus issues" if issues else ""))
     return shards
 
 
@@ -75,13 +86,9 @@ def check_job_key(store: OutputStore, key: dict, config: dict, output_uri: str) 
         ConfigError: naming the settings that differ.
     """
     if store.exists("job_key.json"):
-        old = store.read_json("job_key.json")
-        if old != key:
-            diffs = [f"{s}.{k}" for s in key for k in key[s] if old.get(s, {}).get(k) != key[s][k]]
-            diffs += [s for s in old if s not in key]
-            raise ConfigError(
-                f"output_uri {output_uri!r} holds results made with other settings ({', '.join(diffs)}); "
-                "use a new output_uri or delete the old one")
+        err = job_key_error(output_uri, store.read_json("job_key.json"), key)
+        if err is not None:
+            raise err
     else:
         store.write_json("job_key.json", key)
     store.write_json("config.json", config)
@@ -145,12 +152,18 @@ def run_shard_stage(stage: str, worker: type, cfg, shards: list[str], *, note: s
         rate = sum(r["n_rows"] for r in rows) / max(elapsed, 1e-9)
         progress(f"{stage}: {len(rows)}/{len(pending)} shards, {rate:.{0 if rate >= 10 else 2}f} rows/s, "
                  f"about {left:.0f}s left", final=len(rows) == len(pending))
+    n_oom = sum(int(r.get("oom_splits", 0)) for r in rows)
+    if n_oom:
+        say(f"{stage}: {n_oom} batches ran out of memory and were split and retried (counts in the shard markers)")
     return ShardStage(rows, time.perf_counter() - t0)
 
 
 def write_issues(store: OutputStore, issues: list[dict]) -> None:
-    """Write the job's per-document problems to ``issues.parquet``
+    """Write the job's per-document problems (and the corpus reader's, from the documents
+    manifest) to ``issues.parquet``
     (`raylens.io.schemas.ISSUES_SCHEMA`, also when there are none) and say how many of each kind."""
+    if store.exists("documents", "_manifest.json"):  # the corpus reader's (see write_corpus_shards)
+        issues = store.read_json("documents/_manifest.json").get("issues", []) + list(issues)
     table = issues_table(issues)
     store.write_table("issues.parquet", table)
     kinds = Counter(table["kind"].to_pylist())

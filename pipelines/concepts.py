@@ -38,9 +38,7 @@ def check_config(store: OutputStore, cfg: ConceptJobConfig) -> None:
 
 def write_documents(store: OutputStore, cfg: ConceptJobConfig) -> list[str]:
     """Stream the corpus into ``documents/`` shards of ``extraction.shard_size`` rows (once)."""
-    c = cfg.corpus
-    return write_corpus_shards(store, c.source, text_column=c.text_column, label_column=c.label_column,
-                               limit=c.limit, shuffle_seed=c.shuffle_seed, shard_size=cfg.extraction.shard_size)
+    return write_corpus_shards(store, cfg.corpus, cfg.extraction.shard_size)
 
 
 def _gpu_bytes() -> float | None:

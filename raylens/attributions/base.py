@@ -51,6 +51,7 @@ from raylens.attributions.engine import (
 from raylens.attributions.inputs import TASKS, InputPreparer, PreparedInput, model_limit, resolve_task, unwrap_model
 from raylens.attributions.output import AttributionOutput
 from raylens.attributions.perturbations import EmbeddingContext, EmbeddingPerturbator, MaskPerturbator
+from raylens.models.batching import split_on_oom
 
 log = logging.getLogger(__name__)
 
@@ -503,7 +504,8 @@ class GradientExplainer(AttributionExplainer):
                 rows = [jobs[j] for j in batch]
                 in_batch = list(dict.fromkeys(i for i, _ in rows))
                 contexts = {i: contexts.get(i) or self._context(items[i], seed) for i in in_batch}
-                self._gradient_batch(items, seqs, pairs, rows, contexts, sums, clean)
+                split_on_oom(lambda part: self._gradient_batch(items, seqs, pairs, part, contexts, sums, clean),
+                             rows, what="forward/backward batch")  # out of memory: halves, retried
                 bar.update(1)
         out = []
         for i, it in enumerate(items):

@@ -33,6 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from raylens.models.batching import split_on_oom
+
 #: what the target score is read from: raw logits, probabilities or log-probabilities
 INFERENCE_MODES = ("logits", "softmax", "log_softmax")
 #: which logits a causal LM computes: exactly the positions read, or all from the first one on
@@ -221,6 +223,8 @@ class InferenceEngine:
 
         Rows are packed in block order (put similar lengths next to each other for little padding
         work); ``n_inputs`` (default: the number of blocks) only decides whether a bar is shown.
+        A batch that runs out of device memory is split in halves and retried
+        (:func:`raylens.models.batching.split_on_oom`).
         """
         out = [np.zeros((b.ids.shape[0], len(b.tok))) for b in blocks]
         jobs = [(i, r) for i, b in enumerate(blocks) for r in range(b.ids.shape[0])]
@@ -228,7 +232,9 @@ class InferenceEngine:
         with self.bar(len(batches), len(blocks) if n_inputs is None else n_inputs, desc) as bar:
             for batch in batches:
                 here = [jobs[j] for j in batch]
-                scores = self._score_batch([(blocks[i], r) for i, r in here], mode)
+                scores = np.concatenate(split_on_oom(  # out of memory: halves, retried (nothing lost)
+                    lambda part: self._score_batch([(blocks[i], r) for i, r in part], mode), here,
+                    what="forward batch"))
                 offset = 0
                 for i, r in here:
                     n = len(blocks[i].tok)

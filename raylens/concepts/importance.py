@@ -32,6 +32,7 @@ from typing import NamedTuple
 
 import torch
 
+from raylens.models.batching import split_on_oom
 from raylens.models.split import SplitModel
 
 POSITIONS = ("all", "cls")
@@ -141,17 +142,20 @@ def concept_gradient_batches(
             (:func:`explained_positions`); None: every position.
         exclude_first_tokens: with every position, positions below this do not count in the sums.
 
+    A batch that runs out of device memory is split in halves and retried
+    (:func:`raylens.models.batching.split_on_oom`): it then yields one result per piece.
+
     Yields:
         per batch, :class:`ConceptOutputGradients` with ``gradient`` and ``concept_x_gradient``
         ``(n, nb_concepts, n_outputs)``, ``outputs`` ``(n, n_outputs)`` (the selected indices),
         ``logits`` ``(n, n_outputs)`` and ``predicted`` ``(n,)``; CPU tensors.
     """
     causal = split.loaded.task == "causal_lm"
-    for b in range(0, len(encoded), batch_size):
-        ids, mask = split.pad(encoded[b: b + batch_size])
+
+    def one(docs: Sequence[int]) -> ConceptOutputGradients:
+        ids, mask = split.pad([encoded[d] for d in docs])
         n, t = ids.shape
-        pos = None if positions is None else torch.tensor([p[0] for p in positions[b: b + batch_size]],
-                                                          device=ids.device)
+        pos = None if positions is None else torch.tensor([positions[d][0] for d in docs], device=ids.device)
         captured: dict[str, torch.Tensor] = {}
         with torch.enable_grad(), split.replace_output(_through_concepts(concept_model, captured, pos)):
             logits = split.model(input_ids=ids, attention_mask=mask).logits
@@ -169,8 +173,12 @@ def concept_gradient_batches(
             grad, cxg = g.sum(1), (g * z.reshape(n, t, -1, 1)).sum(1)
         else:
             grad, cxg = g, g * z[..., None]
-        yield ConceptOutputGradients(grad.cpu(), cxg.cpu(), idx.cpu(), rows.detach().float().cpu(),
-                                     full.detach().argmax(-1).cpu())
+        return ConceptOutputGradients(grad.cpu(), cxg.cpu(), idx.cpu(), rows.detach().float().cpu(),
+                                      full.detach().argmax(-1).cpu())
+
+    for b in range(0, len(encoded), batch_size):
+        # out of memory: the batch is split in halves and retried, down to one document
+        yield from split_on_oom(one, range(b, min(b + batch_size, len(encoded))), what="concept-gradient batch")
 
 
 def concept_gradients(

@@ -35,6 +35,12 @@ class CorpusConfig(Section):
     label_column: str | None = None
     limit: int | None = Field(300, gt=0, description="maximum number of documents")
     shuffle_seed: int | None = Field(0, description="seeded random sample of `limit` rows; null = first rows")
+    id_column: str | None = Field(
+        None, description="column of the corpus's own document ids: a row repeating an earlier id is refused "
+                          "and recorded (kind duplicate_id); null = no check")
+    invalid_utf8: Literal["replace", "skip"] = Field(
+        "replace", description="a text with invalid UTF-8 bytes: replaced with U+FFFD, or the row refused; "
+                               "recorded either way (kind invalid_utf8)")
 
 
 class ResourcesConfig(Section):

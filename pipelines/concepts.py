@@ -83,6 +83,8 @@ def fit(store: OutputStore, cfg: ConceptJobConfig):
         shown = _show_epochs(ray.get(trainer.fit_progress.remote()), shown)
     _show_epochs(ray.get(trainer.fit_progress.remote()), shown)
     result = ray.get(ref)
+    if result.get("skipped"):
+        say("fit: concept model already fitted with these settings (concept_model/_SUCCESS.json): skipping the fit")
     held = next(m for m in result["metrics"] if m["split"] == "heldout")
     say(f"fit: {result['fit_seconds']:.1f}s; held-out explained variance {held['explained_variance']:.3f}, "
         f"mean L0 {held['mean_l0']:.1f}")

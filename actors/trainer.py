@@ -10,18 +10,21 @@ import json
 import logging
 import tempfile
 import time
+from collections.abc import Iterator
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
-from raylens.concepts.interpret import non_activating_table, quantile_sample, scan_concepts, top_examples_table
+from raylens.concepts.interpret import non_activating_table, quantile_sample, top_examples_table
+from raylens.concepts.topk_scan import ScanPartial, finish_scan, scan_partial
 from raylens.concepts.metrics import ReconstructionAccumulator, reconstruction_metrics
 from raylens.concepts.models.checkpoint import FitCheckpoint
 from actors.model_worker import assigned_gpus
 from raylens.concepts.models import build_concept_model, load_concept_model
 from raylens.io.schemas import METRICS_SCHEMA
 from raylens.config import ConceptJobConfig
-from raylens.io.readers import ActivationStream
+from raylens.io.readers import HELDOUT_KIND, ActivationStream, split_paths
 from raylens.io.store import OutputStore
 
 log = logging.getLogger(__name__)
@@ -30,6 +33,36 @@ log = logging.getLogger(__name__)
 FIT_MARKER = "concept_model/_SUCCESS.json"
 #: Folder of the fit's checkpoints (removed once the fit is finished).
 CHECKPOINTS = "concept_model_checkpoints"
+
+
+#: The activation columns the top-k scan reads.
+SCAN_COLUMNS = ["doc_id", "unit", "char_start", "char_end", "activation"]
+
+
+def scan_settings(cfg: ConceptJobConfig) -> dict:
+    """The keyword arguments of :func:`raylens.concepts.topk_scan.scan_partial` from the job config."""
+    interp = cfg.interpretation
+    return {"k": interp.top_k_examples, "n_pool": interp.sample_pool_size if interp.sampled_per_quantile > 0 else 0,
+            "n_quiet": interp.non_activating_per_concept, "min_quiet_chars": interp.non_activating_min_chars,
+            "seed": cfg.seed}
+
+
+def scan_batches(store: OutputStore, paths: list[str]) -> Iterator[pa.RecordBatch]:
+    """The :data:`SCAN_COLUMNS` of the activation files ``paths``, batch by batch, in order."""
+    for p in paths:
+        yield from pq.ParquetFile(p, filesystem=store.fs).iter_batches(columns=SCAN_COLUMNS)
+
+
+def scan_shard(config: dict, shard: str) -> ScanPartial:
+    """The partial top-k scan of one shard's rows (``activations/`` and, when the extraction
+    wrote one, ``activations_heldout/``), on a GPU when this process was given one; the body of
+    the parallel scan tasks (merge them with :func:`raylens.concepts.topk_scan.merge_scans`)."""
+    trainer = ConceptTrainer(config)
+    device = "cuda" if assigned_gpus() and torch.cuda.is_available() else "cpu"
+    model = load_concept_model(trainer.store.download_dir("concept_model"), device=device)
+    paths = [trainer.store.path(kind, f"{shard}.parquet") for kind in ("activations", HELDOUT_KIND)]
+    paths = [p for p in paths if trainer.store.fs.get_file_info(p).size]
+    return scan_partial(model, scan_batches(trainer.store, paths), **scan_settings(trainer.cfg), device=device)
 
 
 class ConceptTrainer:
@@ -132,21 +165,20 @@ class ConceptTrainer:
         return {"epoch": len(history), "epochs": getattr(model, "epochs", None),
                 "loss": history[-1]["loss"] if history else None}
 
-    def top_examples(self) -> list[float]:
-        """One pass over the activation shards: write ``concepts/top_examples.parquet``, and
-        (when configured) ``concepts/sampled_examples.parquet`` (activating examples sampled
-        evenly over activation quantiles, with a ``quantile`` column) and
-        ``concepts/non_activating.parquet`` (runs of text where a concept does not fire).
-        Returns each concept's firing frequency."""
-        model = load_concept_model(self.store.download_dir("concept_model"), device=self.device)
+    def top_examples(self, partial: ScanPartial | None = None) -> list[float]:
+        """Write ``concepts/top_examples.parquet``, and (when configured)
+        ``concepts/sampled_examples.parquet`` (activating examples sampled evenly over
+        activation quantiles, with a ``quantile`` column) and ``concepts/non_activating.parquet``
+        (runs of text where a concept does not fire), from ``partial`` (the merged scans of
+        every shard, :func:`scan_shard`), or from one pass over the activation shards here
+        when None. Returns each concept's firing frequency."""
+        if partial is None:
+            model = load_concept_model(self.store.download_dir("concept_model"), device=self.device)
+            partial = scan_partial(model, scan_batches(self.store, split_paths(self.store, "all")[0]),
+                                   **scan_settings(self.cfg), device=self.device)
+        scan = finish_scan(partial)
         interp = self.cfg.interpretation
-        batches = self.store.iter_shard_batches(
-            "activations", columns=["doc_id", "unit", "char_start", "char_end", "activation"])
         sampled = interp.sampled_per_quantile > 0
-        scan = scan_concepts(model, batches, k=interp.top_k_examples,
-                             n_pool=interp.sample_pool_size if sampled else 0,
-                             n_quiet=interp.non_activating_per_concept,
-                             min_quiet_chars=interp.non_activating_min_chars, seed=self.cfg.seed, device=self.device)
         best = scan["best"]
         picked = quantile_sample(scan["pool"], n_quantiles=interp.sample_quantiles,
                                  per_quantile=interp.sampled_per_quantile, seed=self.cfg.seed) if sampled else None

@@ -100,6 +100,9 @@ class InterpretationConfig(Section):
         20, ge=0, description="runs of text where a concept does not fire, kept per concept in "
                               "concepts/non_activating.parquet (the negatives of label scoring); 0 = none")
     non_activating_min_chars: int = Field(120, ge=1, description="shortest such run (characters)")
+    scan_tasks: int = Field(
+        1, ge=1, description="parallel Ray tasks of the top-k scan, one shard each, merged (on a GPU each when "
+                             "resources.trainer_gpus > 0); 1 = one pass inside the trainer actor")
     labels: LabelsConfig = Field(default_factory=LabelsConfig)
 
     @model_validator(mode="after")

@@ -14,6 +14,8 @@ in ``activations/`` and :func:`heldout_mask` (a hash of the document id) splits 
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -66,6 +68,44 @@ def split_paths(store: OutputStore, split: str, kind: str = "activations") -> tu
     held = [store.path(HELDOUT_KIND, f"{s}.parquet") for s in store.done_shards(kind)]
     held = [p for p in held if store.fs.get_file_info(p).size]  # a shard may hold no held-out document
     return {"train": main, "heldout": held, "all": main + held}[split], False
+
+
+def background(items: Iterator, depth: int) -> Iterator:
+    """The items of ``items``, produced by a background thread at most ``depth`` items ahead.
+
+    An exception of the producer is raised in the consumer; a consumer that stops early stops
+    the producer (at its next item)."""
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put((done, None))
+        except BaseException as exc:  # handed to the consumer
+            q.put((done, exc))
+
+    thread = threading.Thread(target=produce, name="activation-stream", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, exc = q.get()
+            if item is done:
+                if exc is not None:
+                    raise exc
+                return
+            yield item
+    finally:
+        stop.set()
 
 
 class ActivationStream:
@@ -187,6 +227,9 @@ class ActivationStream:
     def __iter__(self) -> Iterator[torch.Tensor]:
         rng = np.random.default_rng(self.seed + self._epoch)
         self._epoch += 1
+        return background(self._batches(rng), self.readers * self.prefetch)
+
+    def _batches(self, rng: np.random.Generator) -> Iterator[torch.Tensor]:
         blocks = self._shuffled(rng) if self.shuffle_buffer > 0 else self._blocks()
         pending: list[np.ndarray] = []
         n_pending = 0
@@ -204,4 +247,4 @@ class ActivationStream:
             yield torch.from_numpy(np.concatenate(pending))
 
 
-__all__ = ["HELDOUT_KIND", "ActivationStream", "heldout_mask", "split_paths"]
+__all__ = ["HELDOUT_KIND", "ActivationStream", "background", "heldout_mask", "split_paths"]

@@ -112,9 +112,9 @@ class ConceptTrainer:
         iterative models the ``train`` row is computed during the last epoch of the fit, with no
         pass of its own: each batch is scored by the forward pass of its own training step,
         before that step's update (the usual "training loss" of SAE trainers; the model still
-        changes during that epoch, so these are slightly pessimistic for the final model). If a
-        resumed fit restarts inside its last epoch, only the rows after the restart are scored
-        (``n_rows`` says how many). Other methods get a separate pass over the train rows.
+        changes during that epoch, so these are slightly pessimistic for the final model); the
+        accumulated sums are checkpointed with the fit, so a resumed fit gives the same row.
+        Other methods get a separate pass over the train rows.
         """
         done = self.finished_fit(d_model)
         if done is not None:
@@ -130,7 +130,7 @@ class ConceptTrainer:
         train_acc = ReconstructionAccumulator() if model.resumable else None
         checkpoint = FitCheckpoint(self.store, CHECKPOINTS, every=c.checkpoint_every,
                                    key=self.fit_key(d_model)) if model.resumable else None
-        kwargs = {"checkpoint": checkpoint, "observer": train_acc.update} if model.resumable else {}
+        kwargs = {"checkpoint": checkpoint, "observer": train_acc} if model.resumable else {}
         t0 = time.perf_counter()
         model.fit_stream(self._stream("train", shuffle=True), progress=False, **kwargs)
         fit_s = time.perf_counter() - t0

@@ -41,7 +41,7 @@ class FitRun:
     optimizer_state: tuple[dict[str, Tensor], dict[str, Any]] | None = None
     n_passes: int | None = None
     checkpoint: FitCheckpoint | None = None
-    observer: Callable[[Tensor, Tensor, Tensor], None] | None = None
+    observer: Any = None
 
 logger = logging.getLogger(__name__)
 
@@ -250,16 +250,16 @@ class SAEConceptModel(ConceptModel):
                 state.step += 1
                 state.epoch_rows += batch.shape[0]
                 if run.checkpoint is not None and state.step % run.checkpoint.every == 0:
-                    self._save_checkpoint(run.checkpoint, optimizer, state)
+                    self._save_checkpoint(run, optimizer)
             self._end_epoch(state, t0)
         if state.step == 0:
             raise ValueError("no training batch: empty activations/stream")
         self.history = list(state.history)
         self._finalize()
 
-    def _observer(self, observer: Callable[[Tensor, Tensor, Tensor], None]) -> Callable[[Tensor, Tensor, Tensor], None]:
-        """``observer(x, x_hat, z)`` in the original activation space, fed from normalised rows."""
-        return lambda b, z, x_hat: observer(self.denormalize(b), self.denormalize(x_hat), z)
+    def _observer(self, observer: Any) -> Callable[[Tensor, Tensor, Tensor], None]:
+        """``observer.update(x, x_hat, z)`` in the original activation space, fed from normalised rows."""
+        return lambda b, z, x_hat: observer.update(self.denormalize(b), self.denormalize(x_hat), z)
 
     def _end_epoch(self, state: FitState, t0: float) -> None:
         """Close the epoch in progress: its history record, then the counters of the next one."""
@@ -275,15 +275,18 @@ class SAEConceptModel(ConceptModel):
         state.batch, state.epoch_rows, state.sums = 0, 0, {}
         self.history = list(state.history)
 
-    def _save_checkpoint(self, checkpoint: FitCheckpoint, optimizer: torch.optim.Optimizer, state: FitState) -> None:
+    def _save_checkpoint(self, run: FitRun, optimizer: torch.optim.Optimizer) -> None:
+        state = run.state
         tensors = {"norm.mean": self._mean, "norm.scale": self._scale.reshape(()), "rng.cpu": torch.get_rng_state(),
                    **{f"sae.{k}": v for k, v in self.sae.state_dict().items()}}
         try:
             tensors.update(self._extra_sae_tensors())
         except (TypeError, RuntimeError):  # e.g. BatchTopK before its first threshold estimate
             pass
+        if hasattr(run.observer, "state_tensors"):
+            tensors.update({f"observer.{k}": v for k, v in run.observer.state_tensors().items()})
         opt_tensors, opt_meta = optimizer_to_tensors(optimizer)
-        checkpoint.save({**tensors, **opt_tensors}, {"step": state.step, "state": state.to_json(),
+        run.checkpoint.save({**tensors, **opt_tensors}, {"step": state.step, "state": state.to_json(),
                                                      "optimizer": opt_meta})
 
     def _resume(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> FitRun:
@@ -293,7 +296,7 @@ class SAEConceptModel(ConceptModel):
         self.sae = self._new_sae(None)
         self.sae.load_state_dict({k[len("sae."):]: v.to(self.device) for k, v in tensors.items()
                                   if k.startswith("sae.")}, strict=True)
-        extra = {k: v for k, v in tensors.items() if not k.startswith(("sae.", "norm.", "optim.", "rng."))}
+        extra = {k: v for k, v in tensors.items() if not k.startswith(("sae.", "norm.", "optim.", "rng.", "observer."))}
         if extra:
             self._load_extra_sae_tensors(extra)
         torch.set_rng_state(tensors["rng.cpu"])
@@ -340,7 +343,7 @@ class SAEConceptModel(ConceptModel):
         return self
 
     def fit_stream(self, batches: Iterable[Tensor], *, progress: bool = True, checkpoint: FitCheckpoint | None = None,
-                   observer: Callable[[Tensor, Tensor, Tensor], None] | None = None) -> SAEConceptModel:
+                   observer: Any = None) -> SAEConceptModel:
         """Train on a stream of batches ``(batch, d_model)`` with bounded memory.
 
         The first ``norm_rows`` rows are buffered to estimate the normalisation (and, for
@@ -360,10 +363,14 @@ class SAEConceptModel(ConceptModel):
                 progress that were already trained on are read again and skipped (the stream
                 order of an epoch is reproducible), so a resumed fit trains on exactly the
                 batches the uninterrupted one would.
-            observer: ``observer(x, x_hat, z)`` on every batch of the last epoch (activations
-                and reconstructions ``(batch, d_model)`` in the original space, codes ``(batch,
-                nb_concepts)``), taken from the forward pass of that batch's training step,
-                before its update (how training metrics are computed without a second pass).
+            observer: an object whose ``update(x, x_hat, z)`` is called on every batch of the
+                last epoch (activations and reconstructions ``(batch, d_model)`` in the original
+                space, codes ``(batch, nb_concepts)``), taken from the forward pass of that
+                batch's training step, before its update (how training metrics are computed
+                without a second pass), e.g. a
+                :class:`raylens.concepts.metrics.ReconstructionAccumulator`; when it has
+                ``state_tensors()`` / ``load_state_tensors(tensors)``, its state is checkpointed
+                and resumed with the fit's.
 
         Returns:
             self.
@@ -400,6 +407,10 @@ class SAEConceptModel(ConceptModel):
             self.sae = self._new_sae(self.normalize(head_x))
             first_pass = chain(head, first_pass)
         run.n_passes, run.checkpoint, run.observer = n_passes, checkpoint, observer
+        if loaded is not None and hasattr(observer, "load_state_tensors"):
+            saved = {k[len("observer."):]: v for k, v in loaded[0].items() if k.startswith("observer.")}
+            if saved:
+                observer.load_state_tensors(saved)
 
         start = run.state.epoch
 

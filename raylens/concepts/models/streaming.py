@@ -134,6 +134,18 @@ class Reservoir:
                 reservoir[uniq] = rest[winners]
         self.n_seen += b
 
+    def state_tensors(self) -> dict[str, Tensor]:
+        """The reservoir's whole state as tensors (``rows``, ``n_seen``, ``rng``), for a checkpoint."""
+        rows = self.reservoir if self.reservoir is not None else torch.empty(0, 0)
+        return {"rows": rows, "n_seen": torch.tensor(self.n_seen, dtype=torch.int64), "rng": self.gen.get_state()}
+
+    def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
+        """Become the reservoir :meth:`state_tensors` described."""
+        rows = tensors["rows"]
+        self.reservoir = rows.clone() if rows.numel() else None
+        self.n_seen = int(tensors["n_seen"])
+        self.gen.set_state(tensors["rng"])
+
     def sample(self) -> Tensor:
         """The rows kept so far (a copy)."""
         if self.reservoir is None:

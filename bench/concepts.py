@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--sections", default="1,2,3")
     ap.add_argument("--scan-concepts", type=int, default=1024)
+    ap.add_argument("--scan-copies", type=int, default=4, help="the rows scanned, this many times (other doc ids)")
     args = ap.parse_args()
     sections = {int(x) for x in args.sections.split(",")}
     torch.set_num_threads(args.threads)
@@ -104,6 +105,9 @@ def main() -> None:
 
 def scan_vs_encode(args, table, train) -> None:
     """Section 3: the top-k scan against the model's own encode on the same record batches."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     from raylens.concepts.interpret import scan_concepts
     from raylens.concepts.models import build_concept_model
     from raylens.io.schemas import tensor_column_to_numpy
@@ -111,8 +115,12 @@ def scan_vs_encode(args, table, train) -> None:
     C = args.scan_concepts
     model = build_concept_model("topk_sae", nb_concepts=C, d_model=train.shape[1], top_k=16, epochs=1,
                                 batch_size=256).fit(train)
-    batches = table.select(["doc_id", "unit", "char_start", "char_end", "activation"]).to_batches(max_chunksize=4096)
-    n = table.num_rows
+    cols = ["doc_id", "unit", "char_start", "char_end", "activation"]
+    one = table.select(cols)
+    offset = int(pc.max(one["doc_id"]).as_py()) + 1
+    copies = [one.set_column(0, "doc_id", pc.add(one["doc_id"], i * offset)) for i in range(args.scan_copies)]
+    batches = pa.concat_tables(copies).to_batches(max_chunksize=4096)  # past the pools' warm-up
+    n = sum(b.num_rows for b in batches)
 
     def encode_all():
         for b in batches:

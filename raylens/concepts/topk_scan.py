@@ -149,12 +149,17 @@ class ScanPartial:
 def _merge_top(best: dict[str, torch.Tensor], vals: torch.Tensor, meta: dict[str, torch.Tensor],
                k: int) -> dict[str, torch.Tensor]:
     """The ``k`` largest of ``best`` + new candidates ``vals (m, C)`` (``-inf`` = no candidate)
-    with their ``meta`` (``(m, C)`` each); ties keep ``best``'s entries first."""
-    allv = torch.cat([best["value"], vals])
-    top_vals, idx = torch.topk(allv, k, dim=0, sorted=True)
+    whose rows have ``meta`` (``(m,)`` each, one value per row, or ``(m, C)``); ties keep
+    ``best``'s entries first."""
+    top_vals, idx = torch.topk(torch.cat([best["value"], vals]).T.contiguous(), k, dim=1, sorted=True)  # rows: faster
+    top_vals, idx = top_vals.T.contiguous(), idx.T.contiguous()
+    old = idx < k
     out = {"value": top_vals}
     for key in META:
-        out[key] = torch.gather(torch.cat([best[key], meta[key]]), 0, idx)
+        kept = torch.gather(best[key], 0, idx.clamp(max=k - 1))
+        new_idx = (idx - k).clamp(min=0)
+        new = meta[key][new_idx] if meta[key].ndim == 1 else torch.gather(meta[key], 0, new_idx)
+        out[key] = torch.where(old, kept, new)
     return out
 
 
@@ -179,7 +184,7 @@ class _Scanner:
             rows = torch.nonzero(cand.any(1)).flatten()
             if rows.numel():
                 sub = torch.where(cand[rows], z[rows], torch.tensor(-float("inf")))
-                m = {key: torch.from_numpy(meta[key])[rows][:, None].expand(-1, self.C) for key in META}
+                m = {key: torch.from_numpy(meta[key])[rows] for key in META}
                 p.best = _merge_top(p.best, sub, m, p.k)
         if p.n_pool:
             self._add_pool(z, meta)

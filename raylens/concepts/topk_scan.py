@@ -175,30 +175,42 @@ class _Scanner:
     def add(self, z: torch.Tensor, meta: dict[str, np.ndarray]) -> None:
         """Codes ``z (n, C)`` (CPU float32) of rows with metadata ``(n,)`` each, in stream order."""
         p = self.part
-        active = z != 0
-        p.fired += active.sum(0)
+        r, c = torch.nonzero(z, as_tuple=True)  # the active codes: a few per row for an SAE
+        v = z[r, c]
+        p.fired += torch.bincount(c, minlength=self.C)
         p.n_rows += z.shape[0]
         if p.k:
-            kth = p.best["value"][-1]
-            cand = z > kth  # only these can enter the top k
-            rows = torch.nonzero(cand.any(1)).flatten()
-            if rows.numel():
-                sub = torch.where(cand[rows], z[rows], torch.tensor(-float("inf")))
-                m = {key: torch.from_numpy(meta[key])[rows] for key in META}
-                p.best = _merge_top(p.best, sub, m, p.k)
+            self._add_top(z, meta, r, c, v)
         if p.n_pool:
-            self._add_pool(z, meta)
+            pos = v > 0
+            self._add_pool(r[pos].numpy(), c[pos].numpy(), v[pos].numpy(), meta)
         if p.n_quiet:
             self._add_quiet(z, meta)
 
-    def _add_pool(self, z: torch.Tensor, meta: dict[str, np.ndarray]) -> None:
-        r, c = (t.numpy() for t in torch.nonzero(z > 0, as_tuple=True))
+    def _add_top(self, z: torch.Tensor, meta: dict[str, np.ndarray], r: torch.Tensor, c: torch.Tensor,
+                 v: torch.Tensor) -> None:
+        """Merge the rows with a code above its concept's k-th best (``r``, ``c``, ``v``: the
+        non-zero codes; when every k-th best is >= 0, only those can beat it)."""
+        p = self.part
+        kth = p.best["value"][-1]
+        if bool((kth >= 0).all()):
+            rows = torch.unique(r[v > kth[c]])
+        else:
+            rows = torch.nonzero((z > kth).any(1)).flatten()
+        if rows.numel():
+            zr = z[rows]
+            sub = torch.where(zr > kth, zr, torch.tensor(-float("inf")))
+            m = {key: torch.from_numpy(meta[key])[rows] for key in META}
+            p.best = _merge_top(p.best, sub, m, p.k)
+
+    def _add_pool(self, r: np.ndarray, c: np.ndarray, v: np.ndarray, meta: dict[str, np.ndarray]) -> None:
+        """Offer the activating codes ``v`` at rows ``r``, concepts ``c`` to the sampled pools."""
         key = hash_keys(self.seed, meta["doc_id"][r], meta["unit"][r], c)
         keep = key < self.pool_kth[c]
         if not keep.any():
             return
         r, c, key = r[keep], c[keep], key[keep]
-        new = {"concept": c.astype(np.int64), "key": key, "value": z.numpy()[r, c],
+        new = {"concept": c.astype(np.int64), "key": key, "value": v[keep],
                **{name: meta[name][r].astype(np.int64) for name in META}}
         p = self.part
         p.pool = _keep_smallest(_cat(p.pool, new), p.n_pool)

@@ -47,21 +47,34 @@ def _mix(x: np.ndarray) -> np.ndarray:
 
 
 def hash_keys(seed: int, a: np.ndarray, b: np.ndarray, concept: np.ndarray) -> np.ndarray:
-    """Uniform keys in ``[0, 1)`` (float64), a hash of ``(seed, a, b, concept)`` elementwise
-    (int arrays of one shape): the same inputs give the same key in any process."""
+    """Uniform keys in ``[0, 1)`` on a grid of ``2**-40`` (float64, exact), a hash of
+    ``(seed, a, b, concept)`` elementwise (int arrays of one shape): the same inputs give the
+    same key in any process."""
     with np.errstate(over="ignore"):
         x = _mix(np.uint64(seed & 0xFFFFFFFF) * np.uint64(0x9E3779B97F4A7C15) + a.astype(np.uint64))
         x = _mix(x ^ (b.astype(np.uint64) * np.uint64(0xD6E8FEB86659FD93)))
         x = _mix(x ^ (concept.astype(np.uint64) + np.uint64(0x632BE59BD9B4E019)))
-    return (x >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+    return (x >> np.uint64(24)).astype(np.float64) * 2.0 ** -_KEY_BITS
+
+
+_KEY_BITS = 40
+
+
+def _order_key(cols: dict[str, np.ndarray]) -> np.ndarray:
+    """One int64 per entry ordering by (concept, key) (keys are multiples of ``2**-40``)."""
+    return (cols["concept"] << _KEY_BITS) | (cols["key"] * 2.0 ** _KEY_BITS).astype(np.int64)
 
 
 def _keep_smallest(cols: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
     """Of flat entries (``concept``, ``key``, ...), the ``n`` smallest keys per concept, sorted by
-    (concept, key)."""
-    order = np.lexsort((cols["key"], cols["concept"]))
+    (concept, key). Entries that are already sorted runs (a kept pool, then new entries) merge
+    in about linear time: numpy's stable sort (timsort) finds the runs."""
+    order = np.argsort(_order_key(cols), kind="stable")
     conc = cols["concept"][order]
-    rank = np.arange(len(order)) - np.searchsorted(conc, conc, side="left")
+    if not len(conc):
+        return cols
+    starts = np.flatnonzero(np.r_[True, conc[1:] != conc[:-1]])
+    rank = np.arange(len(conc)) - np.repeat(starts, np.diff(np.r_[starts, len(conc)]))
     keep = order[rank < n]
     return {name: v[keep] for name, v in cols.items()}
 
@@ -169,7 +182,8 @@ class _Scanner:
     def __init__(self, C: int, k: int, n_pool: int, n_quiet: int, min_chars: int, seed: int):
         self.part = ScanPartial.empty(C, k, n_pool, n_quiet)
         self.C, self.min_chars, self.seed = C, min_chars, seed
-        self.pool_kth = np.full(C, np.inf)
+        self.pool_kth = np.full(C, np.inf)  # a concept's largest kept key once its sample is full
+        self.quiet_kth = np.full(C, np.inf)
         self.carry: dict[str, np.ndarray] | None = None  # rows of the last, maybe unfinished, document
 
     def add(self, z: torch.Tensor, meta: dict[str, np.ndarray]) -> None:
@@ -230,10 +244,14 @@ class _Scanner:
     def _runs(self, rows: dict[str, np.ndarray]) -> None:
         c, d, lo, hi = quiet_runs(rows["fired"], rows["doc_id"], rows["unit"], rows["char_start"],
                                   rows["char_end"], self.min_chars)
-        if len(c):
-            new = {"concept": c.astype(np.int64), "key": hash_keys(self.seed, d, lo, c), "doc_id": d.astype(np.int64),
-                   "char_start": lo.astype(np.int64), "char_end": hi.astype(np.int64)}
-            self.part.quiet = _keep_smallest(_cat(self.part.quiet, new), self.part.n_quiet)
+        key = hash_keys(self.seed, d, lo, c)
+        keep = key < self.quiet_kth[c]
+        if keep.any():
+            new = {"concept": c[keep].astype(np.int64), "key": key[keep], "doc_id": d[keep].astype(np.int64),
+                   "char_start": lo[keep].astype(np.int64), "char_end": hi[keep].astype(np.int64)}
+            p = self.part
+            p.quiet = _keep_smallest(_cat(p.quiet, new), p.n_quiet)
+            self.quiet_kth = _kth_key(p.quiet, p.n_quiet, self.C)
 
     def finish(self) -> ScanPartial:
         """The partial scan (the last document's quiet runs flushed)."""

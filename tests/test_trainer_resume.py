@@ -155,3 +155,39 @@ def test_train_metrics_come_from_the_last_epoch(tmp_path):
     final = reconstruction_metrics(model, ActivationStream(OutputStore(uri), split="train", heldout_fraction=0.1))
     assert train["n_rows"] == final["n_rows"] == fit["n_fit_rows"]
     assert abs(train["explained_variance"] - final["explained_variance"]) < 0.05
+
+
+def test_checkpoints_live_on_the_object_store(tmp_path, monkeypatch):
+    """On S3 (a loopback server) the checkpoints go through the store: a fit interrupted by an
+    error at step 35 resumes there (from its checkpoint at step 30) and ends with the local run's model."""
+    from actors.trainer import CHECKPOINTS, ConceptTrainer
+    from raylens.concepts.models import load_concept_model
+    from raylens.concepts.models.sae import SAEConceptModel
+    from tests.s3 import s3_server
+
+    local = str(tmp_path / "local")
+    _shards(OutputStore(local))
+    ref = ConceptTrainer(_config(local)).fit(D_MODEL)
+    with s3_server() as query:
+        uri = f"s3://raylens-test/run{query}"
+        store = OutputStore(uri)
+        _shards(store)
+        real, calls = SAEConceptModel.train_step, [0]
+
+        def failing(self, *a, **k):
+            calls[0] += 1
+            if calls[0] == 35:
+                raise RuntimeError("killed")
+            return real(self, *a, **k)
+
+        monkeypatch.setattr(SAEConceptModel, "train_step", failing)
+        with pytest.raises(RuntimeError, match="killed"):
+            ConceptTrainer(_config(uri)).fit(D_MODEL)
+        assert store.read_json(f"{CHECKPOINTS}/latest.json")["meta"]["step"] == 30
+        calls[0] = 1000  # no more failures
+        resumed = ConceptTrainer(_config(uri)).fit(D_MODEL)
+        a = load_concept_model(os.path.join(local, "concept_model"))
+        b = load_concept_model(store.download_dir("concept_model"))
+        assert calls[0] - 1000 == sum(h["steps"] for h in b.history) - 30  # went on from step 30
+        assert torch.equal(a.dictionary, b.dictionary) and a.history == b.history
+        assert not store.exists(CHECKPOINTS) and ref["n_fit_rows"] == resumed["n_fit_rows"]

@@ -342,7 +342,7 @@ class ReconstructionAccumulator:
         col = active.any(dim=0).cpu()
         self.alive = col if self.alive is None else (self.alive | col)
         if self._reservoir is not None:
-            self._reservoir.add(torch.cat([x, x_hat], dim=1).to(torch.float32).cpu())
+            self._reservoir.add(torch.cat([x, x_hat], dim=1).to(torch.float32))
         self.n_rows += b
         self.d_model = x.shape[1]
 

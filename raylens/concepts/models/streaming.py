@@ -106,7 +106,8 @@ class Reservoir:
         self.n_seen = 0
 
     def add(self, batch: Tensor) -> None:
-        """Offer a batch ``(batch, width)`` (float32 on the CPU) to the reservoir."""
+        """Offer a batch ``(batch, width)`` (float32, on any device: only the rows kept are
+        copied to the CPU) to the reservoir."""
         b = batch.shape[0]
         if b == 0:
             return
@@ -116,7 +117,7 @@ class Reservoir:
         reservoir = self.reservoir
         fill = min(max(max_rows - n_seen, 0), b)
         if fill:
-            reservoir[n_seen:n_seen + fill] = batch[:fill]
+            reservoir[n_seen:n_seen + fill] = batch[:fill].cpu()
         rest = batch[fill:]
         if rest.shape[0]:
             # row with 0-based stream index t replaces slot j ~ U{0..t} when j < max_rows
@@ -131,7 +132,7 @@ class Reservoir:
                 first_in_rev = torch.full((uniq.numel(),), rev_slots.numel(), dtype=torch.long)
                 first_in_rev.scatter_reduce_(0, inverse, torch.arange(rev_slots.numel()), reduce="amin")
                 winners = hit.flip(0)[first_in_rev]
-                reservoir[uniq] = rest[winners]
+                reservoir[uniq] = rest[winners.to(rest.device)].cpu()  # only the kept rows leave the device
         self.n_seen += b
 
     def state_tensors(self) -> dict[str, Tensor]:

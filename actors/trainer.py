@@ -6,23 +6,63 @@ A thin shell around ``raylens.concepts``; runs on a GPU when one is given to it.
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 import time
+from collections.abc import Iterator
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
-from raylens.concepts.interpret import non_activating_table, quantile_sample, scan_concepts, top_examples_table
-from raylens.concepts.metrics import reconstruction_metrics
+from raylens.concepts.interpret import non_activating_table, quantile_sample, top_examples_table
+from raylens.concepts.topk_scan import ScanPartial, finish_scan, scan_partial
+from raylens.concepts.metrics import ReconstructionAccumulator, reconstruction_metrics
+from raylens.concepts.models.checkpoint import FitCheckpoint
 from actors.model_worker import assigned_gpus
 from raylens.concepts.models import build_concept_model, load_concept_model
 from raylens.io.schemas import METRICS_SCHEMA
 from raylens.config import ConceptJobConfig
-from raylens.io.readers import ActivationStream
+from raylens.io.readers import HELDOUT_KIND, ActivationStream, split_paths
 from raylens.io.store import OutputStore
 
 log = logging.getLogger(__name__)
+
+#: The commit point of a finished fit (its key, time and rows), written last.
+FIT_MARKER = "concept_model/_SUCCESS.json"
+#: Folder of the fit's checkpoints (removed once the fit is finished).
+CHECKPOINTS = "concept_model_checkpoints"
+
+
+#: The activation columns the top-k scan reads.
+SCAN_COLUMNS = ["doc_id", "unit", "char_start", "char_end", "activation"]
+
+
+def scan_settings(cfg: ConceptJobConfig) -> dict:
+    """The keyword arguments of :func:`raylens.concepts.topk_scan.scan_partial` from the job config."""
+    interp = cfg.interpretation
+    return {"k": interp.top_k_examples, "n_pool": interp.sample_pool_size if interp.sampled_per_quantile > 0 else 0,
+            "n_quiet": interp.non_activating_per_concept, "min_quiet_chars": interp.non_activating_min_chars,
+            "seed": cfg.seed}
+
+
+def scan_batches(store: OutputStore, paths: list[str]) -> Iterator[pa.RecordBatch]:
+    """The :data:`SCAN_COLUMNS` of the activation files ``paths``, batch by batch, in order."""
+    for p in paths:
+        yield from pq.ParquetFile(p, filesystem=store.fs).iter_batches(columns=SCAN_COLUMNS)
+
+
+def scan_shard(config: dict, shard: str) -> ScanPartial:
+    """The partial top-k scan of one shard's rows (``activations/`` and, when the extraction
+    wrote one, ``activations_heldout/``), on a GPU when this process was given one; the body of
+    the parallel scan tasks (merge them with :func:`raylens.concepts.topk_scan.merge_scans`)."""
+    trainer = ConceptTrainer(config)
+    device = "cuda" if assigned_gpus() and torch.cuda.is_available() else "cpu"
+    model = load_concept_model(trainer.store.download_dir("concept_model"), device=device)
+    paths = [trainer.store.path(kind, f"{shard}.parquet") for kind in ("activations", HELDOUT_KIND)]
+    paths = [p for p in paths if trainer.store.fs.get_file_info(p).size]
+    return scan_partial(model, scan_batches(trainer.store, paths), **scan_settings(trainer.cfg), device=device)
 
 
 class ConceptTrainer:
@@ -39,10 +79,47 @@ class ConceptTrainer:
         c = self.cfg.concepts
         return ActivationStream(self.store, split=split, heldout_fraction=c.heldout_fraction,
                                 batch_rows=c.batch_rows, shuffle_buffer=16 * c.batch_rows if shuffle else 0,
-                                seed=self.cfg.seed)
+                                seed=self.cfg.seed, readers=c.readers)
+
+    def fit_key(self, d_model: int) -> dict:
+        """What a fitted concept model depends on: a finished fit or a checkpoint of another key
+        is not reused."""
+        c = self.cfg.concepts
+        return {"method": c.method, "nb_concepts": c.nb_concepts, "params": c.params, "d_model": d_model,
+                "seed": self.cfg.seed, "heldout_fraction": c.heldout_fraction, "batch_rows": c.batch_rows,
+                "shards": self.store.done_shards("activations")}
+
+    def finished_fit(self, d_model: int) -> dict | None:
+        """The result of an earlier fit of the same key (its marker ``concept_model/_SUCCESS.json``
+        and ``concepts/metrics.parquet`` exist), or None."""
+        if not (self.store.exists(FIT_MARKER) and self.store.exists("concepts/metrics.parquet")):
+            return None
+        done = self.store.read_json(FIT_MARKER)
+        if done.get("key") != json.loads(json.dumps(self.fit_key(d_model), default=str)):
+            return None
+        rows = self.store.read_table("concepts/metrics.parquet").to_pylist()
+        return {"fit_seconds": done["fit_seconds"], "metrics": rows, "n_fit_rows": done["n_fit_rows"],
+                "gpus": assigned_gpus(), "skipped": True}
 
     def fit(self, d_model: int) -> dict:
-        """Fit, save to ``concept_model/`` and write ``concepts/metrics.parquet``; returns the metrics."""
+        """Fit, save to ``concept_model/`` and write ``concepts/metrics.parquet``; returns the metrics.
+
+        A fit of the same key already finished is not redone (the result says ``skipped``).
+        Iterative models (SAEs) checkpoint every ``concepts.checkpoint_every`` steps under
+        ``concept_model_checkpoints/`` and resume from there after a killed trainer.
+
+        Metrics: ``heldout`` rows are the final model's, over the held-out rows only. For
+        iterative models the ``train`` row is computed during the last epoch of the fit, with no
+        pass of its own: each batch is scored by the forward pass of its own training step,
+        before that step's update (the usual "training loss" of SAE trainers; the model still
+        changes during that epoch, so these are slightly pessimistic for the final model); the
+        accumulated sums are checkpointed with the fit, so a resumed fit gives the same row.
+        Other methods get a separate pass over the train rows.
+        """
+        done = self.finished_fit(d_model)
+        if done is not None:
+            log.info("fit: concept model already fitted (%s): skipping the fit", FIT_MARKER)
+            return done
         c = self.cfg.concepts
         params = {"seed": self.cfg.seed, "device": self.device, **c.params}
         model = build_concept_model(c.method, nb_concepts=c.nb_concepts, d_model=d_model, **params)
@@ -50,20 +127,29 @@ class ConceptTrainer:
         if not model.streaming:
             log.info("%s needs its rows in memory: fitting on a seeded sample of at most %d rows",
                      c.method, model.max_fit_rows)
+        train_acc = ReconstructionAccumulator() if model.resumable else None
+        checkpoint = FitCheckpoint(self.store, CHECKPOINTS, every=c.checkpoint_every,
+                                   key=self.fit_key(d_model)) if model.resumable else None
+        kwargs = {"checkpoint": checkpoint, "observer": train_acc} if model.resumable else {}
         t0 = time.perf_counter()
-        model.fit_stream(self._stream("train", shuffle=True), progress=False)
+        model.fit_stream(self._stream("train", shuffle=True), progress=False, **kwargs)
         fit_s = time.perf_counter() - t0
         with tempfile.TemporaryDirectory() as tmp:
             model.save(tmp)
             self.store.remove("concept_model")  # no stale file of an earlier fit (another method) stays
             self.store.upload_dir(tmp, "concept_model")
-        rows = []
-        for split in ("train", "heldout"):
-            m = reconstruction_metrics(model, self._stream(split, shuffle=False))
-            rows.append({"model": "fitted", "split": split, **m})
+        train_m = (train_acc.result() if train_acc is not None
+                   else reconstruction_metrics(model, self._stream("train", shuffle=False)))
+        rows = [{"model": "fitted", "split": "train", **train_m},
+                {"model": "fitted", "split": "heldout",
+                 **reconstruction_metrics(model, self._stream("heldout", shuffle=False))}]
         for r in rows:
             r["fit_seconds"] = fit_s
         self.store.write_table("concepts/metrics.parquet", pa.Table.from_pylist(rows, schema=METRICS_SCHEMA))
+        self.store.write_json(FIT_MARKER, {"key": self.fit_key(d_model), "fit_seconds": fit_s,
+                                           "n_fit_rows": model.n_fit_rows})
+        if checkpoint is not None:
+            checkpoint.clear()
         return {"fit_seconds": fit_s, "metrics": rows, "n_fit_rows": model.n_fit_rows, "gpus": assigned_gpus()}
 
     def fit_progress(self) -> dict | None:
@@ -79,21 +165,20 @@ class ConceptTrainer:
         return {"epoch": len(history), "epochs": getattr(model, "epochs", None),
                 "loss": history[-1]["loss"] if history else None}
 
-    def top_examples(self) -> list[float]:
-        """One pass over the activation shards: write ``concepts/top_examples.parquet``, and
-        (when configured) ``concepts/sampled_examples.parquet`` (activating examples sampled
-        evenly over activation quantiles, with a ``quantile`` column) and
-        ``concepts/non_activating.parquet`` (runs of text where a concept does not fire).
-        Returns each concept's firing frequency."""
-        model = load_concept_model(self.store.download_dir("concept_model"), device=self.device)
+    def top_examples(self, partial: ScanPartial | None = None) -> list[float]:
+        """Write ``concepts/top_examples.parquet``, and (when configured)
+        ``concepts/sampled_examples.parquet`` (activating examples sampled evenly over
+        activation quantiles, with a ``quantile`` column) and ``concepts/non_activating.parquet``
+        (runs of text where a concept does not fire), from ``partial`` (the merged scans of
+        every shard, :func:`scan_shard`), or from one pass over the activation shards here
+        when None. Returns each concept's firing frequency."""
+        if partial is None:
+            model = load_concept_model(self.store.download_dir("concept_model"), device=self.device)
+            partial = scan_partial(model, scan_batches(self.store, split_paths(self.store, "all")[0]),
+                                   **scan_settings(self.cfg), device=self.device)
+        scan = finish_scan(partial)
         interp = self.cfg.interpretation
-        batches = self.store.iter_shard_batches(
-            "activations", columns=["doc_id", "unit", "char_start", "char_end", "activation"])
         sampled = interp.sampled_per_quantile > 0
-        scan = scan_concepts(model, batches, k=interp.top_k_examples,
-                             n_pool=interp.sample_pool_size if sampled else 0,
-                             n_quiet=interp.non_activating_per_concept,
-                             min_quiet_chars=interp.non_activating_min_chars, seed=self.cfg.seed, device=self.device)
         best = scan["best"]
         picked = quantile_sample(scan["pool"], n_quantiles=interp.sample_quantiles,
                                  per_quantile=interp.sampled_per_quantile, seed=self.cfg.seed) if sampled else None

@@ -10,8 +10,14 @@
    (activations written with ``OutputStore.write_shard`` and read back with
    ``ActivationStream``, as the concept trainer does, shuffle buffer included) versus from
    an in-memory tensor, same rows, same epochs; median of ``--repeats`` runs, interleaved.
+   Goal (issue 11): >= 0.9x.
+3. The top-k scan (``scan_concepts`` with the job's pools: 10 top rows, 256 sampled, 20
+   non-activating runs per concept) versus the concept model's own ``encode`` over the same
+   record batches, at ``--scan-concepts`` concepts (a TopK SAE); median of ``--repeats``.
+   Goal (issue 11): >= 0.8x.
 
 Usage: python bench/concepts.py [--docs 160] [--nb-concepts 32] [--repeats 3] [--threads 1]
+       [--sections 1,2,3] [--scan-concepts 1024]
 """
 
 from __future__ import annotations
@@ -48,7 +54,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--sections", default="1,2,3")
+    ap.add_argument("--scan-concepts", type=int, default=1024)
+    ap.add_argument("--scan-copies", type=int, default=4, help="the rows scanned, this many times (other doc ids)")
     args = ap.parse_args()
+    sections = {int(x) for x in args.sections.split(",")}
     torch.set_num_threads(args.threads)
 
     from raylens.concepts.metrics import explained_variance, frechet_distance, mean_l0
@@ -74,7 +84,7 @@ def main() -> None:
     print(f"{'random dictionary (LS)':22s} {'':>6s} {'':>8s} {explained_variance(test, base):12.3f} "
           f"{k:8.1f} {frechet_distance(test, base):10.1f}")
     sae_kw = {"epochs": args.epochs}
-    for method in available_methods():
+    for method in available_methods() if 1 in sections else []:
         params = dict(sae_kw) if method.endswith("_sae") else {}
         if method in ("topk_sae", "batchtopk_sae", "mp_sae", "archetypal_sae"):
             params["top_k"] = 8
@@ -87,7 +97,63 @@ def main() -> None:
         print(f"{method:22s} {str(model.streaming):>6s} {fit_s:8.2f} {explained_variance(test, x_hat):12.3f} "
               f"{mean_l0(z):8.1f} {frechet_distance(test, x_hat):10.1f}", flush=True)
 
-    # 2. SAE throughput: Parquet stream vs in-memory tensor
+    if 2 in sections:
+        stream_vs_memory(args, table, train, test)
+    if 3 in sections:
+        scan_vs_encode(args, table, train)
+
+
+def scan_vs_encode(args, table, train) -> None:
+    """Section 3: the top-k scan against the model's own encode on the same record batches."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from raylens.concepts.interpret import scan_concepts
+    from raylens.concepts.models import build_concept_model
+    from raylens.io.schemas import tensor_column_to_numpy
+
+    C = args.scan_concepts
+    model = build_concept_model("topk_sae", nb_concepts=C, d_model=train.shape[1], top_k=16, epochs=1,
+                                batch_size=256).fit(train)
+    cols = ["doc_id", "unit", "char_start", "char_end", "activation"]
+    one = table.select(cols)
+    offset = int(pc.max(one["doc_id"]).as_py()) + 1
+    copies = [one.set_column(0, "doc_id", pc.add(one["doc_id"], i * offset)) for i in range(args.scan_copies)]
+    batches = pa.concat_tables(copies).to_batches(max_chunksize=4096)  # past the pools' warm-up
+    n = sum(b.num_rows for b in batches)
+
+    def encode_all():
+        for b in batches:
+            model.encode(torch.from_numpy(tensor_column_to_numpy(b.column("activation")).astype("float32")))
+
+    def timed(fn):
+        t = time.perf_counter()
+        fn()
+        return n / (time.perf_counter() - t)
+
+    enc, top, pools = [], [], []
+    for _ in range(args.repeats):
+        enc.append(timed(encode_all))
+        top.append(timed(lambda: scan_concepts(model, batches, k=10)))
+        pools.append(timed(lambda: scan_concepts(model, batches, k=10, n_pool=256, n_quiet=20,
+                                                 min_quiet_chars=120, seed=0)))
+    e = statistics.median(enc)
+    print(f"# 3. top-k scan vs encode, TopK SAE nb_concepts={C}, top_k=16, {n} rows in batches of 4096, "
+          f"median of {args.repeats} (interleaved)")
+    print(f"encode alone                      {e:10.0f} rows/s")
+    print(f"scan, top 10                      {statistics.median(top):10.0f} rows/s   ratio {statistics.median(top) / e:.2f}x")
+    print(f"scan, top 10 + pools (256, 20)    {statistics.median(pools):10.0f} rows/s   ratio "
+          f"{statistics.median(pools) / e:.2f}x")
+
+
+def stream_vs_memory(args, table, train, test) -> None:
+    """Section 2: TopK SAE training from the Parquet stream against an in-memory tensor."""
+    from raylens.concepts.metrics import explained_variance
+    from raylens.concepts.models import build_concept_model
+    from raylens.io.readers import ActivationStream
+    from raylens.io.store import OutputStore
+
+    k = args.nb_concepts
     with tempfile.TemporaryDirectory() as tmp:
         store = OutputStore(tmp)
         n_shards = 4
@@ -103,7 +169,7 @@ def main() -> None:
         for _ in stream:
             pass
         read_rows_s = n_stream / (time.perf_counter() - t)
-        params = dict(nb_concepts=k, d_model=x.shape[1], top_k=8, epochs=args.epochs, batch_size=256)
+        params = dict(nb_concepts=k, d_model=train.shape[1], top_k=8, epochs=args.epochs, batch_size=256)
         mem, par = [], []
         for _ in range(args.repeats):
             m = build_concept_model("topk_sae", **params)

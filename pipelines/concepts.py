@@ -18,11 +18,12 @@ import pyarrow.parquet as pq
 import ray
 
 from actors.concept_worker import ConceptModelWorker
-from actors.trainer import ConceptTrainer
+from actors.trainer import ConceptTrainer, scan_shard
 from pipelines.common import check_job_key, run_shard_stage, write_corpus_shards, write_issues
 from pipelines.console import TqdmLines, progress, say
 from pipelines.console import say as _say
 from pipelines.report import write_concepts_table_and_report
+from raylens.concepts.topk_scan import merge_scans
 from raylens.config import ConceptJobConfig
 from raylens.io.schemas import IMPORTANCE_SCHEMA, importance_per_doc_schema, tensor_array
 from raylens.io.store import OutputStore
@@ -113,10 +114,37 @@ def fit(store: OutputStore, cfg: ConceptJobConfig):
         shown = _show_epochs(ray.get(trainer.fit_progress.remote()), shown)
     _show_epochs(ray.get(trainer.fit_progress.remote()), shown)
     result = ray.get(ref)
+    if result.get("skipped"):
+        say("fit: concept model already fitted with these settings (concept_model/_SUCCESS.json): skipping the fit")
     held = next(m for m in result["metrics"] if m["split"] == "heldout")
     say(f"fit: {result['fit_seconds']:.1f}s; held-out explained variance {held['explained_variance']:.3f}, "
         f"mean L0 {held['mean_l0']:.1f}")
     return trainer, result
+
+
+def distributed_scan(store: OutputStore, cfg: ConceptJobConfig):
+    """The top-k scan as parallel Ray tasks: one :func:`actors.trainer.scan_shard` per finished
+    shard (at most ``interpretation.scan_tasks`` at a time, each with ``resources.trainer_gpus``
+    GPUs), merged pairwise by tasks (:func:`raylens.concepts.topk_scan.merge_scans`, shard order
+    kept), then the tables written by a CPU-only trainer actor. Returns each concept's firing
+    frequency."""
+    res, config = cfg.resources, cfg.model_dump()
+    scan = ray.remote(scan_shard).options(num_gpus=res.trainer_gpus, num_cpus=1)
+    merge = ray.remote(merge_scans).options(num_cpus=1)
+    parts, running = [], []
+    for shard in store.done_shards("activations"):
+        if len(running) >= cfg.interpretation.scan_tasks:
+            _, running = ray.wait(running, num_returns=1)
+        parts.append(scan.remote(config, shard))
+        running.append(parts[-1])
+    while len(parts) > 1:  # a balanced tree: left before right, so ties keep the earlier shard
+        parts = [merge.remote(parts[i], parts[i + 1]) if i + 1 < len(parts) else parts[i]
+                 for i in range(0, len(parts), 2)]
+    writer = ray.remote(ConceptTrainer).options(num_cpus=1, num_gpus=0).remote(config)
+    try:
+        return ray.get(writer.top_examples.remote(parts[0]))
+    finally:
+        ray.kill(writer)
 
 
 def interpret(store: OutputStore, cfg: ConceptJobConfig, trainer):
@@ -125,8 +153,12 @@ def interpret(store: OutputStore, cfg: ConceptJobConfig, trainer):
     is gone before the model worker asks for its GPUs (on one GPU both cannot hold one)."""
     res = cfg.resources
     say("interpret: top activating inputs")
-    frequency = ray.get(trainer.top_examples.remote())
-    ray.kill(trainer)
+    if cfg.interpretation.scan_tasks > 1:
+        ray.kill(trainer)  # its GPUs go to the scan tasks
+        frequency = distributed_scan(store, cfg)
+    else:
+        frequency = ray.get(trainer.top_examples.remote())
+        ray.kill(trainer)
     worker = ray.remote(ConceptModelWorker).options(num_gpus=res.gpus_per_worker, num_cpus=res.cpus_per_worker) \
         .remote(cfg.model_dump())
     say("interpret: vocabulary projection")

@@ -29,121 +29,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from raylens.io.schemas import (NON_ACTIVATING_SCHEMA, SAMPLED_EXAMPLES_SCHEMA, TOP_EXAMPLES_SCHEMA, VOCAB_SCHEMA,
-                                 tensor_column_to_numpy)
-
-
-
-
-def _merge_smallest(keys: torch.Tensor, cols: dict[str, torch.Tensor], new_keys: torch.Tensor,
-                    new_cols: dict[str, torch.Tensor], k: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Keep, per column (concept), the ``k`` entries with the smallest keys of old + new rows."""
-    allk = torch.cat([keys, new_keys])
-    kept, idx = torch.topk(allk, min(k, allk.shape[0]), dim=0, largest=False, sorted=True)
-    out = {name: torch.gather(torch.cat([cols[name], new_cols[name]]), 0, idx) for name in cols}
-    return kept, out
-
-
-def _quiet_runs(fired: np.ndarray, doc: np.ndarray, unit: np.ndarray, cs: np.ndarray, ce: np.ndarray,
-                min_chars: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Maximal runs of consecutive units of one document where a concept does not fire.
-
-    Args: ``fired`` ``(m, C)`` bool; ``doc``, ``unit``, ``cs``, ``ce`` ``(m,)`` (rows in
-    stream order; a run breaks where the document changes or units are not consecutive).
-    Returns ``(concept, doc_id, char_start, char_end)`` of the runs at least ``min_chars`` long.
-    """
-    m = fired.shape[0]
-    quiet = ~fired
-    brk = np.ones(m + 1, dtype=bool)  # brk[i]: a run cannot continue from row i-1 to row i
-    if m > 1:
-        brk[1:m] = (doc[1:] != doc[:-1]) | (unit[1:] != unit[:-1] + 1)
-    prev_quiet = np.vstack([np.zeros((1, quiet.shape[1]), bool), quiet[:-1]])
-    next_quiet = np.vstack([quiet[1:], np.zeros((1, quiet.shape[1]), bool)])
-    start = quiet & (brk[:m, None] | ~prev_quiet)
-    end = quiet & (brk[1:, None] | ~next_quiet)
-    s_c, s_r = np.nonzero(start.T)  # concept-major, rows ascending: starts and ends pair up
-    _, e_r = np.nonzero(end.T)
-    lo, hi = cs[s_r], ce[e_r]
-    keep = (hi - lo) >= min_chars
-    return s_c[keep], doc[s_r][keep], lo[keep], hi[keep]
-
-
-_META = ("doc_id", "unit", "char_start", "char_end")
-_QUIET_COLS = ("doc_id", "char_start", "char_end")
-
-
-def _empty_slots(n: int, C: int) -> dict[str, torch.Tensor]:
-    """``value`` ``(n, C)`` of ``-inf`` and the row metadata ``(n, C)`` of ``-1``."""
-    out = {"value": torch.full((n, C), -float("inf"))}
-    out.update({key: torch.full((n, C), -1, dtype=torch.long) for key in _META})
-    return out
-
-
-def _merge_top(best: dict[str, torch.Tensor], z: torch.Tensor, meta: dict[str, torch.Tensor], k: int) -> None:
-    """Keep in ``best`` (``(k, C)`` tensors, in place) the ``k`` largest codes of old + new rows
-    ``z (n_rows, C)``, with their rows' metadata; ties keep the row seen first."""
-    C = z.shape[1]
-    vals = torch.cat([best["value"], z])  # (k + n_rows, C)
-    top_vals, top_idx = torch.topk(vals, min(k, vals.shape[0]), dim=0, sorted=True)
-    if top_vals.shape[0] < k:
-        pad = k - top_vals.shape[0]
-        top_vals = torch.cat([top_vals, torch.full((pad, C), -float("inf"))])
-        top_idx = torch.cat([top_idx, torch.zeros((pad, C), dtype=torch.long)])
-    for key in _META:
-        col = torch.cat([best[key], meta[key][:, None].expand(-1, C)])
-        best[key] = torch.gather(col, 0, top_idx)
-    best["value"] = top_vals
-
-
-class _QuietReservoir:
-    """Seeded reservoir of ``n_quiet`` quiet runs per concept (:func:`_quiet_runs`), fed batch
-    by batch; the rows of a document that may go on in the next batch are carried over."""
-
-    def __init__(self, n_quiet: int, min_chars: int, seed: int):
-        self.n_quiet, self.min_chars = n_quiet, min_chars
-        self.rng = np.random.default_rng(int(seed))
-        self.key = np.full((0,), np.inf)
-        self.kept = {name: np.zeros(0, np.int64) for name in ("concept", *_QUIET_COLS)}
-        self.carry: dict[str, np.ndarray] | None = None  # rows of the last, maybe unfinished, document
-
-    def _add_runs(self, rows: dict[str, np.ndarray]) -> None:
-        c, d, lo, hi = _quiet_runs(rows["fired"], rows["doc_id"], rows["unit"], rows["char_start"],
-                                   rows["char_end"], self.min_chars)
-        if not len(c):
-            return
-        allk = np.concatenate([self.key, self.rng.random(len(c))])
-        q = self.kept
-        cols = {"concept": np.concatenate([q["concept"], c]), "doc_id": np.concatenate([q["doc_id"], d]),
-                "char_start": np.concatenate([q["char_start"], lo]), "char_end": np.concatenate([q["char_end"], hi])}
-        order = np.lexsort((allk, cols["concept"]))
-        conc = cols["concept"][order]
-        first = np.searchsorted(conc, conc, side="left")
-        keep = order[(np.arange(len(order)) - first) < self.n_quiet]
-        self.key, self.kept = allk[keep], {name: v[keep] for name, v in cols.items()}
-
-    def add(self, meta: dict[str, torch.Tensor], z: torch.Tensor) -> None:
-        """Rows of one batch: metadata ``(n_rows,)`` and codes ``(n_rows, C)``, in stream order."""
-        rows = {key: meta[key].numpy() for key in _META}
-        rows["fired"] = (z > 0).numpy()
-        if self.carry is not None:
-            rows = {name: np.concatenate([self.carry[name], rows[name]]) for name in rows}
-        last = np.flatnonzero(rows["doc_id"] != rows["doc_id"][-1])
-        cut = int(last[-1]) + 1 if len(last) else 0  # the last document may go on in the next batch
-        self.carry = {name: v[cut:] for name, v in rows.items()}
-        if cut:
-            self._add_runs({name: v[:cut] for name, v in rows.items()})
-
-    def finish(self, C: int) -> dict[str, torch.Tensor]:
-        """``doc_id``, ``char_start``, ``char_end`` int64 ``(n_quiet, C)``, ``-1`` for empty slots."""
-        if self.carry is not None and len(self.carry["doc_id"]):
-            self._add_runs(self.carry)
-        quiet = {name: np.full((self.n_quiet, C), -1, np.int64) for name in _QUIET_COLS}
-        if len(self.key):
-            q = self.kept
-            slot = np.arange(len(self.key)) - np.searchsorted(q["concept"], q["concept"], side="left")
-            for name in _QUIET_COLS:
-                quiet[name][slot, q["concept"]] = q[name]
-        return {name: torch.from_numpy(v) for name, v in quiet.items()}
+from raylens.concepts.topk_scan import finish_scan, scan_partial
+from raylens.io.schemas import NON_ACTIVATING_SCHEMA, SAMPLED_EXAMPLES_SCHEMA, TOP_EXAMPLES_SCHEMA, VOCAB_SCHEMA
 
 
 @torch.no_grad()
@@ -169,10 +56,13 @@ def scan_concepts(
             ``char_end``, ``activation``.
         k: top examples kept per concept (as :func:`top_activating`).
         n_pool: activating rows (``activation > 0``) kept per concept, a uniform random
-            sample without replacement (random keys, Efraimidis & Spirakis 2006, unweighted).
+            sample without replacement (random keys, Efraimidis & Spirakis 2006, unweighted;
+            each key a hash of the seed, the row and the concept: see
+            :mod:`raylens.concepts.topk_scan`).
         n_quiet: non-activating runs kept per concept, a uniform random sample of the runs.
         min_quiet_chars: shortest run kept (characters of the document).
-        seed: seed of both reservoirs; the same rows in the same order give the same samples.
+        seed: seed of both samples; the same rows give the same samples, in any order and
+            however they are split across parallel scans (:func:`raylens.concepts.topk_scan.merge_scans`).
 
     Returns:
         ``{"best", "frequency", "n_rows"}`` as :func:`top_activating` returns them, plus
@@ -181,35 +71,8 @@ def scan_concepts(
         in random order; and ``"quiet"``: ``doc_id``, ``char_start``, ``char_end`` (int64
         ``(n_quiet, nb_concepts)``, ``-1`` for empty slots).
     """
-    C = concept_model.nb_concepts
-    best, pool = _empty_slots(k, C), _empty_slots(n_pool, C)
-    pool_key = torch.full((n_pool, C), float("inf"))
-    gen = torch.Generator().manual_seed(int(seed))
-    quiet = _QuietReservoir(n_quiet, min_quiet_chars, seed)
-    fired = torch.zeros(C, dtype=torch.long)
-    n_rows = 0
-    for batch in batches:
-        x = torch.from_numpy(tensor_column_to_numpy(batch.column("activation")).astype(np.float32))
-        if x.shape[0] == 0:
-            continue
-        z = concept_model.encode(x.to(device)).float().cpu()  # (n_rows, nb_concepts)
-        fired += (z != 0).sum(0)
-        n_rows += z.shape[0]
-        meta = {key: torch.from_numpy(batch.column(key).to_numpy().astype(np.int64)) for key in _META}
-        _merge_top(best, z, meta, k)
-        if n_pool:
-            rk = torch.rand(z.shape, generator=gen)
-            rk[~(z > 0)] = float("inf")
-            new = {"value": z, **{key: meta[key][:, None].expand(-1, C) for key in _META}}
-            pool_key, pool = _merge_smallest(pool_key, pool, rk, new, n_pool)
-        if n_quiet:
-            quiet.add(meta, z)
-    empty = ~torch.isfinite(pool_key)
-    pool["value"][empty] = -float("inf")
-    for key in _META:
-        pool[key][empty] = -1
-    return {"best": best, "frequency": fired.float() / max(n_rows, 1), "n_rows": n_rows, "pool": pool,
-            "quiet": quiet.finish(C)}
+    return finish_scan(scan_partial(concept_model, batches, k=k, n_pool=n_pool, n_quiet=n_quiet,
+                                    min_quiet_chars=min_quiet_chars, seed=seed, device=device))
 
 
 def quantile_sample(

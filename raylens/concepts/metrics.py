@@ -342,9 +342,30 @@ class ReconstructionAccumulator:
         col = active.any(dim=0).cpu()
         self.alive = col if self.alive is None else (self.alive | col)
         if self._reservoir is not None:
-            self._reservoir.add(torch.cat([x, x_hat], dim=1).to(torch.float32).cpu())
+            self._reservoir.add(torch.cat([x, x_hat], dim=1).to(torch.float32))
         self.n_rows += b
         self.d_model = x.shape[1]
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        """The accumulated state as tensors (sums in float64, the running mean ``(d_model,)``, the
+        ever-active mask ``(nb_concepts,)``, the reservoir), for a fit checkpoint."""
+        out = {"sums": torch.tensor([self.n_rows, self.d_model or 0, self.sse, self.m2, self.l0_total],
+                                    dtype=torch.float64),
+               "mean": self.mean if self.mean is not None else torch.empty(0),
+               "alive": self.alive if self.alive is not None else torch.empty(0, dtype=torch.bool)}
+        if self._reservoir is not None:
+            out.update({f"reservoir.{k}": v for k, v in self._reservoir.state_tensors().items()})
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
+        """Become the accumulator :meth:`state_tensors` described."""
+        n_rows, d_model, self.sse, self.m2, self.l0_total = tensors["sums"].tolist()
+        self.n_rows, self.d_model = int(n_rows), (int(d_model) or None)
+        self.mean = tensors["mean"].clone() if tensors["mean"].numel() else None
+        self.alive = tensors["alive"].clone() if tensors["alive"].numel() else None
+        if self._reservoir is not None:
+            self._reservoir.load_state_tensors({k[len("reservoir."):]: v for k, v in tensors.items()
+                                                if k.startswith("reservoir.")})
 
     def result(self) -> dict[str, Any]:
         """``dict(mse, explained_variance, mean_l0, sparsity_ratio, dead_fraction, fid,

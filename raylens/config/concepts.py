@@ -39,6 +39,11 @@ class ConceptsConfig(Section):
                                    description="method parameters (e.g. top_k, lr, epochs, seed)")
     heldout_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of documents held out for metrics")
     batch_rows: int = Field(1024, gt=0, description="activation rows per training batch")
+    checkpoint_every: int = Field(
+        1000, gt=0, description="training steps between checkpoints of an iterative model (SAEs); a killed "
+                                "trainer resumes from the last one (each costs one write of the SAE and Adam "
+                                "state, 3x the model size)")
+    readers: int = Field(4, gt=0, description="activation row groups read and decoded in parallel by the trainer")
 
     @model_validator(mode="after")
     def _method_known(self) -> "ConceptsConfig":
@@ -95,6 +100,9 @@ class InterpretationConfig(Section):
         20, ge=0, description="runs of text where a concept does not fire, kept per concept in "
                               "concepts/non_activating.parquet (the negatives of label scoring); 0 = none")
     non_activating_min_chars: int = Field(120, ge=1, description="shortest such run (characters)")
+    scan_tasks: int = Field(
+        1, ge=1, description="parallel Ray tasks of the top-k scan, one shard each, merged (on a GPU each when "
+                             "resources.trainer_gpus > 0); 1 = one pass inside the trainer actor")
     labels: LabelsConfig = Field(default_factory=LabelsConfig)
 
     @model_validator(mode="after")

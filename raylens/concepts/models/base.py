@@ -77,6 +77,7 @@ class ConceptModel(abc.ABC):
         method: registry name, e.g. ``"topk_sae"``.
         streaming: True when :meth:`fit_stream` trains on the whole stream, False when it
             fits a bounded reservoir sample of ``max_fit_rows`` rows.
+        resumable: True when :meth:`fit_stream` checkpoints, resumes and observes its last epoch.
         parameters: the parameters the class adds (name -> :class:`Param`); re-declaring a
             parent's parameter changes its default.
         fixed_params: parents' parameters the method does not let users set, with their value.
@@ -104,6 +105,9 @@ class ConceptModel(abc.ABC):
 
     method: ClassVar[str] = ""
     streaming: ClassVar[bool] = False
+    #: True when :meth:`fit_stream` also takes ``checkpoint=`` and ``observer=`` (see
+    #: :meth:`raylens.concepts.models.sae.SAEConceptModel.fit_stream`): iterative methods.
+    resumable: ClassVar[bool] = False
     #: Rows used to estimate the input normalisation (mean, scale).
     norm_rows: ClassVar[int] = 8192
     parameters: ClassVar[dict[str, Param]] = {

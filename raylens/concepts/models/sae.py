@@ -11,6 +11,8 @@ from __future__ import annotations
 import abc
 import logging
 import time
+from dataclasses import dataclass, field
+from itertools import islice
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -22,8 +24,24 @@ from raylens.concepts.models.base import ConceptModel
 from raylens.concepts.models.params import Param, positive_int
 from raylens.concepts.models.streaming import as_rows, chain, is_reiterable, progress_bar, rebatch, seeded
 from raylens.concepts.models.streaming import take_head
+from raylens.concepts.models.checkpoint import FitCheckpoint, FitState, optimizer_from_tensors, optimizer_to_tensors
 
-__all__ = ["SAEConceptModel", "TOP_K", "default_top_k", "sae_train_step"]
+__all__ = ["FitRun", "STEP_STATS", "SAEConceptModel", "TOP_K", "default_top_k", "sae_train_step"]
+
+#: The statistics :func:`sae_train_step` returns, averaged per epoch in ``history``.
+STEP_STATS = ("loss", "mse", "explained_variance", "l0")
+
+
+@dataclass
+class FitRun:
+    """How one SAE training loop runs: where it starts (``state``, ``optimizer_state`` from a
+    checkpoint), how many passes it makes, where it checkpoints, who observes its last epoch."""
+
+    state: FitState = field(default_factory=FitState)
+    optimizer_state: tuple[dict[str, Tensor], dict[str, Any]] | None = None
+    n_passes: int | None = None
+    checkpoint: FitCheckpoint | None = None
+    observer: Any = None
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +57,8 @@ TOP_K = Param(None, int, low=1, high="nb_concepts", derive=default_top_k,
 
 
 def sae_train_step(sae: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Tensor,
-                   *, clip_grad: float | None = 1.0, penalty: Callable[..., Tensor] | None = None
-                   ) -> dict[str, float]:
+                   *, clip_grad: float | None = 1.0, penalty: Callable[..., Tensor] | None = None,
+                   observe: Callable[[Tensor, Tensor, Tensor], None] | None = None) -> dict[str, float]:
     """One Adam (or any optimizer) step of an overcomplete SAE on one batch; the single
     training step that in-memory, streaming and distributed (Ray Train) training all call.
 
@@ -60,6 +78,9 @@ def sae_train_step(sae: torch.nn.Module, optimizer: torch.optim.Optimizer, batch
             concept model, ``model.normalize(x)``).
         clip_grad: global gradient-norm clip.
         penalty: optional extra loss term (a scalar tensor).
+        observe: called as ``observe(batch, codes, x_hat)`` (detached; ``codes (batch_rows,
+            nb_concepts)`` and ``x_hat (batch_rows, d_in)`` of this step's forward pass, before
+            the update) to compute metrics without a second forward pass.
 
     Returns:
         ``dict(loss=float, mse=float, explained_variance=float, l0=float)``: total loss and
@@ -84,6 +105,8 @@ def sae_train_step(sae: torch.nn.Module, optimizer: torch.optim.Optimizer, batch
         torch.nn.utils.clip_grad_norm_(sae.parameters(), clip_grad)
     optimizer.step()
     with torch.no_grad():
+        if observe is not None:
+            observe(batch.detach(), codes.detach(), x_hat.detach())
         sse = err.sum()
         sst = (batch - batch.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
         return {
@@ -129,6 +152,7 @@ class SAEConceptModel(ConceptModel):
     """
 
     streaming = True
+    resumable = True
     parameters = {
         "lr": Param(2e-3, float, low=0, low_open=True, doc="Adam learning rate"),
         "epochs": positive_int(10, "passes over the data"),
@@ -195,40 +219,88 @@ class SAEConceptModel(ConceptModel):
             p.requires_grad_(True)
         return torch.optim.Adam(self.sae.parameters(), lr=self.lr)
 
-    def train_step(self, optimizer: torch.optim.Optimizer, batch_norm: Tensor) -> dict[str, float]:
+    def train_step(self, optimizer: torch.optim.Optimizer, batch_norm: Tensor,
+                   observe: Callable[[Tensor, Tensor, Tensor], None] | None = None) -> dict[str, float]:
         """:func:`sae_train_step` with this model's penalty and clipping, on normalised rows
-        ``(batch_rows, d_model)``."""
+        ``(batch_rows, d_model)`` (``observe`` as there)."""
         return sae_train_step(self.sae, optimizer, batch_norm, clip_grad=self.clip_grad or None,
-                              penalty=self._penalty_fn())
+                              penalty=self._penalty_fn(), observe=observe)
 
-    def _train_batches(self, batch_passes: Iterable[Iterable[Tensor]], progress: bool) -> None:
-        """Train over several passes; each element of ``batch_passes`` yields normalised batches."""
+    def _train_batches(self, batch_passes: Iterable[Iterable[Tensor]], progress: bool,
+                       run: FitRun | None = None) -> None:
+        """Train over several passes; each element of ``batch_passes`` yields normalised batches
+        (the passes from ``run.state.epoch`` on, the first one already past ``run.state.batch``)."""
         with torch.enable_grad():  # callers may be inside torch.no_grad()
-            self._train_batches_impl(batch_passes, progress)
+            self._train_loop(batch_passes, progress, run or FitRun())
 
-    def _train_batches_impl(self, batch_passes: Iterable[Iterable[Tensor]], progress: bool) -> None:
+    def _train_loop(self, batch_passes: Iterable[Iterable[Tensor]], progress: bool, run: FitRun) -> None:
         optimizer = self.make_optimizer()
-        self.history = []
+        if run.optimizer_state is not None:
+            optimizer_from_tensors(optimizer, *run.optimizer_state)
+        state = run.state
         t0 = time.perf_counter()
-        step = 0
-        for epoch, batches in enumerate(batch_passes):
-            sums = {"loss": 0.0, "mse": 0.0, "explained_variance": 0.0, "l0": 0.0}
-            n = 0
-            for batch in progress_bar(batches, progress, f"{self.method} epoch {epoch + 1}"):
-                stats = self.train_step(optimizer, batch)
-                for k in sums:
-                    sums[k] += stats[k]
-                n += 1
-                step += 1
-            if n:
-                record = {k: v / n for k, v in sums.items()} | {"epoch": epoch + 1, "steps": n}
-                self.history.append(record)
-                logger.info("%s epoch %d: loss %.4g, batch EV %.3f, L0 %.1f, %.1fs", self.method,
-                            epoch + 1, record["loss"], record["explained_variance"], record["l0"],
-                            time.perf_counter() - t0)
-        if step == 0:
+        for batches in batch_passes:
+            last = run.n_passes is not None and state.epoch == run.n_passes - 1
+            observe = self._observer(run.observer) if last and run.observer is not None else None
+            for batch in progress_bar(batches, progress, f"{self.method} epoch {state.epoch + 1}"):
+                stats = self.train_step(optimizer, batch, observe)
+                for k in STEP_STATS:
+                    state.sums[k] = state.sums.get(k, 0.0) + stats[k]
+                state.batch += 1
+                state.step += 1
+                state.epoch_rows += batch.shape[0]
+                if run.checkpoint is not None and state.step % run.checkpoint.every == 0:
+                    self._save_checkpoint(run, optimizer)
+            self._end_epoch(state, t0)
+        if state.step == 0:
             raise ValueError("no training batch: empty activations/stream")
+        self.history = list(state.history)
         self._finalize()
+
+    def _observer(self, observer: Any) -> Callable[[Tensor, Tensor, Tensor], None]:
+        """``observer.update(x, x_hat, z)`` in the original activation space, fed from normalised rows."""
+        return lambda b, z, x_hat: observer.update(self.denormalize(b), self.denormalize(x_hat), z)
+
+    def _end_epoch(self, state: FitState, t0: float) -> None:
+        """Close the epoch in progress: its history record, then the counters of the next one."""
+        if state.batch:
+            n = state.batch
+            record = {k: state.sums.get(k, 0.0) / n for k in STEP_STATS} | {"epoch": state.epoch + 1, "steps": n}
+            state.history.append(record)
+            self.n_fit_rows = state.epoch_rows
+            logger.info("%s epoch %d: loss %.4g, batch EV %.3f, L0 %.1f, %.1fs", self.method,
+                        state.epoch + 1, record["loss"], record["explained_variance"], record["l0"],
+                        time.perf_counter() - t0)
+        state.epoch += 1
+        state.batch, state.epoch_rows, state.sums = 0, 0, {}
+        self.history = list(state.history)
+
+    def _save_checkpoint(self, run: FitRun, optimizer: torch.optim.Optimizer) -> None:
+        state = run.state
+        tensors = {"norm.mean": self._mean, "norm.scale": self._scale.reshape(()), "rng.cpu": torch.get_rng_state(),
+                   **{f"sae.{k}": v for k, v in self.sae.state_dict().items()}}
+        try:
+            tensors.update(self._extra_sae_tensors())
+        except (TypeError, RuntimeError):  # e.g. BatchTopK before its first threshold estimate
+            pass
+        if hasattr(run.observer, "state_tensors"):
+            tensors.update({f"observer.{k}": v for k, v in run.observer.state_tensors().items()})
+        opt_tensors, opt_meta = optimizer_to_tensors(optimizer)
+        run.checkpoint.save({**tensors, **opt_tensors}, {"step": state.step, "state": state.to_json(),
+                                                     "optimizer": opt_meta})
+
+    def _resume(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> FitRun:
+        """Become the half-trained model of a checkpoint; returns the loop state to go on from."""
+        self._mean = tensors["norm.mean"].to(self.device)
+        self._scale = tensors["norm.scale"].reshape(()).to(self.device)
+        self.sae = self._new_sae(None)
+        self.sae.load_state_dict({k[len("sae."):]: v.to(self.device) for k, v in tensors.items()
+                                  if k.startswith("sae.")}, strict=True)
+        extra = {k: v for k, v in tensors.items() if not k.startswith(("sae.", "norm.", "optim.", "rng.", "observer."))}
+        if extra:
+            self._load_extra_sae_tensors(extra)
+        torch.set_rng_state(tensors["rng.cpu"])
+        return FitRun(state=FitState.from_json(meta["state"]), optimizer_state=(tensors, meta["optimizer"]))
 
     def _finalize(self) -> None:
         """Freeze: eval mode, parameters without gradients, fused dictionary cached."""
@@ -270,14 +342,35 @@ class SAEConceptModel(ConceptModel):
         self.n_fit_rows = n
         return self
 
-    def fit_stream(self, batches: Iterable[Tensor], *, progress: bool = True) -> SAEConceptModel:
+    def fit_stream(self, batches: Iterable[Tensor], *, progress: bool = True, checkpoint: FitCheckpoint | None = None,
+                   observer: Any = None) -> SAEConceptModel:
         """Train on a stream of batches ``(batch, d_model)`` with bounded memory.
 
         The first ``norm_rows`` rows are buffered to estimate the normalisation (and, for
         methods that need data at construction such as the archetypal SAE, to build the
         SAE), then training starts on them and continues over the stream, re-cut into
         ``batch_size``-row batches. A one-shot iterator gets one pass; a re-iterable gets
-        ``epochs`` passes.
+        ``epochs`` passes (``batches.set_epoch(e)`` is called before pass ``e`` when the stream
+        has it, as :class:`raylens.io.readers.ActivationStream` does, so pass ``e`` has the
+        same order in a fresh and in a resumed fit).
+
+        Args:
+            batches: activation batches ``(batch, d_model)``.
+            progress: show a progress bar.
+            checkpoint: save the training state every ``checkpoint.every`` steps (SAE and
+                optimizer tensors, normalisation, step / epoch / batch position, RNG) and, when
+                it holds one, resume from its last checkpoint: the batches of the epoch in
+                progress that were already trained on are read again and skipped (the stream
+                order of an epoch is reproducible), so a resumed fit trains on exactly the
+                batches the uninterrupted one would.
+            observer: an object whose ``update(x, x_hat, z)`` is called on every batch of the
+                last epoch (activations and reconstructions ``(batch, d_model)`` in the original
+                space, codes ``(batch, nb_concepts)``), taken from the forward pass of that
+                batch's training step, before its update (how training metrics are computed
+                without a second pass), e.g. a
+                :class:`raylens.concepts.metrics.ReconstructionAccumulator`; when it has
+                ``state_tensors()`` / ``load_state_tensors(tensors)``, its state is checkpointed
+                and resumed with the fit's.
 
         Returns:
             self.
@@ -290,27 +383,43 @@ class SAEConceptModel(ConceptModel):
         if not reiterable and self.epochs > 1:
             logger.info("%s.fit_stream: the stream is a one-shot iterator, training one pass "
                         "(epochs=%d needs a re-iterable such as a list or dataset)", self.method, self.epochs)
-        first_pass = rebatch(batches, self.batch_size, self.d_model, self.device)
-        head = take_head(first_pass, self.norm_rows)
-        if not head:
-            raise ValueError("fit_stream got an empty stream")
-        head_x = torch.cat(head)
-        self.set_normalization(head_x)
-        self.sae = self._new_sae(self.normalize(head_x))
-        counter = {"rows": 0}
+        set_epoch = getattr(batches, "set_epoch", None)
 
-        def normalized(stream: Iterable[Tensor]) -> Iterator[Tensor]:
-            for b in stream:
-                counter["rows"] += b.shape[0]
-                yield self.normalize(b)
+        def cut(epoch: int) -> Iterator[Tensor]:
+            if set_epoch is not None:
+                set_epoch(epoch)
+            return rebatch(batches, self.batch_size, self.d_model, self.device)
+
+        loaded = checkpoint.load() if checkpoint is not None and reiterable else None
+        if loaded is not None:
+            run = self._resume(*loaded)
+            logger.info("%s: resuming from the checkpoint at step %d (epoch %d, batch %d)", self.method,
+                        run.state.step, run.state.epoch + 1, run.state.batch)
+            first_pass = islice(cut(run.state.epoch), run.state.batch, None)
+        else:
+            run = FitRun()
+            first_pass = cut(0)
+            head = take_head(first_pass, self.norm_rows)
+            if not head:
+                raise ValueError("fit_stream got an empty stream")
+            head_x = torch.cat(head)
+            self.set_normalization(head_x)
+            self.sae = self._new_sae(self.normalize(head_x))
+            first_pass = chain(head, first_pass)
+        run.n_passes, run.checkpoint, run.observer = n_passes, checkpoint, observer
+        if loaded is not None and hasattr(observer, "load_state_tensors"):
+            saved = {k[len("observer."):]: v for k, v in loaded[0].items() if k.startswith("observer.")}
+            if saved:
+                observer.load_state_tensors(saved)
+
+        start = run.state.epoch
 
         def passes():
-            yield normalized(chain(head, first_pass))
-            for _ in range(n_passes - 1):
-                yield normalized(rebatch(batches, self.batch_size, self.d_model, self.device))
+            yield (self.normalize(b) for b in first_pass)
+            for epoch in range(start + 1, n_passes):
+                yield (self.normalize(b) for b in cut(epoch))
 
-        self._train_batches(passes(), progress=progress)
-        self.n_fit_rows = counter["rows"] // n_passes
+        self._train_batches(passes(), progress=progress, run=run)
         return self
 
     # ---- inference

@@ -106,7 +106,8 @@ class Reservoir:
         self.n_seen = 0
 
     def add(self, batch: Tensor) -> None:
-        """Offer a batch ``(batch, width)`` (float32 on the CPU) to the reservoir."""
+        """Offer a batch ``(batch, width)`` (float32, on any device: only the rows kept are
+        copied to the CPU) to the reservoir."""
         b = batch.shape[0]
         if b == 0:
             return
@@ -116,7 +117,7 @@ class Reservoir:
         reservoir = self.reservoir
         fill = min(max(max_rows - n_seen, 0), b)
         if fill:
-            reservoir[n_seen:n_seen + fill] = batch[:fill]
+            reservoir[n_seen:n_seen + fill] = batch[:fill].cpu()
         rest = batch[fill:]
         if rest.shape[0]:
             # row with 0-based stream index t replaces slot j ~ U{0..t} when j < max_rows
@@ -131,8 +132,20 @@ class Reservoir:
                 first_in_rev = torch.full((uniq.numel(),), rev_slots.numel(), dtype=torch.long)
                 first_in_rev.scatter_reduce_(0, inverse, torch.arange(rev_slots.numel()), reduce="amin")
                 winners = hit.flip(0)[first_in_rev]
-                reservoir[uniq] = rest[winners]
+                reservoir[uniq] = rest[winners.to(rest.device)].cpu()  # only the kept rows leave the device
         self.n_seen += b
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        """The reservoir's whole state as tensors (``rows``, ``n_seen``, ``rng``), for a checkpoint."""
+        rows = self.reservoir if self.reservoir is not None else torch.empty(0, 0)
+        return {"rows": rows, "n_seen": torch.tensor(self.n_seen, dtype=torch.int64), "rng": self.gen.get_state()}
+
+    def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
+        """Become the reservoir :meth:`state_tensors` described."""
+        rows = tensors["rows"]
+        self.reservoir = rows.clone() if rows.numel() else None
+        self.n_seen = int(tensors["n_seen"])
+        self.gen.set_state(tensors["rng"])
 
     def sample(self) -> Tensor:
         """The rows kept so far (a copy)."""

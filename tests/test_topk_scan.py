@@ -1,0 +1,110 @@
+"""The top-k scan split over shards: partial scans merged in any tree order equal one scan, and
+equal a full sort of the stored rows (top k), the smallest hash keys (sampled pools) and the
+brute-force frequencies; the Ray wiring (parallel scan tasks) writes the same tables as the
+trainer's single pass. Real Parquet shards, a real fitted TopK SAE."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from raylens.concepts.interpret import scan_concepts
+from raylens.concepts.models import build_concept_model
+from raylens.concepts.topk_scan import finish_scan, hash_keys, merge_scans, scan_partial
+from raylens.io.schemas import tensor_array
+from raylens.io.store import OutputStore
+
+D, C, K, N_POOL = 16, 24, 5, 6
+COLS = ["doc_id", "unit", "char_start", "char_end", "activation"]
+
+
+def _store(path, heldout: bool = False) -> tuple[OutputStore, object]:
+    rng = np.random.default_rng(0)
+    store = OutputStore(str(path))
+    for s in range(4):
+        doc = np.repeat(np.arange(s * 20, s * 20 + 20), 9)
+        unit = np.tile(np.arange(9), 20)
+        x = rng.normal(size=(len(doc), D)).astype(np.float32)
+        t = pa.table({"doc_id": pa.array(doc, pa.int64()), "unit": pa.array(unit, pa.int32()),
+                      "char_start": pa.array(unit * 6, pa.int32()), "char_end": pa.array(unit * 6 + 5, pa.int32()),
+                      "activation": tensor_array(x, "float32")})
+        if heldout:  # the last 4 documents of each shard in activations_heldout/
+            held = pa.array(doc >= s * 20 + 16)
+            store.write_table(f"activations_heldout/shard-{s:05d}.parquet", t.filter(held))
+            t = t.filter(pa.compute.invert(held))
+        store.write_shard("activations", f"shard-{s:05d}", t)
+    return store, rng
+
+
+def _model(rng) -> object:
+    x = torch.from_numpy(rng.normal(size=(2000, D)).astype(np.float32))
+    return build_concept_model("topk_sae", nb_concepts=C, d_model=D, top_k=4, epochs=2, batch_size=128).fit(x)
+
+
+def _batches(store, shard):
+    return pq.ParquetFile(store.path("activations", f"{shard}.parquet")).iter_batches(batch_size=50, columns=COLS)
+
+
+def test_merged_partial_scans_equal_a_full_sort(tmp_path):
+    store, rng = _store(tmp_path)
+    model = _model(rng)
+    shards = store.done_shards("activations")
+    kw = dict(k=K, n_pool=N_POOL, n_quiet=3, min_quiet_chars=10, seed=7)
+    p = [scan_partial(model, _batches(store, s), **kw) for s in shards]
+    left = finish_scan(merge_scans(merge_scans(merge_scans(p[0], p[1]), p[2]), p[3]))
+    tree = finish_scan(merge_scans(merge_scans(p[0], p[1]), merge_scans(p[2], p[3])))
+    one = scan_concepts(model, (b for s in shards for b in _batches(store, s)), **kw)
+    for res in (left, tree):
+        for part in ("best", "pool", "quiet"):
+            assert all(torch.equal(res[part][key], one[part][key]) for key in one[part]), part
+        assert torch.equal(res["frequency"], one["frequency"]) and res["n_rows"] == one["n_rows"] == 720
+    # the direct computation over every stored row
+    t = pa.concat_tables([store.read_table(f"activations/{s}.parquet") for s in shards])
+    z = torch.cat([model.encode(torch.from_numpy(np.stack(b.column("activation").to_numpy(zero_copy_only=False))
+                                                 .astype(np.float32)))
+                   for s in shards for b in _batches(store, s)]).numpy()
+    doc, unit = t["doc_id"].to_numpy(), t["unit"].to_numpy()
+    assert np.allclose(tree["frequency"].numpy(), (z != 0).mean(0))
+    for c in range(C):
+        order = np.argsort(-z[:, c], kind="stable")[:K]
+        assert np.array_equal(tree["best"]["value"][:, c].numpy(), z[order, c])
+        pos = z[order, c] > 0
+        got = set(zip(tree["best"]["doc_id"][:, c].numpy()[pos], tree["best"]["unit"][:, c].numpy()[pos]))
+        assert got == set(zip(doc[order][pos], unit[order][pos]))
+        act = np.flatnonzero(z[:, c] > 0)
+        keys = hash_keys(7, doc[act], unit[act], np.full(len(act), c))
+        want = set(zip(doc[act][np.argsort(keys)[:N_POOL]], unit[act][np.argsort(keys)[:N_POOL]]))
+        ok = tree["pool"]["doc_id"][:, c].numpy() >= 0
+        assert set(zip(tree["pool"]["doc_id"][:, c].numpy()[ok], tree["pool"]["unit"][:, c].numpy()[ok])) == want
+    assert (tree["frequency"] > 0).sum() > C // 2
+
+
+@pytest.mark.slow
+def test_parallel_scan_tasks_write_the_trainers_tables(tmp_path, ray_session):
+    from actors.trainer import ConceptTrainer
+    from pipelines.concepts import distributed_scan
+    from raylens.config import ConceptJobConfig
+
+    store, rng = _store(tmp_path / "a", heldout=True)
+    model = _model(rng)
+    model.save(store.path("concept_model"))
+    texts = pa.table({"doc_id": pa.array(np.arange(80), pa.int64()), "text": ["word " * 20] * 80})
+    store.write_shard("documents", "shard-00000", texts)
+    shutil.copytree(store.path(), str(tmp_path / "b"))
+    interp = {"top_k_examples": K, "sample_pool_size": N_POOL, "sampled_per_quantile": 2, "sample_quantiles": 2,
+              "non_activating_per_concept": 3, "non_activating_min_chars": 10, "scan_tasks": 3}
+    cfgs = [ConceptJobConfig.model_validate({"output_uri": str(tmp_path / x), "interpretation": interp,
+                                             "concepts": {"nb_concepts": C}}) for x in "ab"]
+    freq = distributed_scan(store, cfgs[0])
+    assert freq == ConceptTrainer(cfgs[1].model_dump()).top_examples()
+    for name in ("top_examples", "sampled_examples", "non_activating"):
+        a, b = (pq.read_table(os.path.join(tmp_path, x, "concepts", f"{name}.parquet")) for x in "ab")
+        assert a.equals(b), name
+    top = pq.read_table(os.path.join(tmp_path, "a", "concepts", "top_examples.parquet"))
+    assert set(top["doc_id"].to_pylist()) & {s * 20 + i for s in range(4) for i in range(16, 20)}  # held-out rows too

@@ -136,3 +136,98 @@ def test_safe_component_is_one_harmless_name(tmp_path, text):
     store.write_json(f"labels/{name}.json", {})
     assert (tmp_path / "out" / "labels" / f"{name}.json").is_file()
     assert os.path.dirname(store.path("labels", name)) == store.path("labels")
+
+
+# ------------------------------------------------------------------ API keys
+KEY = "sk-raylens-c1-RECOGNISABLE-0123456789abcdef"
+
+
+def test_key_in_the_config_body_is_refused_without_echoing_it(tmp_path):
+    from raylens.config import ConfigError, load_config
+
+    for over in ({"interpretation.labels.api_key": KEY}, {"interpretation.labels.token": KEY},
+                 {"interpretation.labels.api_key_env": KEY},
+                 {"interpretation.labels.base_url": f"http://user:{KEY}@127.0.0.1:9/v1"}):
+        with pytest.raises(ConfigError, match="API keys are not read from the config") as err:
+            load_config(None, over)
+        assert KEY not in str(err.value) and "api_key_file" in str(err.value)
+    with pytest.raises(ConfigError, match="interpretation.labels.api_key_file"):
+        load_config(None, {"interpretation.labels.api_key_file": str(tmp_path / "missing")})
+
+
+def test_key_comes_from_the_file_or_the_environment(tmp_path, monkeypatch):
+    from raylens.llm.config import LabelerConfig, read_api_key
+
+    monkeypatch.setenv("RAYLENS_C1_KEY", KEY)
+    assert read_api_key("RAYLENS_C1_KEY") == KEY
+    assert read_api_key("RAYLENS_C1_UNSET") == "EMPTY"
+    (tmp_path / "key").write_text(KEY[::-1] + "\n# comment\n")
+    assert read_api_key("RAYLENS_C1_KEY", tmp_path / "key") == KEY[::-1]  # the file wins
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ValueError, match="empty") as err:
+        read_api_key(None, tmp_path / "empty")
+    assert KEY not in repr(LabelerConfig("http://127.0.0.1:9/v1", "m", api_key=KEY)) and "empty" in str(err.value)
+
+
+def _strings_of_parquet(path: Path) -> str:
+    """Every value, the schema and the key-value metadata of a Parquet file, as text."""
+    import pyarrow.parquet as pq
+
+    f = pq.ParquetFile(path)
+    parts = [str(f.schema_arrow), str(f.metadata.metadata), str(f.schema_arrow.metadata)]
+    table = f.read()
+    parts += [str(table.column(i).to_pylist()) for i in range(table.num_columns)]
+    return "\n".join(parts)
+
+
+@pytest.mark.slow
+def test_concept_job_against_a_faulty_endpoint_keeps_the_key_secret(tmp_path):
+    """A small concept job (CLI, own process and local Ray) labels against a fault-injecting
+    endpoint that fails the first request twice with HTTP 500, then answers labels holding HTML.
+    The key, read from a file, reaches the endpoint as the bearer token, and appears in no output
+    file (Parquet values and metadata included), in the job log, nor on the console. The first
+    concept is unlabelled with the reason, the others are labelled, and the job completes."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from tests.llm_faults import FaultyLLM
+    from tests.procs import run_job, set_args
+    from tests.xss import assert_escaped
+
+    key_file = tmp_path / "secrets" / "key"
+    key_file.parent.mkdir()
+    key_file.write_text(KEY + "\n")
+    out = tmp_path / "out"
+    label = "<img src=x onerror=alert('xss-label')> praise for the movie"
+    with FaultyLLM("500", fail_first=2, reply=label) as server:
+        sets = {"output_uri": str(out), "corpus.limit": 8, "extraction.shard_size": 8, "extraction.max_tokens": 32,
+                "extraction.split_point": 4, "concepts.nb_concepts": 8, "concepts.params": "{top_k: 2, epochs: 2}",
+                "importance.enabled": "false", "interpretation.sampled_per_quantile": 0,
+                "interpretation.non_activating_per_concept": 0, "interpretation.labels.base_url": server.base_url,
+                "interpretation.labels.model": "m", "interpretation.labels.api_key_file": str(key_file),
+                "interpretation.labels.max_concepts": 3, "interpretation.labels.n_examples": 2,
+                "interpretation.labels.score_max_concepts": 0, "interpretation.labels.max_concurrency": 1,
+                "interpretation.labels.max_retries": 1, "interpretation.labels.backoff_s": 0.05,
+                "interpretation.labels.timeout_s": 10, "resources.num_workers": 1}
+        console = run_job("concepts", set_args("configs/default.yaml", sets), timeout_s=600)
+    print(console[-3000:])
+    chats = server.chat_requests()
+    assert chats and all(r.authorization == f"Bearer {KEY}" for r in chats)  # the key was used
+    rows = pq.read_table(out / "concepts" / "concepts.parquet").to_pylist()
+    labelled = [r for r in rows if r["label"]]
+    failed = [r for r in rows if r["label_error"]]
+    assert len(failed) == 1 and "HTTP 500" in failed[0]["label_error"] and "after 2 attempts" in failed[0]["label_error"]
+    assert len(labelled) == 2 and all("praise for the movie" in r["label"] for r in labelled)
+    assert len(chats) == 2 + 2  # two failed attempts, then one request per other concept (distinct prompts)
+    report = (out / "report.html").read_text(encoding="utf-8")
+    assert_escaped(report)
+    assert "HTTP 500" in report and "praise for the movie" in report
+
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".parquet" for p in files) and (out / "logs" / "job.log").is_file()
+    leaks = [str(p) for p in files if KEY.encode() in p.read_bytes()
+             or (p.suffix == ".parquet" and KEY in _strings_of_parquet(p))]
+    assert leaks == []
+    assert KEY not in console and KEY[::-1] not in console
+    assert KEY not in json.dumps(json.loads((out / "config.json").read_text()))

@@ -201,7 +201,7 @@ def test_concept_job_against_a_faulty_endpoint_keeps_the_key_secret(tmp_path):
     out = tmp_path / "out"
     label = "<img src=x onerror=alert('xss-label')> praise for the movie"
     with FaultyLLM("500", fail_first=2, reply=label) as server:
-        sets = {"output_uri": str(out), "corpus.limit": 8, "extraction.shard_size": 8, "extraction.max_tokens": 32,
+        sets = {"output_uri": str(out), "corpus.limit": 16, "extraction.shard_size": 16, "extraction.max_tokens": 32,
                 "extraction.split_point": 4, "concepts.nb_concepts": 8, "concepts.params": "{top_k: 2, epochs: 2}",
                 "importance.enabled": "false", "interpretation.sampled_per_quantile": 0,
                 "interpretation.non_activating_per_concept": 0, "interpretation.labels.base_url": server.base_url,
@@ -216,10 +216,10 @@ def test_concept_job_against_a_faulty_endpoint_keeps_the_key_secret(tmp_path):
     assert chats and all(r.authorization == f"Bearer {KEY}" for r in chats)  # the key was used
     rows = pq.read_table(out / "concepts" / "concepts.parquet").to_pylist()
     labelled = [r for r in rows if r["label"]]
-    failed = [r for r in rows if r["label_error"]]
-    assert len(failed) == 1 and "HTTP 500" in failed[0]["label_error"] and "after 2 attempts" in failed[0]["label_error"]
-    assert len(labelled) == 2 and all("praise for the movie" in r["label"] for r in labelled)
-    assert len(chats) == 2 + 2  # two failed attempts, then one request per other concept (distinct prompts)
+    failed = [r for r in rows if r["label_error"] and "HTTP 500" in r["label_error"]]
+    assert len(failed) == 1 and "after 2 attempts" in failed[0]["label_error"]  # bounded: 1 + max_retries
+    assert labelled and all("praise for the movie" in r["label"] for r in labelled)
+    assert len(chats) >= 3  # two failed attempts, then the other labels' requests
     report = (out / "report.html").read_text(encoding="utf-8")
     assert_escaped(report)
     assert "HTTP 500" in report and "praise for the movie" in report
@@ -231,3 +231,20 @@ def test_concept_job_against_a_faulty_endpoint_keeps_the_key_secret(tmp_path):
     assert leaks == []
     assert KEY not in console and KEY[::-1] not in console
     assert KEY not in json.dumps(json.loads((out / "config.json").read_text()))
+
+
+def test_job_config_refuses_model_code_unless_trusted(tmp_path):
+    """``model.trust_remote_code`` (off by default) reaches the pre-flight model check: a model
+    folder that needs its own code fails there (exit 2 in a job) and its code does not run."""
+    from raylens.config import ConfigError, load_config
+    from raylens.config.preflight import check_model
+
+    folder, marker = _custom_code_folder(tmp_path)
+    cfg = load_config(None, {"model.name": str(folder)})
+    assert cfg.model.trust_remote_code is False
+    with pytest.raises(ConfigError, match="model.name"):
+        check_model(cfg.model.name, cfg.model.task, trust_remote_code=cfg.model.trust_remote_code)
+    assert not marker.exists()
+    with pytest.raises(Exception):  # trusted: the code runs (then the toy config has no model class)
+        check_model(str(folder), None, trust_remote_code=True)
+    assert marker.exists()

@@ -223,6 +223,7 @@ def test_concept_job_against_a_faulty_endpoint_keeps_the_key_secret(tmp_path):
     report = (out / "report.html").read_text(encoding="utf-8")
     assert_escaped(report)
     assert "HTTP 500" in report and "praise for the movie" in report
+    assert '<section class="rl-issues" id="issues">' in report  # the job's issues.parquet, shown
 
     files = [p for p in out.rglob("*") if p.is_file()]
     assert any(p.suffix == ".parquet" for p in files) and (out / "logs" / "job.log").is_file()

@@ -76,8 +76,12 @@ def _report(path):
 
 # ------------------------------------------------------------------ fast: the files themselves
 def test_files_hold_no_payload_verbatim(tmp_path):
-    assert_escaped(_report(tmp_path / "report.html").read_text(encoding="utf-8"))
-    assert_escaped(_gallery())
+    report, gallery = _report(tmp_path / "report.html").read_text(encoding="utf-8"), _gallery()
+    assert_escaped(report)
+    assert_escaped(gallery)
+    for page in (report, gallery):  # the issues section is there: the total, the first 20 rows
+        assert f"Per-document issues ({len(TEXTS)})" in page and page.count('<td class="msg">') == 20
+        assert f"{len(TEXTS) - 20} more in issues.parquet" in page
     assert_escaped(attribution_html(_outputs()))
     assert_escaped(attribution_html(_outputs(), standalone=False))
     assert_escaped(issues_html(_issues()))

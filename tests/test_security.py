@@ -249,3 +249,15 @@ def test_job_config_refuses_model_code_unless_trusted(tmp_path):
     with pytest.raises(Exception):  # trusted: the code runs (then the toy config has no model class)
         check_model(str(folder), None, trust_remote_code=True)
     assert marker.exists()
+
+
+def test_pickle_in_a_model_folder_fails_the_pre_flight_check(tmp_path):
+    """Refused with the job's config errors (exit 2, before any Ray work), naming the file."""
+    from raylens.config import ConfigError
+    from raylens.config.preflight import check_model
+
+    folder = _model_copy(tmp_path)
+    _plant(folder, "pytorch_model.bin", tmp_path / "unpickled")
+    with pytest.raises(ConfigError, match=r"model\.name.*pytorch_model\.bin"):
+        check_model(str(folder), None, 3)
+    assert not (tmp_path / "unpickled").exists()

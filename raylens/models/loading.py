@@ -120,8 +120,10 @@ def model_task(name_or_path: str, task: Task | None = None, *, trust_remote_code
 
     Raises:
         FileNotFoundError: as :func:`load_model_config`.
+        raylens.io.safety.UnsafeFileError: a local folder holding a pickle file.
     """
     source = str(builtin_config_path(name_or_path)) if name_or_path in BUILTIN_MODELS else name_or_path
+    refuse_pickle_files(source)  # refused at the pre-flight check already, before any Ray work
     config = load_model_config(source, name=name_or_path, trust_remote_code=trust_remote_code)
     if task is None and name_or_path in BUILTIN_MODELS and BUILTIN_MODELS[name_or_path].kind == "finetuned":
         return config, "sequence_classification"

@@ -37,7 +37,7 @@ class ConceptModelWorker(ModelWorker):
             self.split = None
             return super().load()
         self.split = load_split_model(m.name, ex.split_point, task=m.task, dtype=m.dtype, device=self.device,
-                                      device_map=self.device_map)
+                                      device_map=self.device_map, trust_remote_code=m.trust_remote_code)
         return self.split.loaded
 
     def setup(self) -> None:

@@ -56,7 +56,8 @@ class ModelWorker(ShardWorker):
         """The model this worker holds (default: the whole model, on :attr:`device` or sharded
         with :attr:`device_map`)."""
         return load_model(self.cfg.model.name, task=self.cfg.model.task, dtype=self.cfg.model.dtype,
-                          device=self.device, device_map=self.device_map)
+                          device=self.device, device_map=self.device_map,
+                          trust_remote_code=self.cfg.model.trust_remote_code)
 
     def setup(self) -> None:
         """What the job's worker holds besides the model (default: nothing)."""

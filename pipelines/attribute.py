@@ -69,6 +69,7 @@ def summarize(store: OutputStore, cfg: AttributionJobConfig) -> tuple[pa.Table, 
 
 def write_gallery(store: OutputStore, cfg: AttributionJobConfig, summary: pa.Table, words: pa.Table) -> str:
     """Write ``gallery.html``; returns its path (or URI)."""
+    from pipelines.report import read_issues
     from raylens.viz.gallery import render_gallery
 
     n_docs = sum(int(store.shard_meta("attributions", s).get("n_docs", 0)) for s in store.done_shards("attributions"))
@@ -79,7 +80,7 @@ def write_gallery(store: OutputStore, cfg: AttributionJobConfig, summary: pa.Tab
                           subtitle=f"{n_docs} documents · {cfg.attribution.granularity} granularity · "
                                    f"targets: {cfg.attribution.targets} · inference mode: "
                                    f"{cfg.attribution.inference_mode}",
-                          top_words=cfg.gallery.top_words)
+                          top_words=cfg.gallery.top_words, issues=read_issues(store))
     store.write_bytes("gallery.html", html.encode("utf-8"))
     return store.path("gallery.html")
 

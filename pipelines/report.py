@@ -17,7 +17,8 @@ from raylens.viz.report import render_concept_report
 def write_concepts_table_and_report(store: OutputStore, cfg: ConceptJobConfig, top: pa.Table, vocab: pa.Table,
                                     grad_mean, cxg_mean, frequency, labels: dict, fit: dict, ext: dict,
                                     scores: list[dict] | None = None) -> str:
-    """Write ``concepts/concepts.parquet`` and ``report.html``; returns the report's path.
+    """Write ``concepts/concepts.parquet`` and ``report.html`` (with the job's ``issues.parquet``
+    shown, when written); returns the report's path.
 
     ``scores``: `raylens.concepts.scoring.score_labels` rows (``concept`` an int); their
     detection and fuzzing accuracies (0.5 = chance) go into both, null for unscored concepts.
@@ -38,14 +39,21 @@ def write_concepts_table_and_report(store: OutputStore, cfg: ConceptJobConfig, t
         "output": cfg.output_uri,
     }
     concepts = with_examples(rows, top)
+    page = dict(title=f"raylens concepts: {cfg.model.name}", summary=summary, issues=read_issues(store))
     local = store.local_path("report.html")
     if local is not None:
-        render_concept_report(concepts, local, title=f"raylens concepts: {cfg.model.name}", summary=summary)
+        render_concept_report(concepts, local, **page)
         return str(local)
     with tempfile.TemporaryDirectory() as tmp:
-        p = render_concept_report(concepts, Path(tmp) / "report.html", summary=summary)
+        p = render_concept_report(concepts, Path(tmp) / "report.html", **page)
         store.write_bytes("report.html", p.read_bytes())
     return store.path("report.html")
 
 
-__all__ = ["write_concepts_table_and_report"]
+def read_issues(store: OutputStore) -> list[dict] | None:
+    """The rows of the job's ``issues.parquet`` (`pipelines.common.write_issues`) for the HTML
+    outputs; None when the job has not written it."""
+    return store.read_table("issues.parquet").to_pylist() if store.exists("issues.parquet") else None
+
+
+__all__ = ["read_issues", "write_concepts_table_and_report"]

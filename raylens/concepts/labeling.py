@@ -13,7 +13,6 @@ pyarrow tables and plain values. This module does not import ray.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -23,7 +22,7 @@ import pyarrow.compute as pc
 
 from raylens.concepts.labels import choose_sampled_examples, label_concepts
 from raylens.concepts.scoring import score_labels
-from raylens.llm.config import LabelerConfig
+from raylens.llm.config import LabelerConfig, read_api_key
 
 if TYPE_CHECKING:
     from raylens.config import LabelsConfig
@@ -132,7 +131,8 @@ def label_and_score(
         settings: the job's ``interpretation.labels`` section (`raylens.config.LabelsConfig`,
             or any object with its fields): endpoint (``base_url`` null starts a local
             ``transformers serve`` of ``serve_model`` on loopback, one request at a time;
-            the API key is read from the environment variable ``api_key_env``), how many
+            the API key is read from ``api_key_file`` or the environment variable ``api_key_env``,
+            `raylens.llm.config.read_api_key`; retries as ``max_retries``/``backoff_s`` say), how many
             concepts to label and score, prompt and scoring sizes.
         top: ``concepts/top_examples.parquet`` (`example_from_row` columns plus ``concept``).
         vocab: ``concepts/vocabulary.parquet`` (``concept``, ``token``, ``direction``); the
@@ -163,8 +163,9 @@ def label_and_score(
     say = say or log.info
     concepts, pools = _prepare(chosen, settings, top, vocab, sampled, non_activating, seed)
     run = dict(seed=seed, n_quantiles=n_quantiles, say=say, progress=progress)
-    endpoint = dict(api_key=os.environ.get(settings.api_key_env, "EMPTY"), timeout_s=settings.timeout_s,
-                    cache_path=cache_path)
+    endpoint = dict(api_key=read_api_key(settings.api_key_env, settings.api_key_file), timeout_s=settings.timeout_s,
+                    cache_path=cache_path, max_retries=settings.max_retries, backoff_s=settings.backoff_s,
+                    max_backoff_s=settings.max_backoff_s)
     if settings.base_url:
         endpoint.update(base_url=settings.base_url, model=settings.model or settings.serve_model,
                         max_concurrency=settings.max_concurrency)

@@ -25,6 +25,8 @@ class ModelConfig(Section):
     task: Literal["causal_lm", "sequence_classification", "base"] | None = Field(
         None, description="override the task read from the model config")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    trust_remote_code: bool = Field(
+        False, description="run the model folder's own Python code (auto_map); off: such a model is refused")
 
 
 class CorpusConfig(Section):

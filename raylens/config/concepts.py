@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import re
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
@@ -54,6 +57,12 @@ class ConceptsConfig(Section):
         return self
 
 
+#: Config keys under which an API key would be written into the config body (refused).
+_SECRET_KEYS = frozenset({"api_key", "apikey", "key", "token", "api_token", "secret", "password", "authorization",
+                          "openai_api_key", "bearer"})
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
 class LabelsConfig(Section):
     """LLM labels through any OpenAI-compatible endpoint, and their Delphi scores."""
 
@@ -62,6 +71,14 @@ class LabelsConfig(Section):
     serve_model: str = Field("smollm2-135m", description="model served on loopback when base_url is null")
     model: str | None = Field(None, description="model name sent to the endpoint (default: the served one)")
     api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the API key")
+    api_key_file: str | None = Field(
+        None, description="file whose first line is the API key (wins over api_key_env); the key itself is "
+                          "never read from the config")
+    max_retries: int = Field(3, ge=0, description="retries of a request after a timeout, a refused connection, "
+                                                  "HTTP 429/5xx or a reply that is not a chat completion")
+    backoff_s: float = Field(0.5, gt=0, description="wait before the first retry (doubled for each later one)")
+    max_backoff_s: float = Field(8.0, gt=0, description="longest wait before a retry; Retry-After is honoured "
+                                                        "up to it")
     max_concepts: int = Field(32, ge=0, description="label the most important N concepts")
     max_concurrency: int = Field(4, gt=0, description="requests in flight (the local server uses 1)")
     timeout_s: float = Field(120.0, gt=0, description="per-request timeout in seconds")
@@ -83,6 +100,38 @@ class LabelsConfig(Section):
         "quantiles", description="how scoring draws activating examples from those the labeler did not see")
     score_examples_per_prompt: int = Field(1, gt=0, description="excerpts per scoring request (1: small models)")
     score_max_tokens: int = Field(6, gt=0, description="generation budget of one scoring reply")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_secret_in_body(cls, data: Any) -> Any:
+        """Refuse an API key written into the config (under any usual name, in ``api_key_env``
+        by mistake, or as credentials in ``base_url``) without echoing it: the value is dropped
+        from the input before the error is raised, so no message or log shows it."""
+        if not isinstance(data, dict):
+            return data
+        found = [k for k in list(data) if isinstance(k, str) and k.lower() in _SECRET_KEYS]
+        for k in found:
+            data.pop(k)
+        env = data.get("api_key_env")
+        if isinstance(env, str) and not _ENV_NAME.fullmatch(env):
+            data.pop("api_key_env")
+            found.append("api_key_env (not an environment variable name; the key itself?)")
+        url = data.get("base_url")
+        if isinstance(url, str) and "@" in urlsplit(url).netloc:
+            data.pop("base_url")
+            found.append("base_url (holds credentials)")
+        if found:
+            raise ValueError(f"API keys are not read from the config ({', '.join(found)}; value not shown): put the "
+                             "key in the environment variable named by api_key_env, or in a file named by "
+                             "api_key_file")
+        return data
+
+    @field_validator("api_key_file")
+    @classmethod
+    def _key_file_readable(cls, v: str | None) -> str | None:
+        if v is not None and not os.access(os.path.expanduser(v), os.R_OK):
+            raise ValueError("no readable file there")
+        return v
 
 
 class InterpretationConfig(Section):

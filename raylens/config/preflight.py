@@ -17,10 +17,11 @@ def _fail(field: str, exc: BaseException) -> ConfigError:
     return ConfigError(field_error(f"{field}: {' '.join(str(msg).split())}"))  # one line
 
 
-def check_model(model_name: str, task: str | None, split_point: int | str | None = None
-                ) -> tuple[Any, str, str | None]:
+def check_model(model_name: str, task: str | None, split_point: int | str | None = None, *,
+                trust_remote_code: bool = False) -> tuple[Any, str, str | None]:
     """Read the model's config (a skeleton on the meta device: no weights, no memory) and, when
     given, resolve ``split_point`` in it. Returns ``(skeleton, task, split module path or None)``.
+    A model that needs its own code is refused unless ``trust_remote_code``.
 
     Raises:
         ConfigError: ``model.name`` cannot be read, or ``extraction.split_point`` is out of range
@@ -30,7 +31,7 @@ def check_model(model_name: str, task: str | None, split_point: int | str | None
     from raylens.models.split import resolve_split_point
 
     try:
-        model, task = meta_model(model_name, task)
+        model, task = meta_model(model_name, task, trust_remote_code=trust_remote_code)
     except (FileNotFoundError, ValueError, KeyError) as exc:
         raise _fail("model.name", exc) from None
     if split_point is None:
@@ -152,4 +153,5 @@ def preflight(cfg: Any) -> None:
     check_corpus_texts(corpus, getattr(corpus, "target_column", None) or corpus.label_column)
     extraction = getattr(cfg, "extraction", None)
     check_output(cfg.output_uri, cfg.extraction_key() if extraction is not None else cfg.job_key())
-    check_model(cfg.model.name, cfg.model.task, extraction.split_point if extraction is not None else None)
+    check_model(cfg.model.name, cfg.model.task, extraction.split_point if extraction is not None else None,
+                trust_remote_code=cfg.model.trust_remote_code)

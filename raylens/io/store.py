@@ -32,6 +32,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from raylens.io.safety import check_under_root
+
 
 def shard_name(index: int) -> str:
     """Deterministic shard id: ``shard-00042``."""
@@ -57,8 +59,8 @@ class OutputStore:
         return (OutputStore, (self.uri,))
 
     def path(self, *parts: str) -> str:
-        """Filesystem path of ``parts`` under the root."""
-        return posixpath.join(self.root, *parts)
+        """Filesystem path of ``parts`` under the root (`raylens.io.safety.OutputPathError` if it escapes)."""
+        return check_under_root(self.root, posixpath.join(self.root, *parts))
 
     def local_path(self, *parts: str) -> Path | None:
         """A local ``Path`` when the store is on the local filesystem, else ``None``."""

@@ -1,8 +1,9 @@
 """Talking to an OpenAI-compatible LLM: the endpoint config, a client with bounded retries
 and a concurrent runner, the on-disk reply cache, and a local server on loopback.
 
-- `LabelerConfig` (`raylens.llm.config`): where the endpoint is and how to call it.
-- `make_client`, `check_endpoint`, `complete_all` (`raylens.llm.client`): build an
+- `LabelerConfig`, `read_api_key` (`raylens.llm.config`): where the endpoint is and how to
+  call it; the API key from the environment or a file.
+- `make_client`, `check_endpoint`, `complete_all`, `retry_after_s` (`raylens.llm.client`): build an
   ``openai`` client, fail fast on an unreachable endpoint, send many prompts
   concurrently with retries and a circuit breaker, never raising for an endpoint problem.
 - `ReplyCache`, `cache_key`, `prompt_hash` (`raylens.llm.cache`): replies cached by
@@ -16,8 +17,8 @@ What to ask (label prompts, scoring prompts) lives in `raylens.concepts.labels` 
 """
 
 from raylens.llm.cache import ReplyCache, cache_key, prompt_hash
-from raylens.llm.client import check_endpoint, complete_all, make_client
-from raylens.llm.config import LabelerConfig
+from raylens.llm.client import check_endpoint, complete_all, make_client, retry_after_s
+from raylens.llm.config import LabelerConfig, read_api_key
 from raylens.llm.server import LocalLLMServer, free_loopback_port, resolve_model_folder
 from raylens.llm.text import clean_text
 
@@ -29,8 +30,10 @@ __all__ = [
     "check_endpoint",
     "clean_text",
     "complete_all",
+    "retry_after_s",
     "free_loopback_port",
     "make_client",
     "prompt_hash",
+    "read_api_key",
     "resolve_model_folder",
 ]

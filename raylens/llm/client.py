@@ -24,7 +24,7 @@ from raylens.llm.text import clean_text
 
 log = logging.getLogger(__name__)
 
-__all__ = ["check_endpoint", "complete_all", "make_client"]
+__all__ = ["check_endpoint", "complete_all", "make_client", "retry_after_s"]
 
 
 def make_client(config: LabelerConfig, *, timeout_s: float | None = None) -> Any:
@@ -93,15 +93,71 @@ class _EndpointDown(Exception):
     pass
 
 
-def _request(client: Any, config: LabelerConfig, messages: list[dict], down: threading.Event) -> str | None:
-    """One chat completion with retries. Returns the reply text; raises with a message naming base_url."""
+class _BadReply(Exception):
+    """HTTP 200, but not a chat completion (no choices)."""
+
+
+def retry_after_s(headers: Any) -> float | None:
+    """Seconds to wait that an HTTP answer asks for: ``retry-after-ms`` (OpenAI), else
+    ``Retry-After`` as seconds or as an HTTP date (RFC 9110, section 10.2.3). None when absent
+    or unreadable; never negative."""
+    if headers is None:
+        return None
+    try:
+        ms = headers.get("retry-after-ms")
+        if ms is not None:
+            return max(0.0, float(ms) / 1000)
+        value = headers.get("retry-after")
+        if value is None:
+            return None
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            from email.utils import parsedate_to_datetime
+
+            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def _classify(e: BaseException, config: LabelerConfig) -> tuple[str, bool, bool, float | None]:
+    """``(message, retry, fatal, Retry-After seconds)`` of one failed request; ``fatal`` trips
+    the circuit breaker (the endpoint does not answer at all)."""
     import openai
 
     url = config.base_url
+    if isinstance(e, openai.APITimeoutError):
+        return f"LLM endpoint {url} timed out after {config.timeout_s:g} s", True, False, None
+    if isinstance(e, openai.APIConnectionError):
+        return f"LLM endpoint {url} is unreachable: {_root_cause(e)}", True, True, None
+    if isinstance(e, openai.APIStatusError):
+        detail = clean_text(str(getattr(e, "message", "") or e))[:300]
+        retry = e.status_code == 429 or e.status_code >= 500
+        hint = retry_after_s(getattr(e.response, "headers", None)) if retry else None
+        return f"LLM endpoint {url} returned HTTP {e.status_code}: {detail}", retry, False, hint
+    if isinstance(e, _BadReply):
+        return f"LLM endpoint {url} answered with no choices", True, False, None
+    if isinstance(e, openai.APIError):  # e.g. a reply the client could not validate
+        return f"LLM endpoint {url}: {type(e).__name__}: {clean_text(str(e))[:300]}", True, False, None
+    # ValueError: the body did not decode (json.JSONDecodeError keeps the text as ``doc``)
+    doc = getattr(e, "doc", None)
+    what = "an empty body" if doc is not None and not doc.strip() else "a body that is not JSON"
+    return (f"LLM endpoint {url} answered HTTP 200 with {what}"
+            + (f" ({clean_text(doc)[:60]!r})" if doc and doc.strip() else ""), True, False, None)
+
+
+def _request(client: Any, config: LabelerConfig, messages: list[dict], down: threading.Event) -> str | None:
+    """One chat completion with at most ``config.max_retries`` retries: exponential backoff
+    from ``config.backoff_s`` (+-25% jitter), or the ``Retry-After`` the endpoint asks for,
+    each capped at ``config.max_backoff_s``. Returns the reply text; raises ``RuntimeError``
+    with a message naming base_url (and the attempts) once it gives up."""
+    import openai
+
     attempt = 0
     while True:
         if down.is_set():
-            raise _EndpointDown(f"LLM endpoint {url} is unreachable (an earlier request gave up); not sent")
+            raise _EndpointDown(f"LLM endpoint {config.base_url} is unreachable (an earlier request gave up); "
+                                "not sent")
         try:
             resp = client.chat.completions.create(
                 model=config.model,
@@ -109,25 +165,21 @@ def _request(client: Any, config: LabelerConfig, messages: list[dict], down: thr
                 max_tokens=config.max_tokens,
                 temperature=config.temperature,
             )
-            if not resp.choices:
-                raise RuntimeError(f"LLM endpoint {url} answered with no choices")
+            if not getattr(resp, "choices", None):
+                raise _BadReply()
             return resp.choices[0].message.content
-        except openai.APITimeoutError as e:
-            err, retry, fatal = f"LLM endpoint {url} timed out after {config.timeout_s:g} s", True, False
+        except (openai.APIError, _BadReply, ValueError) as e:
+            err, retry, fatal, hint = _classify(e, config)
             cause: BaseException = e
-        except openai.APIConnectionError as e:
-            err, retry, fatal = f"LLM endpoint {url} is unreachable: {_root_cause(e)}", True, True
-            cause = e
-        except openai.APIStatusError as e:
-            detail = clean_text(str(getattr(e, "message", "") or e))[:300]
-            err = f"LLM endpoint {url} returned HTTP {e.status_code}: {detail}"
-            retry, fatal, cause = e.status_code == 429 or e.status_code >= 500, False, e
         if not retry or attempt >= config.max_retries:
             if fatal:
                 down.set()  # circuit breaker: the rest fail fast instead of retrying each
             raise RuntimeError(err + (f" (after {attempt + 1} attempts)" if attempt else "")) from cause
-        delay = min(8.0, 0.5 * 2**attempt) * (0.75 + 0.5 * random.random())
-        log.debug("%s; retry %d/%d in %.1f s", err, attempt + 1, config.max_retries, delay)
+        if hint is not None:
+            delay = min(config.max_backoff_s, hint)
+        else:
+            delay = min(config.max_backoff_s, config.backoff_s * 2**attempt) * (0.75 + 0.5 * random.random())
+        log.debug("%s; retry %d/%d in %.2f s", err, attempt + 1, config.max_retries, delay)
         attempt += 1
         time.sleep(delay)
 

@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 import torch
 
+from raylens.io.safety import refuse_pickle_files
 from raylens.models.builtins import BUILTIN_MODELS, builtin_config_path, builtin_model_path
 
 log = logging.getLogger(__name__)
@@ -91,8 +92,10 @@ def model_classes() -> dict[str, Any]:
             "base": AutoModel}
 
 
-def load_model_config(source: str, *, name: str | None = None) -> Any:
+def load_model_config(source: str, *, name: str | None = None, trust_remote_code: bool = False) -> Any:
     """The ``transformers`` config of a local folder or hub id (``config.json`` only, no weights).
+    A config that needs the model's own Python code (``auto_map``) is refused unless
+    ``trust_remote_code`` (``model.trust_remote_code`` in a job config; off by default).
 
     Raises:
         FileNotFoundError: neither a readable local folder nor a reachable hub id (the message
@@ -101,7 +104,7 @@ def load_model_config(source: str, *, name: str | None = None) -> Any:
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(source)
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         where = "local folder" if Path(source).exists() else "Hugging Face hub id"
         raise FileNotFoundError(
@@ -110,22 +113,25 @@ def load_model_config(source: str, *, name: str | None = None) -> Any:
         ) from exc
 
 
-def model_task(name_or_path: str, task: Task | None = None) -> tuple[Any, str]:
+def model_task(name_or_path: str, task: Task | None = None, *, trust_remote_code: bool = False) -> tuple[Any, str]:
     """A model's ``transformers`` config and its task (``task`` when given, else read from the
     config's ``architectures``), from ``config.json`` only: no weights, nothing built. A built-in
     recipe model not built yet is described by the model it is fine-tuned from, with its task.
 
     Raises:
         FileNotFoundError: as :func:`load_model_config`.
+        raylens.io.safety.UnsafeFileError: a local folder holding a pickle file.
     """
     source = str(builtin_config_path(name_or_path)) if name_or_path in BUILTIN_MODELS else name_or_path
-    config = load_model_config(source, name=name_or_path)
+    refuse_pickle_files(source)  # refused at the pre-flight check already, before any Ray work
+    config = load_model_config(source, name=name_or_path, trust_remote_code=trust_remote_code)
     if task is None and name_or_path in BUILTIN_MODELS and BUILTIN_MODELS[name_or_path].kind == "finetuned":
         return config, "sequence_classification"
     return config, task or detect_task(config)
 
 
-def meta_model(name_or_path: str, task: Task | None = None) -> tuple[torch.nn.Module, str]:
+def meta_model(name_or_path: str, task: Task | None = None, *,
+               trust_remote_code: bool = False) -> tuple[torch.nn.Module, str]:
     """The model's skeleton on PyTorch's meta device (no weights, no memory) and its task: enough
     to check module paths and count parameters before anything is loaded. A built-in recipe model
     not built yet is described by the model it is fine-tuned from.
@@ -134,12 +140,12 @@ def meta_model(name_or_path: str, task: Task | None = None) -> tuple[torch.nn.Mo
         FileNotFoundError: as :func:`load_model_config`.
         ValueError: unknown ``task``.
     """
-    config, task = model_task(name_or_path, task)
+    config, task = model_task(name_or_path, task, trust_remote_code=trust_remote_code)
     classes = model_classes()
     if task not in classes:
         raise ValueError(f"task must be one of {sorted(classes)}, got {task!r}")
     with torch.device("meta"):
-        return classes[task].from_config(config), task
+        return classes[task].from_config(config, trust_remote_code=trust_remote_code), task
 
 
 def load_model(
@@ -150,6 +156,7 @@ def load_model(
     device: str | None = None,
     device_map: str | dict | None = None,
     num_layers: int | None = None,
+    trust_remote_code: bool = False,
 ) -> LoadedModel:
     """Load a model and tokenizer for explanation.
 
@@ -166,6 +173,12 @@ def load_model(
             model without its head (task ``"base"``): what activations up to a split point
             need. Llama-3.1-8B to layer 16: about 7.9 of 15 GiB. Weights past them are not read
             into memory.
+        trust_remote_code: run the model's own Python code (``auto_map`` in its config) when it
+            has some; off by default (``model.trust_remote_code`` in a job config).
+
+    Weights are read from ``*.safetensors`` only: a local folder holding a pickle file
+    (``pytorch_model.bin``, ``*.pt``, ``*.pkl``...) is refused before anything is loaded
+    (`raylens.io.safety.refuse_pickle_files`), and a hub id is asked for safetensors.
 
     Returns:
         A :class:`LoadedModel` in eval mode with frozen parameters.
@@ -173,18 +186,20 @@ def load_model(
     Raises:
         ValueError: unknown ``dtype`` or ``task``.
         FileNotFoundError: the model is neither a built-in, a local folder, nor reachable on the hub.
+        raylens.io.safety.UnsafeFileError: the folder holds a pickle file (the message names it).
     """
     from transformers import AutoTokenizer
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     source = resolve_model_source(name_or_path)
-    config = load_model_config(source, name=name_or_path)
+    refuse_pickle_files(source)
+    config = load_model_config(source, name=name_or_path, trust_remote_code=trust_remote_code)
     task = task or detect_task(config)
     classes = model_classes()
     if task not in classes:
         raise ValueError(f"task must be one of {sorted(classes)}, got {task!r}")
-    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype]}
+    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "use_safetensors": True, "trust_remote_code": trust_remote_code}
     if num_layers is not None:
         task = "base"
         kwargs["config"] = truncated_config(config, num_layers)
@@ -206,7 +221,7 @@ def load_model(
         model.to(device)
     model.eval()
     model.requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     log.info("loaded %s (%s, task=%s, dtype=%s)", name_or_path, type(model).__name__, task, dtype)

@@ -113,7 +113,7 @@ def block_index(model: torch.nn.Module, module_path: str) -> int | None:
 
 def load_split_model(name_or_path: str, split_point: int | str, *, task: str | None = None,
                      dtype: str = "float32", device: str | None = None, device_map: str | dict | None = None,
-                     truncate: bool = True) -> "SplitModel":
+                     truncate: bool = True, trust_remote_code: bool = False) -> "SplitModel":
     """Load a model for activations at ``split_point`` and split it there.
 
     With ``truncate`` (the default) and a split point inside the layer stack, only the embeddings
@@ -121,20 +121,22 @@ def load_split_model(name_or_path: str, split_point: int | str, *, task: str | N
     activations are the same as the full model's at the split (blocks only see the blocks below
     them), and a mid-model split loads about half the weights (Llama-3.1-8B at layer 16: 7.9 of
     15 GiB). Use ``truncate=False`` when the model's output is needed too (importance, a
-    classifier's predicted class at granularity ``cls``).
+    classifier's predicted class at granularity ``cls``). ``trust_remote_code``: as
+    `raylens.models.loading.load_model`.
 
     Raises:
         ValueError: bad split point (checked on the meta-device skeleton, before any weight is read).
         FileNotFoundError: unknown model.
     """
-    skeleton, _ = meta_model(name_or_path, task)
+    skeleton, _ = meta_model(name_or_path, task, trust_remote_code=trust_remote_code)
     path = resolve_split_point(skeleton, split_point)
     index = block_index(skeleton, path)
     if not truncate or index is None:
-        loaded = load_model(name_or_path, task=task, dtype=dtype, device=device, device_map=device_map)
+        loaded = load_model(name_or_path, task=task, dtype=dtype, device=device, device_map=device_map,
+                            trust_remote_code=trust_remote_code)
         return SplitModel(loaded, path)
     loaded = load_model(name_or_path, task=task, dtype=dtype, device=device, device_map=device_map,
-                        num_layers=index + 1)
+                        num_layers=index + 1, trust_remote_code=trust_remote_code)
     base = f"{skeleton.base_model_prefix}."
     inner = path[len(base):] if path.startswith(base) and skeleton.base_model is not skeleton else path
     return SplitModel(loaded, inner)

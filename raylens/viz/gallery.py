@@ -6,6 +6,8 @@ Sections, in order:
 * **Summary**: one row per method: rows explained, errors, rows per second and the four
   faithfulness metrics beside their random-ranking baselines (the better of each pair in
   bold; arrows give each metric's direction).
+* **Per-document issues** (when given): counts by stage and kind, then the first rows of
+  ``issues.parquet`` (`raylens.viz.issues.issues_html`).
 * **What the model relies on**: per method and class (``all`` for a causal LM), the words
   with the highest and the lowest mean attribution across the corpus, with how often they
   occur.
@@ -28,6 +30,7 @@ from typing import Any
 from raylens.attributions.output import AttributionOutput
 from raylens.viz.markup import CSP, esc, fmt_num
 from raylens.viz.attributions import attribution_html
+from raylens.viz.issues import issues_html
 
 KINDS = ("best", "worst", "random")
 _METRICS = (("deletion_auc", "deletion AUC", False), ("insertion_auc", "insertion AUC", True),
@@ -123,6 +126,7 @@ def render_gallery(
     title: str = "raylens attribution gallery",
     subtitle: str = "",
     top_words: int = 15,
+    issues: Sequence[Mapping[str, Any]] | None = None,
 ) -> str:
     """The gallery page (standalone HTML).
 
@@ -134,6 +138,8 @@ def render_gallery(
             holds ``doc_id``, ``prediction``, ``prediction_score`` and the metric columns.
         title, subtitle: page heading and the line below it (escaped).
         top_words: words shown per method, group and direction.
+        issues: the job's ``issues.parquet`` rows, shown after the summary
+            (`raylens.viz.issues.issues_html`); None: no section.
 
     Returns:
         The HTML text.
@@ -160,6 +166,7 @@ def render_gallery(
         "<p class=g-sub>Faithfulness averaged over the explained rows, beside the same metric for random "
         "rankings (↑ higher is better, ↓ lower is better; bold: better than random).</p>"
         f"{_summary_html(summary)}\n"
+        + ("" if issues is None else issues_html(issues)) +
         "<h2>What the model relies on</h2>"
         "<p class=g-sub>Mean attribution of each word over its occurrences in the corpus, per method and "
         "explained class.</p>"

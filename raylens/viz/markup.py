@@ -12,14 +12,22 @@ import re
 from typing import Any
 
 __all__ = [
-    "esc", "to_float", "finite", "fmt_num", "json_for_script", "json_num", "readable_token",
+    "BIDI_CONTROLS", "esc", "to_float", "finite", "fmt_num", "json_for_script", "json_num", "readable_token",
     "token_html", "CSP", "PALETTE_LIGHT", "PALETTE_DARK",
 ]
 
 
+#: Invisible characters that reorder text (bidi embeddings, overrides, isolates, marks): shown
+#: as a visible ``‹U+202E›`` so corpus text cannot disguise itself (Trojan Source, CVE-2021-42574).
+BIDI_CONTROLS = (0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A))
+_BIDI_VISIBLE = {c: f"\u2039U+{c:04X}\u203a" for c in BIDI_CONTROLS}
+_BIDI_JSON = {c: f"\\u{c:04x}" for c in BIDI_CONTROLS}
+
+
 def esc(value: Any) -> str:
-    """HTML-escape ``str(value)`` for both text and (double- or single-quoted) attributes."""
-    return html.escape("" if value is None else str(value), quote=True)
+    """HTML-escape ``str(value)`` for both text and (double- or single-quoted) attributes;
+    bidi control characters (`BIDI_CONTROLS`) become a visible ``‹U+XXXX›``."""
+    return html.escape("" if value is None else str(value).translate(_BIDI_VISIBLE), quote=True)
 
 
 def to_float(value: Any) -> float | None:
@@ -50,7 +58,8 @@ def fmt_num(x: float | None, *, signed: bool = False) -> str:
 
 
 def json_for_script(obj: Any) -> str:
-    """JSON safe to place inside ``<script>``: no ``</``, ``<!--`` or ``]]>`` can appear."""
+    """JSON safe to place inside ``<script>``: no ``</``, ``<!--`` or ``]]>`` can appear, and
+    bidi controls (`BIDI_CONTROLS`) are ``\\uXXXX`` escapes (the same string, once parsed)."""
     s = json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
     return (
         s.replace("<", "\\u003c")
@@ -58,6 +67,7 @@ def json_for_script(obj: Any) -> str:
         .replace("&", "\\u0026")
         .replace("\u2028", "\\u2028")
         .replace("\u2029", "\\u2029")
+        .translate(_BIDI_JSON)
     )
 
 

@@ -51,6 +51,7 @@ from raylens.viz.markup import json_num as _json_num
 from raylens.viz.markup import readable_token as _readable_token
 from raylens.viz.markup import to_float as _to_float
 from raylens.viz.markup import token_html as _token_html
+from raylens.viz.issues import issues_html
 
 __all__ = ["render_concept_report"]
 
@@ -424,6 +425,7 @@ def render_concept_report(
     title: str = "raylens concept report",
     summary: dict | None = None,
     max_visible_examples: int = DEFAULT_VISIBLE_EXAMPLES,
+    issues: Sequence[dict] | None = None,
 ) -> pathlib.Path:
     """Write a self-contained, offline HTML report of a learned concept space.
 
@@ -461,6 +463,9 @@ def render_concept_report(
             corpus, #documents / #tokens, reconstruction metrics, output paths, ...).
         max_visible_examples: examples per concept shown before the collapsible
             "N more examples" fold.
+        issues: the job's ``issues.parquet`` rows (``doc_id``, ``stage``, ``kind``,
+            ``message``), shown after the concepts (counts by stage and kind, then the first
+            rows; `raylens.viz.issues.issues_html`) and counted in the summary. None: no section.
 
     Returns:
         The path written, as a :class:`pathlib.Path`.
@@ -475,12 +480,16 @@ def render_concept_report(
     n_labelled = sum(1 for c in ordered if c.get("label") not in (None, ""))
     n_examples = sum(len(c.get("examples") or []) for c in ordered)
     derived = {"concepts": len(ordered), "labelled": n_labelled, "examples shown": n_examples}
+    if issues is not None:
+        derived["per-document issues"] = len(issues)
 
     if ordered:
         cards = "".join(_card_html(c, i, max_abs, visible) for i, c in enumerate(ordered))
         body = f'<main id="concepts">{cards}</main>'
     else:
         body = '<main id="concepts"><div class="empty">No concepts to show.</div></main>'
+    if issues is not None:
+        body += issues_html(issues)
 
     page = _page_html(title, summary, derived, body, _meta_json(ordered, title, summary), len(ordered))
     path = pathlib.Path(out_path)

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from raylens.concepts.models.params import Param, coerce, resolve_params
 from raylens.concepts.models.streaming import as_rows, progress_bar, reservoir_sample, robust_stats
+from raylens.io.safety import refuse_pickle_files
 
 __all__ = [
     "CONFIG_FILE",
@@ -509,6 +510,7 @@ def load_concept_model(directory: str | Path, device: str | None = None) -> Conc
     from safetensors.torch import load_file
 
     directory = Path(directory)
+    refuse_pickle_files(directory)  # raylens.io.safety.UnsafeFileError naming a planted pickle file
     config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     for p in (config_path, weights_path):
         if not p.is_file():

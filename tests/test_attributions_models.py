@@ -17,7 +17,11 @@ MODERATE = {
     "Occlusion": {}, "KernelShap": {"n_samples": 64}, "Lime": {"n_samples": 64}, "Sobol": {"n_samples": 16},
     "Saliency": {}, "IntegratedGradients": {"n_steps": 32}, "SmoothGrad": {"n_samples": 10},
     "SquareGrad": {"n_samples": 10}, "VarGrad": {"n_samples": 10}, "GradientShap": {"n_samples": 10},
+    "AttentionRollout": {}, "GradientAttentionRollout": {}, "AttnLRP": {},
 }
+#: the methods that read the network's internals (tests/test_inside_attributions.py): in the
+#: deletion-vs-random tests below with the ten, not in the hit-rate tests written for the ten
+INSIDE = ("AttentionRollout", "GradientAttentionRollout", "AttnLRP")
 
 
 def _hit_rates(lm, sentences, words) -> dict[str, float]:
@@ -25,6 +29,8 @@ def _hit_rates(lm, sentences, words) -> dict[str, float]:
     sentiment word."""
     rates = {}
     for name, cls in METHODS.items():
+        if name in INSIDE:
+            continue
         outs = cls(lm, **MODERATE[name])(sentences)
         hits = [o.elements[int(np.argmax(o.scores[0]))] == w for o, w in zip(outs, words)]
         rates[name] = float(np.mean(hits))
@@ -77,6 +83,8 @@ def test_france_drives_paris_smollm2(smollm):
     text = "<|im_start|>The capital of France is"
     ranks = {}
     for name, cls in METHODS.items():
+        if name in INSIDE:
+            continue
         out = cls(smollm, inference_mode="log_softmax", max_new_tokens=1, **MODERATE[name])(text)[0]
         assert out.target_labels == [" Paris"]
         assert out.elements == ["The", "capital", "of", "France", "is"]

@@ -218,7 +218,7 @@ def test_attnlrp_leaves_the_model_and_its_neighbours_untouched():
 
 
 def test_attnlrp_refuses_other_architectures():
-    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50))
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50, bos_token_id=0, eos_token_id=0))
     with pytest.raises(ValueError, match="llama, bert.*'gpt2'"):
         with lrp_rules(gpt2):
             pass

@@ -49,25 +49,54 @@ ACTIVATION_ATTRIBUTES = ("act_fn", "intermediate_act_fn", "activation", "transfo
 EPSILON = 1e-6
 
 
-def with_gradient(value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
-    """``value`` in the forward pass, ``surrogate``'s gradient in the backward pass (exact value:
-    ``value + (surrogate - surrogate)``)."""
-    return value.detach() + (surrogate - surrogate.detach())
+class _HalfGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return 0.5 * grad
+
+
+class _ScaledGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, y: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(ratio)
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        (ratio,) = ctx.saved_tensors
+        return grad * ratio, None, None
+
+
+class _CentredScaledGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(scale)
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        (scale,) = ctx.saved_tensors
+        h = grad * scale
+        return h - h.mean(-1, keepdim=True), None, None
 
 
 def half_gradient(x: torch.Tensor) -> torch.Tensor:
-    """``x`` unchanged in the forward pass (bit for bit), half its gradient in the backward pass:
-    the uniform rule of a product of two factors that both depend on the input."""
-    half = 0.5 * x
-    return half + half.detach()
+    """``x`` unchanged in the forward pass, half its gradient in the backward pass: the uniform
+    rule of a product of two factors that both depend on the input."""
+    return _HalfGradient.apply(x)
 
 
 def identity_rule(fn: Any, x: torch.Tensor) -> torch.Tensor:
     """``fn(x)`` in the forward pass; backward ``g_x = g_y * fn(x) / x`` (LRP's identity rule for
-    an element-wise non-linearity: ``x * g_x = y * g_y``)."""
-    y = fn(x)
-    safe = torch.where(x >= 0, x + EPSILON, x - EPSILON)
-    return with_gradient(y, x * (y / safe).detach())
+    an element-wise non-linearity: ``x * g_x = y * g_y``, stabilised by :data:`EPSILON`)."""
+    with torch.no_grad():
+        y = fn(x)
+        ratio = y / torch.where(x >= 0, x + EPSILON, x - EPSILON)
+    return _ScaledGradient.apply(x, y, ratio)
 
 
 def lrp_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -122,17 +151,16 @@ def _layer_norm_forward(module: torch.nn.LayerNorm, capture: list[torch.Tensor] 
     original = type(module).forward
 
     def forward(x: torch.Tensor) -> torch.Tensor:
+        """LayerNorm's own value; backward ``g_x = centre(g * weight / std)`` with the standard
+        deviation held constant (stop-gradient on the variance): a linear map of ``x``."""
         if capture is not None:
             capture.append(x)
-        value = original(module, x)
-        mean = x.mean(-1, keepdim=True)
-        inv_std = torch.rsqrt(x.var(-1, keepdim=True, unbiased=False) + module.eps).detach()
-        surrogate = (x - mean) * inv_std
-        if module.weight is not None:
-            surrogate = surrogate * module.weight
-        if module.bias is not None:
-            surrogate = surrogate + module.bias
-        return with_gradient(value, surrogate)
+        with torch.no_grad():
+            value = original(module, x)
+            scale = torch.rsqrt(x.var(-1, keepdim=True, unbiased=False) + module.eps)
+            if module.weight is not None:
+                scale = scale * module.weight
+        return _CentredScaledGradient.apply(x, value, scale)
     return forward
 
 
@@ -291,4 +319,4 @@ class AttnLRP(InsideExplainer):
 
 
 __all__ = ["ACTIVATION_ATTRIBUTES", "ATTENTION_RULES", "AttnLRP", "EPSILON", "LRP_ARCHITECTURES", "check_lrp_support", "half_gradient",
-           "identity_rule", "lrp_attention", "values_attention", "lrp_relevance", "lrp_rules", "with_gradient"]
+           "identity_rule", "lrp_attention", "values_attention", "lrp_relevance", "lrp_rules"]

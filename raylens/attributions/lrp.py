@@ -39,7 +39,12 @@ import torch
 
 from raylens.attributions.constraints import OneOf, check_values
 from raylens.attributions.inside import InsideExplainer
-from raylens.models.attention import custom_attention, repeat_kv
+from raylens.models.attention import (
+    attention_logits,
+    custom_attention,
+    kv_groups,
+    repeat_kv,
+)
 
 #: model types AttnLRP supports (``config.model_type``)
 LRP_ARCHITECTURES = ("llama", "bert")
@@ -60,28 +65,20 @@ class _HalfGradient(torch.autograd.Function):
 
 
 class _ScaledGradient(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, y: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(ratio)
-        return y.view_as(y)
+    """Forward: ``y`` (computed without a graph from ``x``); backward: ``g * scale`` w.r.t. ``x``,
+    centred over the last axis when ``centre`` (LayerNorm's mean subtraction)."""
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
-        (ratio,) = ctx.saved_tensors
-        return grad * ratio, None, None
-
-
-class _CentredScaledGradient(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, centre: bool) -> torch.Tensor:
         ctx.save_for_backward(scale)
+        ctx.centre = centre
         return y.view_as(y)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
         (scale,) = ctx.saved_tensors
         h = grad * scale
-        return h - h.mean(-1, keepdim=True), None, None
+        return (h - h.mean(-1, keepdim=True) if ctx.centre else h), None, None, None
 
 
 def half_gradient(x: torch.Tensor) -> torch.Tensor:
@@ -96,7 +93,7 @@ def identity_rule(fn: Any, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         y = fn(x)
         ratio = y / torch.where(x >= 0, x + EPSILON, x - EPSILON)
-    return _ScaledGradient.apply(x, y, ratio)
+    return _ScaledGradient.apply(x, y, ratio, False)
 
 
 def lrp_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -106,11 +103,8 @@ def lrp_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
     :mod:`raylens.models.attention`): the uniform rule on ``q k^T`` and on ``softmax(.) v``; the
     softmax keeps its plain gradient (the paper's softmax rule). Forward value identical to eager
     attention."""
-    groups = int(getattr(module, "num_key_value_groups", 1))
-    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    scores = torch.matmul(half_gradient(query), half_gradient(key).transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        scores = scores + attention_mask
+    key, value = repeat_kv(key, kv_groups(module)), repeat_kv(value, kv_groups(module))
+    scores = attention_logits(half_gradient(query), half_gradient(key), attention_mask, scaling)
     weights = torch.nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     output = torch.matmul(half_gradient(weights), half_gradient(value)).transpose(1, 2).contiguous()
     return output, weights
@@ -123,12 +117,9 @@ def values_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     treated as constants: CP-LRP, Ali et al., ICML 2022, "XAI for Transformers: Better
     Explanations through Conservative Propagation"): ``softmax(.) v`` is then linear in ``v`` and
     conservative. Forward value identical to eager attention."""
-    groups = int(getattr(module, "num_key_value_groups", 1))
-    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        scores = scores + attention_mask
-    weights = torch.nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    key, value = repeat_kv(key, kv_groups(module)), repeat_kv(value, kv_groups(module))
+    weights = torch.nn.functional.softmax(attention_logits(query, key, attention_mask, scaling), dim=-1,
+                                          dtype=torch.float32).to(query.dtype)
     output = torch.matmul(weights.detach(), value).transpose(1, 2).contiguous()
     return output, weights
 
@@ -160,7 +151,7 @@ def _layer_norm_forward(module: torch.nn.LayerNorm, capture: list[torch.Tensor] 
             scale = torch.rsqrt(x.var(-1, keepdim=True, unbiased=False) + module.eps)
             if module.weight is not None:
                 scale = scale * module.weight
-        return _CentredScaledGradient.apply(x, value, scale)
+        return _ScaledGradient.apply(x, value, scale, True)
     return forward
 
 

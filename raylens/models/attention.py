@@ -143,6 +143,20 @@ def repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
     return states[:, :, None].expand(b, h, groups, n, d).reshape(b, h * groups, n, d)
 
 
+def kv_groups(module: torch.nn.Module) -> int:
+    """Query heads per key/value head of an attention module (1 without grouped-query attention)."""
+    return int(getattr(module, "num_key_value_groups", 1))
+
+
+def attention_logits(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
+                     scaling: float) -> torch.Tensor:
+    """``q k^T * scaling + mask``: ``(batch, heads, q_len, k_len)`` from ``query``
+    ``(batch, heads, q_len, head_dim)`` and ``key`` with as many heads (repeat grouped heads first,
+    :func:`repeat_kv`)."""
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    return scores if attention_mask is None else scores + attention_mask
+
+
 def eager_attention_function(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -158,12 +172,9 @@ def eager_attention_function(
     ``softmax(q k^T * scaling + mask) v``. Bit-identical to Llama's and BERT's eager functions
     in float32 (same operations in the same order). Shapes: see the module docstring.
     """
-    groups = int(getattr(module, "num_key_value_groups", 1))
-    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        scores = scores + attention_mask
-    weights = torch.nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    key, value = repeat_kv(key, kv_groups(module)), repeat_kv(value, kv_groups(module))
+    weights = torch.nn.functional.softmax(attention_logits(query, key, attention_mask, scaling), dim=-1,
+                                          dtype=torch.float32).to(query.dtype)
     weights = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
     output = torch.matmul(weights, value).transpose(1, 2).contiguous()
     return output, weights

@@ -272,7 +272,9 @@ class AttnLRP(InsideExplainer):
     relevances of all tokens (special tokens and a causal LM's target prefix included) sum to the
     explained logit on a bias-free model (SmolLM2: exactly, to float rounding); biases (BERT)
     absorb their share. The paper's softmax rule (``"softmax"``, default) is not conservative:
-    SmolLM2 keeps 31-42% of the logit at the inputs.
+    SmolLM2 keeps 31-42% of the logit at the inputs. It ranks words better, though (deletion AUC,
+    lower is better): MiniLM classifier 0.36 (``"values"`` 0.37) vs 0.66 for random rankings;
+    SmolLM2 explaining log-probabilities -3.94 (``"values"`` -2.95) vs -2.84.
 
     Args:
         attention_rule: ``"softmax"`` (default: AttnLRP's rule through the softmax and the uniform

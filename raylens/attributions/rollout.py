@@ -166,6 +166,13 @@ class AttentionRollout(InsideExplainer):
     positions can be compared (a decoder's scores then sum to 1 over them; an encoder's explained
     ``[CLS]`` is the first position, so leaving it out only removes its own share).
 
+    Faithfulness (measured, deletion AUC, ``tests/test_attributions_models.py``; lower is better):
+    on the MiniLM classifier it beats random rankings (0.59 vs 0.66 over 12 reviews), on SmolLM2
+    it does not (-1.57 vs -2.84 random, log-probability of 2 generated tokens over 6 reviews;
+    -1.66 with ``exclude_first``, -1.46 with max fusion): rollout ignores the output head, and in
+    a decoder the earliest positions collect the rollout of every later one. Prefer
+    :class:`GradientAttentionRollout` (-4.48) or :class:`~raylens.attributions.lrp.AttnLRP` there.
+
     Args:
         head_fusion: ``"mean"`` (default, the paper's) or ``"max"`` over heads.
         exclude_first: leave out the first position (default False).
@@ -210,6 +217,9 @@ class GradientAttentionRollout(InsideExplainer):
     on the target (the gradient of its score, in ``inference_mode``). The explained position's
     own token keeps the identity's 1 on top (a causal LM's last input token, an encoder's
     ``[CLS]``, which is not an element).
+
+    Faithfulness (measured, deletion AUC, lower is better): MiniLM classifier 0.43 vs 0.66 for
+    random rankings; SmolLM2 explaining log-probabilities -4.48 vs -2.84.
     """
 
     def batch_scores(self, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,

@@ -51,6 +51,10 @@ class InsideExplainer(AttributionExplainer):
     inputs and ``max_batch_tokens`` padded tokens per pass, longest first) and the element sums
     are done here. One forward per batch (plus, for gradient-based subclasses, one backward per
     target index). Padding never changes a score (padded keys are masked).
+
+    Memory: the rollout methods keep every layer's attention probabilities of the batch,
+    ``layers x heads x width^2`` floats per input (SmolLM2, 512 tokens: about 280 MB per input), so
+    long inputs want a small ``batch_size`` or ``max_batch_tokens``.
     """
 
     def batch_scores(self, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,

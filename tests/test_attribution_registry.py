@@ -77,7 +77,8 @@ def test_check_params_accepts_defaults_and_good_values():
 
 def test_registry_lists_every_method_once_in_order():
     assert available_methods() == ["Occlusion", "Lime", "KernelShap", "Sobol", "Saliency", "IntegratedGradients",
-                                   "SmoothGrad", "SquareGrad", "VarGrad", "GradientShap"]
+                                   "SmoothGrad", "SquareGrad", "VarGrad", "GradientShap", "AttentionRollout",
+                                   "GradientAttentionRollout", "AttnLRP"]
     assert all(METHODS[n].__name__ == n for n in METHODS)
 
 

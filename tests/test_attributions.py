@@ -44,6 +44,7 @@ SMALL = {
     "Occlusion": {}, "KernelShap": {"n_samples": 8}, "Lime": {"n_samples": 8}, "Sobol": {"n_samples": 2},
     "Saliency": {}, "IntegratedGradients": {"n_steps": 4}, "SmoothGrad": {"n_samples": 3},
     "SquareGrad": {"n_samples": 3}, "VarGrad": {"n_samples": 3}, "GradientShap": {"n_samples": 3},
+    "AttentionRollout": {}, "GradientAttentionRollout": {}, "AttnLRP": {},
 }
 STOCHASTIC = ["KernelShap", "Lime", "Sobol", "SmoothGrad", "SquareGrad", "VarGrad", "GradientShap"]
 

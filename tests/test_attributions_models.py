@@ -17,7 +17,17 @@ MODERATE = {
     "Occlusion": {}, "KernelShap": {"n_samples": 64}, "Lime": {"n_samples": 64}, "Sobol": {"n_samples": 16},
     "Saliency": {}, "IntegratedGradients": {"n_steps": 32}, "SmoothGrad": {"n_samples": 10},
     "SquareGrad": {"n_samples": 10}, "VarGrad": {"n_samples": 10}, "GradientShap": {"n_samples": 10},
+    "AttentionRollout": {}, "GradientAttentionRollout": {}, "AttnLRP": {},
 }
+#: attention rollout ignores the output head and, on a decoder, piles the rollout on the earliest
+#: positions (every later position attends to them): on SmolLM2 it ranks words worse than random on
+#: deletion (measured -1.57 vs -2.84 random; -1.66 with ``exclude_first``, -1.46 with max head
+#: fusion), while its gradient-weighted form reaches -4.48 and AttnLRP -3.94. It is printed, not
+#: required, there; on the classifier it must beat random (0.59 vs 0.66).
+ROLLOUT_LOSES_ON_DECODERS = ("AttentionRollout",)
+#: the methods that read the network's internals (tests/test_inside_attributions.py): in the
+#: deletion-vs-random tests below with the ten, not in the hit-rate tests written for the ten
+INSIDE = ("AttentionRollout", "GradientAttentionRollout", "AttnLRP")
 
 
 def _hit_rates(lm, sentences, words) -> dict[str, float]:
@@ -25,6 +35,8 @@ def _hit_rates(lm, sentences, words) -> dict[str, float]:
     sentiment word."""
     rates = {}
     for name, cls in METHODS.items():
+        if name in INSIDE:
+            continue
         outs = cls(lm, **MODERATE[name])(sentences)
         hits = [o.elements[int(np.argmax(o.scores[0]))] == w for o, w in zip(outs, words)]
         rates[name] = float(np.mean(hits))
@@ -77,6 +89,8 @@ def test_france_drives_paris_smollm2(smollm):
     text = "<|im_start|>The capital of France is"
     ranks = {}
     for name, cls in METHODS.items():
+        if name in INSIDE:
+            continue
         out = cls(smollm, inference_mode="log_softmax", max_new_tokens=1, **MODERATE[name])(text)[0]
         assert out.target_labels == [" Paris"]
         assert out.elements == ["The", "capital", "of", "France", "is"]
@@ -114,9 +128,11 @@ def _deletion_vs_random(lm, texts, **call) -> dict[str, tuple[float, float]]:
     return out
 
 
-def _check_beats_random(res: dict[str, tuple[float, float]], *, signed_gxi_may_lose: bool) -> None:
+def _check_beats_random(res: dict[str, tuple[float, float]], *, signed_gxi_may_lose: bool,
+                        may_lose: tuple[str, ...] = ()) -> None:
     losing = {k: v for k, v in res.items()
-              if not v[0] < v[1] and not (signed_gxi_may_lose and k.endswith("[gradient x input]"))}
+              if not v[0] < v[1] and not (signed_gxi_may_lose and k.endswith("[gradient x input]"))
+              and k not in may_lose}
     assert not losing, f"worse than random on deletion (lower is better): {losing}"
 
 
@@ -156,4 +172,4 @@ def test_every_method_beats_random_on_deletion_smollm2(smollm):
     paths (see the IntegratedGradients docstring); with log-softmax they reach -4.06 and -3.67."""
     texts = ["<|im_start|>" + t for t in _short_reviews(6, 6, 12)]
     _check_beats_random(_deletion_vs_random(smollm, texts, max_new_tokens=2, inference_mode="log_softmax"),
-                        signed_gxi_may_lose=False)
+                        signed_gxi_may_lose=False, may_lose=ROLLOUT_LOSES_ON_DECODERS)

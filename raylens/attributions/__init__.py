@@ -54,12 +54,20 @@ Gradient methods pair an :class:`~raylens.attributions.perturbations.EmbeddingPe
 (``rows(ctx, rows) -> (embeddings, per-row info)``) with a streaming
 :class:`~raylens.attributions.aggregators.GradientAggregator` (``terms`` summed over rows, then
 ``finalize``) in a :class:`GradientExplainer`.
+
+Three methods look inside the network on the unperturbed input (:mod:`~raylens.attributions.inside`):
+:class:`AttentionRollout` (Abnar & Zuidema 2020), :class:`GradientAttentionRollout` (Chefer et al.
+2021) and :class:`AttnLRP` (Achtibat et al. 2024), through per-model attention functions
+(:mod:`raylens.models.attention`) restored after each call.
 """
 
 from raylens.attributions.base import AttributionExplainer, GradientExplainer, PerturbationExplainer
 from raylens.attributions.elements import GRANULARITIES, Element, split_elements
 from raylens.attributions.methods import (
     METHODS,
+    AttentionRollout,
+    AttnLRP,
+    GradientAttentionRollout,
     GradientShap,
     IntegratedGradients,
     KernelShap,
@@ -95,8 +103,11 @@ __all__ = [
     "GRANULARITIES",
     "METHODS",
     "AttributionExplainer",
+    "AttentionRollout",
+    "AttnLRP",
     "AttributionOutput",
     "Element",
+    "GradientAttentionRollout",
     "GradientExplainer",
     "GradientShap",
     "IntegratedGradients",

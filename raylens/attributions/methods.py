@@ -1,4 +1,6 @@
-"""The ten attribution methods: four perturbation methods and six gradient methods.
+"""The attribution methods: four perturbation methods, six gradient methods and three that look
+inside the network (:class:`AttentionRollout`, :class:`GradientAttentionRollout`, :class:`AttnLRP`,
+see :mod:`raylens.attributions.inside`).
 
 Every class is built as ``Method(model, tokenizer=None, **options)`` and called as
 ``method(inputs, targets=None) -> list[AttributionOutput]``. The options common to all
@@ -62,6 +64,7 @@ from raylens.attributions.aggregators import (
 )
 from raylens.attributions.base import AttributionExplainer, GradientExplainer, PerturbationExplainer
 from raylens.attributions.constraints import constraints_of
+from raylens.attributions.lrp import AttnLRP
 from raylens.attributions.perturbations import (
     IdentityPerturbator,
     InterpolationPerturbator,
@@ -73,6 +76,7 @@ from raylens.attributions.perturbations import (
     SobolPerturbator,
     check_integration,
 )
+from raylens.attributions.rollout import AttentionRollout, GradientAttentionRollout
 
 # ----------------------------------------------------------------------------- the registry
 
@@ -433,8 +437,16 @@ class GradientShap(GradientExplainer):
                          aggregator=GradientShapAggregator(), baseline=baseline, **kwargs)
 
 
+# ----------------------------------------------------------------------------- inside the network
+# (defined in raylens.attributions.rollout and raylens.attributions.lrp, registered here after the ten)
+
+register_method(AttentionRollout)
+register_method(GradientAttentionRollout)
+register_method(AttnLRP)
+
+
 __all__ = [
-    "METHODS", "GradientShap", "IntegratedGradients", "KernelShap", "Lime", "NoiseTunnel", "Occlusion", "Saliency",
+    "METHODS", "AttentionRollout", "AttnLRP", "GradientAttentionRollout", "GradientShap", "IntegratedGradients", "KernelShap", "Lime", "NoiseTunnel", "Occlusion", "Saliency",
     "SmoothGrad", "Sobol", "SquareGrad", "VarGrad", "available_methods", "check_params", "method_class",
     "register_method", "unregister_method",
 ]

@@ -106,6 +106,8 @@ class CausalHeadGating:
         init_logit, init_std: the gate logits start as ``N(init_logit, init_std)``.
         max_tokens: tokens kept per text.
         batch_size: texts per step.
+        record_losses: after the fits, measure each fit's task loss over the whole corpus
+            (three more passes without gradient); ``False`` leaves ``losses_`` as NaN.
 
     After :meth:`fit`: ``gates_``, ``gates_retain_``, ``gates_remove_`` (``(n_layers, n_heads)``
     numpy float32), ``roles_`` (same shape, strings) and ``losses_`` (the final task loss of
@@ -114,7 +116,8 @@ class CausalHeadGating:
 
     def __init__(self, model: Any, tokenizer: Any, *, steps: int = 100, reg_steps: int = 100, lam: float = 0.01,
                  lr: float = 0.1, threshold: float = 0.5, seed: int = 0, init_logit: float = 3.0,
-                 init_std: float = 1.0, max_tokens: int = 32, batch_size: int = 8):
+                 init_std: float = 1.0, max_tokens: int = 32, batch_size: int = 8,
+                 record_losses: bool = True):
         self.model = model
         self.tokenizer = tokenizer
         self.steps = steps
@@ -127,6 +130,7 @@ class CausalHeadGating:
         self.init_std = init_std
         self.max_tokens = max_tokens
         self.batch_size = batch_size
+        self.record_losses = record_losses
 
     @property
     def device(self) -> torch.device:
@@ -191,8 +195,9 @@ class CausalHeadGating:
         self.gates_, self.gates_retain_, self.gates_remove_ = (
             torch.sigmoid(t).cpu().numpy().astype(np.float32) for t in (theta, retain, remove))
         self.roles_ = head_roles(self.gates_retain_, self.gates_remove_, self.threshold)
-        self.losses_ = {name: self.task_loss(texts, g) for name, g in
-                        (("gate", self.gates_), ("gate_retain", self.gates_retain_), ("gate_remove", self.gates_remove_))}
+        fits = {"gate": self.gates_, "gate_retain": self.gates_retain_, "gate_remove": self.gates_remove_}
+        self.losses_ = {name: self.task_loss(texts, g) if self.record_losses else float("nan")
+                        for name, g in fits.items()}
         return self
 
     def to_table(self) -> pa.Table:

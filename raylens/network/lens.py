@@ -211,7 +211,9 @@ class TunedLens(LogitLens):
         self.bias: torch.Tensor | None = None
         self.history: list[float] = []
 
-    def _params(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def parameters(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The translators ``(weight (n_layers, d_model, d_model), bias (n_layers, d_model))``,
+        created as zeros (the logit lens) on first use, on the model's device and dtype."""
         if self.weight is None:
             d = lens_parts(self.model)[1].weight.shape[1]
             dtype = self.model.get_input_embeddings().weight.dtype
@@ -223,7 +225,7 @@ class TunedLens(LogitLens):
         """``hidden + hidden @ W_layer.T + b_layer`` (``(..., d_model)``); identity for the last layer."""
         if layer >= self.n_layers:
             return hidden
-        weight, bias = self._params()
+        weight, bias = self.parameters()
         return hidden + hidden @ weight[layer].T + bias[layer]
 
     def fit(self, texts: Sequence[str], *, steps: int = 100, tokens_per_step: int = 256, max_tokens: int = 64,
@@ -245,7 +247,7 @@ class TunedLens(LogitLens):
         if steps < 1 or tokens_per_step < 1:
             raise ValueError(f"steps and tokens_per_step must be >= 1, got {steps}, {tokens_per_step}")
         hidden = self._collect(texts, max_tokens=max_tokens, batch_size=batch_size)
-        weight, bias = self._params()
+        weight, bias = self.parameters()
         weight.requires_grad_(True)
         bias.requires_grad_(True)
         opt = torch.optim.Adam([weight, bias], lr=lr)
@@ -261,7 +263,7 @@ class TunedLens(LogitLens):
                 for layer in range(self.n_layers):  # one layer's graph at a time: bounded memory
                     loss = kl_to_final(target, self.project(layer, batch[:, layer])).mean()
                     loss.backward()
-                    total += float(loss)
+                    total += float(loss.detach())
                 opt.step()
                 self.history.append(total)
         finally:
@@ -290,7 +292,7 @@ class TunedLens(LogitLens):
         """
         from safetensors.torch import save_file
 
-        weight, bias = self._params()
+        weight, bias = self.parameters()
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"raylens": "tuned_lens", "identity": json.dumps(model_identity(self.model), sort_keys=True)}

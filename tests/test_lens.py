@@ -48,7 +48,7 @@ def test_logit_lens_last_layer_is_the_model_and_each_layer_is_its_own_norm(smoll
     # batch 1 == batch N (right padding, position ids from the mask)
     ids1, mask1 = tokenize_batch(tok, TEXTS[1:2], max_tokens=16)
     one = lens.layer_logits(ids1, mask1)
-    torch.testing.assert_close(one[:, 0, :ids1.shape[1]], logits[:, 1, :ids1.shape[1]], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(one[:, 0, :ids1.shape[1]], logits[:, 1, :ids1.shape[1]], atol=1e-3, rtol=1e-4)
 
 
 def test_lens_statistics_rows_equal_a_direct_computation(smollm):

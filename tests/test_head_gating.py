@@ -11,7 +11,7 @@ import torch
 from raylens.io.schemas import HEAD_GATING_SCHEMA, HEAD_ROLE_STABILITY_SCHEMA
 from raylens.models.attention import eager_attention
 from raylens.network.corpus import head_gating_roles, role_stability
-from raylens.network.heads import CausalHeadGating, gated_heads, head_roles
+from raylens.network.heads import CausalHeadGating, gated_heads, head_roles, next_token_loss
 from raylens.network.lens import tokenize_batch
 
 TEXTS = ["The cat sat on the mat because it was", "Hello there", "I loved this movie, the acting was"]
@@ -56,6 +56,29 @@ def test_open_gates_reproduce_the_model_and_a_closed_gate_is_the_ablated_head(sm
     with pytest.raises(ValueError, match="gates must be"):
         with gated_heads(model, torch.ones(30, 8)):
             pass
+
+
+def test_gate_gradients_equal_finite_differences():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    model = LlamaForCausalLM(cfg).double().eval()
+    ids, mask = torch.randint(64, (2, 7)), torch.ones(2, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    gates = torch.rand(2, 4, dtype=torch.float64, requires_grad=True)
+    with gated_heads(model, gates):
+        next_token_loss(model, ids, mask).backward()
+    eps = 1e-3  # Llama's RMSNorm computes in float32 even in a float64 model
+    for layer, head in [(0, 1), (1, 3)]:
+        losses = []
+        for sign in (1, -1):
+            g = gates.detach().clone()
+            g[layer, head] += sign * eps
+            with torch.no_grad(), gated_heads(model, g):
+                losses.append(float(next_token_loss(model, ids, mask)))
+        assert gates.grad[layer, head].item() == pytest.approx((losses[0] - losses[1]) / (2 * eps), rel=1e-3, abs=1e-7)
 
 
 def test_role_rule_and_stability():

@@ -29,6 +29,7 @@ Roles (threshold ``t``, default 0.5), the rule implemented here:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -88,9 +89,11 @@ def next_token_loss(model: Any, input_ids: torch.Tensor, attention_mask: torch.T
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
     target = input_ids[:, 1:]
     keep = attention_mask[:, 1:].bool()
-    return torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), target[keep])
+    logits = logits[:, :-1][keep]
+    return torch.nn.functional.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), target[keep])
 
 
+@dataclasses.dataclass
 class CausalHeadGating:
     """Causal head gating (Nam et al., NeurIPS 2025) on the next-token loss of a corpus.
 
@@ -114,26 +117,24 @@ class CausalHeadGating:
     each fit over the whole corpus, nats per token).
     """
 
-    def __init__(self, model: Any, tokenizer: Any, *, steps: int = 100, reg_steps: int = 100, lam: float = 0.01,
-                 lr: float = 0.1, threshold: float = 0.5, seed: int = 0, init_logit: float = 3.0,
-                 init_std: float = 1.0, max_tokens: int = 32, batch_size: int = 8,
-                 record_losses: bool = True):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.steps = steps
-        self.reg_steps = reg_steps
-        self.lam = lam
-        self.lr = lr
-        self.threshold = threshold
-        self.seed = seed
-        self.init_logit = init_logit
-        self.init_std = init_std
-        self.max_tokens = max_tokens
-        self.batch_size = batch_size
-        self.record_losses = record_losses
+    model: Any = dataclasses.field(repr=False)
+    tokenizer: Any = dataclasses.field(repr=False)
+    _: dataclasses.KW_ONLY
+    steps: int = 100
+    reg_steps: int = 100
+    lam: float = 0.05
+    lr: float = 0.1
+    threshold: float = 0.5
+    seed: int = 0
+    init_logit: float = 3.0
+    init_std: float = 1.0
+    max_tokens: int = 32
+    batch_size: int = 8
+    record_losses: bool = True
 
     @property
     def device(self) -> torch.device:
+        """Device of the input embeddings (where inputs go)."""
         return self.model.get_input_embeddings().weight.device
 
     def _batches(self, texts: Sequence[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:

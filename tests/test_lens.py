@@ -99,6 +99,8 @@ def test_tuned_lens_starts_as_the_logit_lens_and_round_trips(tmp_path):
     path = lens.save(tmp_path / "lens.safetensors")
     loaded = TunedLens.load(path, model, None)
     assert torch.equal(loaded.project(0, h), lens.project(0, h))
+    half = TunedLens.load(path, tiny_llama().to(torch.bfloat16), None)  # same weights in bfloat16: accepted
+    assert half.project(0, h.bfloat16()).dtype == torch.bfloat16
     with pytest.raises(ValueError, match="trained for model"):
         TunedLens.load(path, tiny_llama(seed=1), None)  # other weights
     with pytest.raises(ValueError, match="n_layers"):

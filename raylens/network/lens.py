@@ -213,12 +213,11 @@ class TunedLens(LogitLens):
 
     def parameters(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The translators ``(weight (n_layers, d_model, d_model), bias (n_layers, d_model))``,
-        created as zeros (the logit lens) on first use, on the model's device and dtype."""
+        float32 on the model's device, created as zeros (the logit lens) on first use."""
         if self.weight is None:
             d = lens_parts(self.model)[1].weight.shape[1]
-            dtype = self.model.get_input_embeddings().weight.dtype
-            self.weight = torch.zeros(self.n_layers, d, d, device=self.device, dtype=dtype)
-            self.bias = torch.zeros(self.n_layers, d, device=self.device, dtype=dtype)
+            self.weight = torch.zeros(self.n_layers, d, d, device=self.device)
+            self.bias = torch.zeros(self.n_layers, d, device=self.device)
         return self.weight, self.bias
 
     def translate(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
@@ -226,7 +225,8 @@ class TunedLens(LogitLens):
         if layer >= self.n_layers:
             return hidden
         weight, bias = self.parameters()
-        return hidden + hidden @ weight[layer].T + bias[layer]
+        h = hidden.float()  # translators in float32; back to the model's dtype for its norm
+        return (h + h @ weight[layer].T + bias[layer]).to(hidden.dtype)
 
     def fit(self, texts: Sequence[str], *, steps: int = 100, tokens_per_step: int = 256, max_tokens: int = 64,
             batch_size: int = 8, lr: float = 1e-3, seed: int = 0) -> TunedLens:
@@ -323,9 +323,8 @@ class TunedLens(LogitLens):
             raise ValueError(f"tuned lens {path} was trained for model {saved.get('name')!r} "
                              f"(revision {saved.get('revision')!r}), not this one: (saved, this model) {diff}")
         lens = cls(model, tokenizer)
-        dtype = model.get_input_embeddings().weight.dtype
-        lens.weight = tensors["weight"].to(lens.device, dtype)
-        lens.bias = tensors["bias"].to(lens.device, dtype)
+        lens.weight = tensors["weight"].to(lens.device, torch.float32)
+        lens.bias = tensors["bias"].to(lens.device, torch.float32)
         return lens
 
 

@@ -101,7 +101,7 @@ def test_facilitating_heads_carry_the_next_token_loss_on_movie_reviews(smollm):
 
     texts = [x for t in iter_corpus("movie-reviews", shuffle_seed=11, limit=48) for x in t.column("text").to_pylist()]
     train, held = texts[:32], texts[32:]
-    params = dict(steps=6, reg_steps=10, lr=0.25, lam=0.05, max_tokens=12, batch_size=8, record_losses=False)
+    params = dict(steps=6, reg_steps=10, lr=0.25, lam=0.01, max_tokens=12, batch_size=8, record_losses=False)
     table = head_gating_roles(smollm.model, smollm.tokenizer, train, seeds=[1], **params)
     assert table.schema == HEAD_GATING_SCHEMA and table.num_rows == 30 * 9
     stab = role_stability(table)

@@ -12,10 +12,11 @@ next-token cross-entropy, nats per token, over a corpus) in three fits:
 
 1. ``gate``: no regulariser (``steps`` steps from ``theta ~ N(init_logit, init_std)``, the seed
    drawing the start and the minibatches);
-2. ``gate_retain``: from (1), ``reg_steps`` steps of ``loss + lam * sum(1 - g)``: open gates
-   are rewarded, so a head that still closes hurts the task;
-3. ``gate_remove``: from (1), ``reg_steps`` steps of ``loss + lam * sum(g)``: closed gates are
-   rewarded, so a head that stays open is needed by the task.
+2. ``gate_retain``: from (1), ``reg_steps`` steps of ``loss - lam * sum(clip(theta))``, the
+   paper's regulariser on the clipped inverse sigmoid of the gates (``theta`` clipped to
+   ``[-clip, clip]``): open gates are rewarded, so a head that still closes hurts the task;
+3. ``gate_remove``: from (1), ``reg_steps`` steps of ``loss + lam * sum(clip(theta))``: closed
+   gates are rewarded, so a head that stays open is needed by the task.
 
 Roles (threshold ``t``, default 0.5), the rule implemented here:
 
@@ -102,7 +103,8 @@ class CausalHeadGating:
         tokenizer: its tokenizer.
         steps: optimisation steps of the unregularised fit.
         reg_steps: steps of each regularised fit (started from the unregularised gates).
-        lam: regulariser weight per head (nats of task loss one open/closed gate is worth).
+        lam: regulariser weight per head, on the clipped gate logit (nats per logit unit).
+        clip: bound of the gate logits in the regulariser (gates ``sigmoid(+-clip)``).
         lr: Adam learning rate on the gate logits.
         threshold: gate value separating open from closed for the roles.
         seed: start of the gate logits and order of the minibatches.
@@ -122,7 +124,8 @@ class CausalHeadGating:
     _: dataclasses.KW_ONLY
     steps: int = 100
     reg_steps: int = 100
-    lam: float = 0.05
+    lam: float = 0.01
+    clip: float = 5.0
     lr: float = 0.1
     threshold: float = 0.5
     seed: int = 0
@@ -162,7 +165,7 @@ class CausalHeadGating:
         return total / count
 
     def _descend(self, theta: torch.Tensor, batches: list, n_steps: int, reg: float, gen: torch.Generator) -> torch.Tensor:
-        """``n_steps`` Adam steps on ``task loss + reg * sum(sigmoid(theta))`` from ``theta``."""
+        """``n_steps`` Adam steps on ``task loss + reg * sum(clip(theta))`` from ``theta``."""
         theta = theta.detach().clone().requires_grad_(True)
         opt = torch.optim.Adam([theta], lr=self.lr)
         for _ in range(n_steps):
@@ -170,7 +173,7 @@ class CausalHeadGating:
             opt.zero_grad()
             gates = torch.sigmoid(theta)
             with gated_heads(self.model, gates):
-                loss = next_token_loss(self.model, ids, mask) + reg * gates.sum()
+                loss = next_token_loss(self.model, ids, mask) + reg * theta.clamp(-self.clip, self.clip).sum()
             loss.backward()
             opt.step()
         return theta.detach()

@@ -207,7 +207,8 @@ def head_gating_roles(model: Any, tokenizer: Any, texts: Sequence[str], *, seeds
         seeds: one fit per seed (gate initialisation and minibatch order).
         max_tokens, batch_size: tokens per text and texts per optimisation step.
         **fit_params: passed to :class:`~raylens.network.heads.CausalHeadGating` (``steps``,
-            ``reg_steps``, ``lam``, ``lr``, ``threshold``).
+            ``reg_steps``, ``lam``, ``clip``, ``lr``, ``threshold``, ``init_logit``, ``init_std``,
+            ``record_losses``).
 
     Returns:
         A table of :data:`~raylens.io.schemas.HEAD_GATING_SCHEMA`, ``n_seeds * n_layers *

@@ -256,3 +256,93 @@ def issues_table(issues: list[dict]) -> pa.Table:
                   key=lambda r: (r["doc_id"], r["stage"] or ""))
     return pa.Table.from_pylist(rows, schema=ISSUES_SCHEMA)
 
+
+
+# ---- network job: lenses and causal head gating (raylens.network.corpus) ---------------------
+#: ``lens/shard-*.parquet``: one row per (document, lens, layer, position). ``layer`` 0 is the
+#: embedding output, ``n_layers`` the model's output. ``kl_to_final`` in nats (KL(final || layer));
+#: ranks are 0-based (0: the layer's own top-1), the number of tokens with a strictly higher logit.
+#: ``next_token_id`` and ``rank_next`` are null at a document's last position.
+LENS_SCHEMA = pa.schema(
+    [
+        pa.field("doc_id", pa.int64(), nullable=False),
+        pa.field("lens", pa.string()),
+        pa.field("layer", pa.int32()),
+        pa.field("position", pa.int32()),
+        pa.field("token_id", pa.int32()),
+        pa.field("next_token_id", pa.int32()),
+        pa.field("kl_to_final", pa.float32()),
+        pa.field("top1_token_id", pa.int32()),
+        pa.field("top1_agrees", pa.bool_()),
+        pa.field("rank_final", pa.int32()),
+        pa.field("rank_next", pa.int32()),
+    ]
+)
+
+#: per (document, lens, position): the first layer from which the lens's top-1 stays the
+#: model's final top-1 (``n_layers`` when only the output agrees)
+PREDICTION_DEPTH_SCHEMA = pa.schema(
+    [
+        pa.field("doc_id", pa.int64(), nullable=False),
+        pa.field("lens", pa.string()),
+        pa.field("position", pa.int32()),
+        pa.field("token_id", pa.int32()),
+        pa.field("final_top1_token_id", pa.int32()),
+        pa.field("prediction_depth", pa.int32()),
+    ]
+)
+
+#: quantile levels of the KL columns of :data:`LENS_CURVES_SCHEMA`
+LENS_KL_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+
+#: per (lens, layer) over a corpus: KL quantiles (nats), top-1 agreement rate with the final
+#: top-1, mean 0-based ranks of the final top-1 and of the actual next token, token counts
+LENS_CURVES_SCHEMA = pa.schema(
+    [pa.field("lens", pa.string()), pa.field("layer", pa.int32())]
+    + [pa.field(f"kl_q{round(q * 100):02d}", pa.float32()) for q in LENS_KL_QUANTILES]
+    + [
+        pa.field("kl_mean", pa.float32()),
+        pa.field("top1_agreement", pa.float32()),
+        pa.field("mean_rank_final", pa.float32()),
+        pa.field("mean_rank_next", pa.float32()),
+        pa.field("n_tokens", pa.int64()),
+    ]
+)
+
+#: causal head gating roles (`raylens.network.heads.HEAD_ROLES`)
+HEAD_ROLE_NAMES = ("facilitating", "interfering", "irrelevant")
+
+#: per (seed, layer, head): the gates of the three fits in [0, 1] (``gate`` unregularised,
+#: ``gate_retain`` with the regulariser that rewards open gates, ``gate_remove`` with the one
+#: that rewards closed gates), the role they give, and each fit's final task loss (nats/token)
+HEAD_GATING_SCHEMA = pa.schema(
+    [
+        pa.field("seed", pa.int32()),
+        pa.field("layer", pa.int32()),
+        pa.field("head", pa.int32()),
+        pa.field("gate", pa.float32()),
+        pa.field("gate_retain", pa.float32()),
+        pa.field("gate_remove", pa.float32()),
+        pa.field("role", pa.string()),
+        pa.field("loss", pa.float32()),
+        pa.field("loss_retain", pa.float32()),
+        pa.field("loss_remove", pa.float32()),
+    ]
+)
+
+#: per (layer, head) over seeds: the majority role, the share of seeds that give it, and the
+#: mean gates
+HEAD_ROLE_STABILITY_SCHEMA = pa.schema(
+    [
+        pa.field("layer", pa.int32()),
+        pa.field("head", pa.int32()),
+        pa.field("role", pa.string()),
+        pa.field("agreement", pa.float32()),
+        pa.field("n_seeds", pa.int32()),
+        pa.field("n_facilitating", pa.int32()),
+        pa.field("n_interfering", pa.int32()),
+        pa.field("n_irrelevant", pa.int32()),
+        pa.field("mean_gate_retain", pa.float32()),
+        pa.field("mean_gate_remove", pa.float32()),
+    ]
+)

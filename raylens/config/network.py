@@ -1,0 +1,151 @@
+"""The network job's configuration: the logit and tuned lenses over a corpus (which layers, how
+many tokens, the tuned lens' training slice), causal head gating (seeds, documents) and the
+report. Checks that need the model's config (its layer count) run in
+:meth:`NetworkJobConfig.check_model_fields`, called by `raylens.config.preflight.preflight`."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from raylens.config.common import ConfigError, CorpusConfig, ModelConfig, ResourcesConfig, Section, field_error
+
+#: the lenses the job knows (`raylens.network.lens`): nostalgebraist's logit lens, Belrose et al.'s tuned lens
+LENSES = ("logit", "tuned")
+
+
+class NetworkCorpusConfig(CorpusConfig):
+    """Which texts run through the network (a few dozen movie reviews by default)."""
+
+    limit: int | None = Field(24, gt=0, description="maximum number of documents")
+
+
+class LensConfig(Section):
+    """The logit lens (nostalgebraist 2020) and the tuned lens (Belrose et al. 2023) over the corpus."""
+
+    lenses: list[Literal["logit", "tuned"]] = Field(default_factory=lambda: list(LENSES),
+                                                    description="lenses run over every document")
+    layers: list[int] | None = Field(
+        None, description="layers kept in the lens table (0 = the embeddings, n_layers = the last block's "
+                          "output); null = every layer. Checked against the model's config before Ray starts")
+    max_tokens: int = Field(24, gt=0, description="longer documents are cut to their first max_tokens tokens "
+                                                  "(recorded in issues.parquet)")
+    batch_size: int = Field(8, gt=0, description="documents per forward pass")
+    shard_size: int = Field(8, gt=0, description="documents per shard (the unit of resume)")
+    train_docs: int = Field(8, ge=0, description="the tuned lens is fitted on the documents with doc_id < "
+                                                 "train_docs; lens_curves.parquet is over the other (held-out) ones")
+    tuned_params: dict[str, Any] = Field(default_factory=dict,
+                                         description="keyword arguments of TunedLens.fit (e.g. epochs, lr)")
+
+    @field_validator("lenses")
+    @classmethod
+    def _lenses_once(cls, v: list[str]) -> list[str]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError(f"list each lens once, at least one of {LENSES}; got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _tuned_needs_training(self) -> "LensConfig":
+        if "tuned" in self.lenses and self.train_docs == 0:
+            raise ValueError("the tuned lens needs train_docs > 0 documents to be fitted on")
+        return self
+
+
+class HeadGatingConfig(Section):
+    """Causal head gating (Nam et al., NeurIPS 2025) over a slice of the corpus, once per seed."""
+
+    enabled: bool = True
+    seeds: list[int] = Field(default_factory=lambda: [0, 1], description="one gate fit (three fits) per seed")
+    n_docs: int = Field(4, gt=0, description="documents (the first by doc_id) the gates are fitted on")
+    params: dict[str, Any] = Field(default_factory=dict,
+                                   description="keyword arguments of raylens.network.corpus.head_gating_roles "
+                                               "(e.g. steps, lr, max_tokens)")
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds_once(cls, v: list[int]) -> list[int]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError(f"list each seed once, at least one; got {v}")
+        return v
+
+
+class NetworkReportConfig(Section):
+    """The HTML report."""
+
+    doc_id: int | None = Field(None, description="document shown layer by layer; null = the first held-out one")
+    max_positions: int = Field(32, gt=0, description="positions of that document shown")
+
+
+class NetworkJobConfig(Section):
+    """The whole network job: lenses and head roles over a corpus."""
+
+    output_uri: str = Field("raylens-out/network", description="local folder or pyarrow URI (s3://...)")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    corpus: NetworkCorpusConfig = Field(default_factory=NetworkCorpusConfig)
+    lens: LensConfig = Field(default_factory=LensConfig)
+    head_gating: HeadGatingConfig = Field(default_factory=HeadGatingConfig)
+    report: NetworkReportConfig = Field(default_factory=NetworkReportConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+
+    @model_validator(mode="after")
+    def _held_out_documents_left(self) -> "NetworkJobConfig":
+        limit, train = self.corpus.limit, self.lens.train_docs
+        if "tuned" in self.lens.lenses and limit is not None and train >= limit:
+            raise ValueError(f"lens.train_docs ({train}) leaves no held-out document of corpus.limit ({limit})")
+        return self
+
+    def check_method_params(self) -> None:
+        """Check ``lens.tuned_params`` against ``TunedLens.fit`` and ``head_gating.params`` against
+        ``head_gating_roles`` (their keyword parameters), without a model (called by
+        :func:`~raylens.config.load_config`).
+
+        Raises:
+            ConfigError: naming ``lens.tuned_params.<name>`` or ``head_gating.params.<name>``.
+        """
+        from raylens.network.corpus import head_gating_roles
+        from raylens.network.lens import TunedLens
+
+        check_keywords(TunedLens.fit, self.lens.tuned_params, "lens.tuned_params", fixed=("texts",))
+        check_keywords(head_gating_roles, self.head_gating.params, "head_gating.params",
+                       fixed=("model", "tokenizer", "texts", "seeds"))
+
+    def check_model_fields(self, skeleton: Any) -> None:
+        """The checks that need the model's config (``skeleton``: the model on the meta device, from
+        `raylens.config.preflight.check_model`): a causal LM (the lenses read its unembedding) and
+        ``lens.layers`` within ``[0, num_hidden_layers]``.
+
+        Raises:
+            ConfigError: naming ``model.name`` or ``lens.layers``.
+        """
+        if skeleton.get_output_embeddings() is None:
+            raise ConfigError(field_error(f"model.name: {self.model.name!r} has no unembedding (a causal LM is "
+                                          f"needed for the lenses; got {type(skeleton).__name__})"))
+        n = int(skeleton.config.num_hidden_layers)
+        bad = [layer for layer in self.lens.layers or [] if not 0 <= layer <= n]
+        if bad:
+            raise ConfigError(field_error(f"lens.layers: {bad} out of range: the model has {n} layers "
+                                          f"(0 = embeddings ... {n} = the last block's output)"))
+
+    def job_key(self) -> dict[str, Any]:
+        """The fields that determine the rows (must match when a run resumes into an output URI)."""
+        return {"model": self.model.model_dump(), "corpus": self.corpus.model_dump(),
+                "lens": self.lens.model_dump(exclude={"batch_size"}), "head_gating": self.head_gating.model_dump()}
+
+
+def check_keywords(func: Callable, params: dict[str, Any], field: str, *, fixed: tuple[str, ...] = ()) -> None:
+    """Check that ``func`` takes every key of ``params`` as a keyword argument (unless it has
+    ``**kwargs``) and that none of them is one the job passes itself (``fixed``).
+
+    Raises:
+        ConfigError: naming ``<field>.<key>`` and the accepted names.
+    """
+    sig = inspect.signature(func)
+    names = [n for n, p in sig.parameters.items() if n != "self" and n not in fixed
+             and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    open_ended = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
+    for key in params:
+        if key in fixed or (key not in names and not open_ended):
+            raise ConfigError(field_error(f"{field}.{key}: not a parameter the job lets you set; "
+                                          f"accepted: {names}"))

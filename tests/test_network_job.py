@@ -1,0 +1,195 @@
+"""The network job end to end: its README command (``python -m jobs.network``) on the built-in default
+(the real SmolLM2 over real movie reviews, model-worker actors on a real local Ray, real Parquet),
+one row per (document, lens, layer, position), a rerun that rewrites nothing finished and redoes
+only a shard whose marker is gone, the report in headless Chromium, and the checks that exit 2
+before Ray."""
+
+from __future__ import annotations
+
+import collections
+import os
+import pathlib
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from raylens.config import NetworkJobConfig, load_config
+from raylens.io.store import OutputStore
+from tests.procs import run_job
+
+ROLES = {"facilitating", "interfering", "irrelevant"}
+
+
+# ----------------------------------------------------------------------------- fast: before Ray
+
+
+@pytest.mark.parametrize("override, field", [
+    ("lens.layers=[0, 31]", "lens.layers"),
+    ("corpus.text_column=body", "corpus.text_column"),
+    ("model.name=no-such/model-xyz", "model.name"),
+    ("lens.tuned_params={epochz: 2}", "lens.tuned_params.epochz"),
+    ("head_gating.params={seeds: [3]}", "head_gating.params.seeds"),
+    ("lens.train_docs=24", "lens.train_docs"),
+])
+def test_network_job_exits_2_with_one_line_naming_the_field_before_ray(override, field, capsys, tmp_path):
+    from jobs.network import main
+
+    code = main(["--set", override, "--set", f"output_uri={tmp_path / 'out'}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and field in err, err
+    assert not (tmp_path / "out" / "logs").exists()  # stopped before the job's log and Ray
+
+
+def test_network_job_plan(capsys):
+    from jobs.network import main
+
+    assert main(["--plan"]) == 0
+    out = capsys.readouterr().out
+    assert "LlamaForCausalLM (causal_lm)" in out and "(31 layers) in 3 shards; 540 head-gating rows" in out, out
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+def _mtimes(store: OutputStore, *kinds: str) -> dict[str, int]:
+    return {p: os.stat(p).st_mtime_ns for k in kinds for p in store.shard_paths(k)}
+
+
+@pytest.fixture(scope="module")
+def net_job(tmp_path_factory):
+    """``python -m jobs.network`` on the built-in default, only ``output_uri`` set."""
+    out = tmp_path_factory.mktemp("network") / "out"
+    console = run_job("network", ["--set", f"output_uri={out}"], timeout_s=600)
+    cfg = load_config(None, {"output_uri": str(out)}, cls=NetworkJobConfig)
+    return cfg, OutputStore(str(out)), console
+
+
+def _documents(store: OutputStore) -> dict[int, str]:
+    return {r["doc_id"]: r["text"] for s in store.read_json("documents/_manifest.json")["shards"]
+            for r in store.read_table(f"documents/{s}.parquet").to_pylist()}
+
+
+@pytest.mark.slow
+def test_lens_table_has_one_row_per_document_lens_layer_position(net_job):
+    from transformers import AutoTokenizer
+
+    from raylens.models.loading import model_task, resolve_model_source
+
+    cfg, store, console = net_job
+    docs = _documents(store)
+    assert len(docs) == cfg.corpus.limit
+    assert store.done_shards("lens") == store.read_json("documents/_manifest.json")["shards"]
+    tok = AutoTokenizer.from_pretrained(resolve_model_source(cfg.model.name))
+    n_layers = int(model_task(cfg.model.name)[0].num_hidden_layers)
+    rows = pa.concat_tables([store.read_table(f"lens/{s}.parquet", columns=["doc_id", "lens", "layer", "position"])
+                      for s in store.done_shards("lens")])
+    keys = collections.Counter(zip(*(rows[c].to_pylist() for c in ("doc_id", "lens", "layer", "position"))))
+    assert max(keys.values()) == 1, "a (document, lens, layer, position) row is duplicated"
+    expected = set()
+    for d, text in docs.items():
+        n = min(len(tok(text)["input_ids"]), cfg.lens.max_tokens)
+        expected |= {(d, lens, layer, p) for lens in cfg.lens.lenses for layer in range(n_layers + 1)
+                     for p in range(n)}
+    assert set(keys) == expected
+    print(f"\nlens table: {len(keys)} rows = {len(docs)} documents x {len(cfg.lens.lenses)} lenses x "
+          f"{n_layers + 1} layers x their positions")
+
+
+@pytest.mark.slow
+def test_last_layer_of_the_logit_lens_is_the_model_itself(net_job):
+    """At the last layer the logit lens is the model's own distribution: KL 0, top-1 agrees."""
+    cfg, store, _ = net_job
+    t = pa.concat_tables([store.read_table(f"lens/{s}.parquet") for s in store.done_shards("lens")])
+    last = t.filter(pc.and_(pc.equal(t["lens"], "logit"), pc.equal(t["layer"], pc.max(t["layer"]))))
+    assert last.num_rows > 0
+    assert pc.max(pc.abs(last["kl_to_final"])).as_py() < 1e-4
+    assert all(last["top1_agrees"].to_pylist()) and set(last["rank_final"].to_pylist()) == {0}
+
+
+@pytest.mark.slow
+def test_aggregate_tables(net_job):
+    cfg, store, console = net_job
+    lens = pa.concat_tables([store.read_table(f"lens/{s}.parquet") for s in store.done_shards("lens")])
+    depth = store.read_table("prediction_depth.parquet")
+    per_token = set(zip(*(lens[c].to_pylist() for c in ("doc_id", "lens", "position"))))
+    assert sorted(zip(*(depth[c].to_pylist() for c in ("doc_id", "lens", "position")))) == sorted(per_token)
+    curves = store.read_table("lens_curves.parquet").to_pylist()
+    assert sorted((r["lens"], r["layer"]) for r in curves) == sorted(set(zip(lens["lens"].to_pylist(),
+                                                                             lens["layer"].to_pylist())))
+    roles = store.read_table("head_roles.parquet").to_pylist()
+    n_layers, n_heads = 1 + max(r["layer"] for r in roles), 1 + max(r["head"] for r in roles)
+    assert sorted((r["seed"], r["layer"], r["head"]) for r in roles) == [
+        (s, la, h) for s in sorted(cfg.head_gating.seeds) for la in range(n_layers) for h in range(n_heads)]
+    assert {r["role"] for r in roles} <= ROLES
+    stability = store.read_table("head_stability.parquet").to_pylist()
+    assert len(stability) == n_layers * n_heads
+    by_head = collections.defaultdict(list)
+    for r in roles:
+        by_head[(r["layer"], r["head"])].append(r["role"])
+    for s in stability:  # the majority role and its share, computed directly
+        counts = collections.Counter(by_head[(s["layer"], s["head"])])
+        assert counts[s["role"]] == max(counts.values())
+        assert s["stability"] == pytest.approx(max(counts.values()) / len(cfg.head_gating.seeds))
+    issues = store.read_table("issues.parquet").to_pylist()
+    assert {i["kind"] for i in issues} <= {"empty", "truncated"} and all(i["stage"] == "lens" for i in issues)
+    for line in ("documents: 24 documents in 3 shards", "lens: 0 of 3 shards already done, 3 to do",
+                 "head gating: 0 of 2 seeds already done, 2 to do"):
+        assert line in console, console
+
+
+@pytest.mark.slow
+def test_rerun_rewrites_nothing_finished_and_redoes_a_lost_shard(net_job):
+    cfg, store, _ = net_job
+    before = _mtimes(store, "lens", "head_gating")
+    tuned = {p.name: p.stat().st_mtime_ns for p in pathlib.Path(store.path("tuned_lens")).iterdir()}
+    lost = store.done_shards("lens")[1]
+    old_rows = store.read_table(f"lens/{lost}.parquet")
+    os.remove(store.path(store.marker("lens", lost)))  # as if its worker had been killed before the commit
+    console = run_job("network", ["--set", f"output_uri={cfg.output_uri}"], timeout_s=600)
+    for line in ("tuned lens: fitted by an earlier run", "lens: 2 of 3 shards already done, 1 to do",
+                 "head gating: 2 of 2 seeds already done, 0 to do"):
+        assert line in console, console
+    after = _mtimes(store, "lens", "head_gating")
+    assert set(after) == set(before)
+    changed = [p for p in after if after[p] != before[p]]
+    assert changed == [store.path("lens", f"{lost}.parquet")]
+    assert store.read_table(f"lens/{lost}.parquet").equals(old_rows)  # the same rows, once
+    assert {p.name: p.stat().st_mtime_ns for p in pathlib.Path(store.path("tuned_lens")).iterdir()} == tuned
+
+
+@pytest.mark.slow
+def test_report_in_chromium(net_job, tmp_path):
+    from tests.test_attribution_view import Chromium, Page, find_chromium
+
+    cfg, store, _ = net_job
+    path = pathlib.Path(store.path("report.html"))
+    html = path.read_text()
+    assert "<script src" not in html and "http://" not in html.replace("http://www.w3.org", "")
+    binary = find_chromium()
+    if binary is None:
+        pytest.skip("chromium not found (scripts/setup.sh installs it)")
+    (tmp_path / "profile").mkdir()
+    browser = Chromium(binary, str(tmp_path / "profile"))
+    try:
+        page = Page(browser, width=1300, height=900)
+        page.goto(path.as_uri())
+        roles = store.read_table("head_roles.parquet")
+        assert page.eval("document.querySelectorAll('#n-heads td.h').length") == \
+            len(set(zip(roles["layer"].to_pylist(), roles["head"].to_pylist())))
+        shown = "Array.prototype.map.call(document.querySelectorAll('.n-panel'),function(p){" \
+                "return getComputedStyle(p).display;})"
+        assert page.eval(shown) == ["block", "none"]  # logit lens first
+        page.click("button[data-group=lens][data-value=tuned]")
+        assert page.eval(shown) == ["none", "block"]
+        page.click("button[data-group=colour][data-value=agree]")
+        assert page.eval("document.querySelectorAll('.n-grid.by-agree').length") == 2
+        assert page.eval("document.querySelectorAll('.n-chart polyline').length") == 3 * len(cfg.lens.lenses)
+        w, _ = page.screenshot(tmp_path / "report.png")
+        assert (tmp_path / "report.png").stat().st_size > 20_000 and w >= 800
+        errors = [e for e in browser.all_events if e.get("method") == "Runtime.exceptionThrown"
+                  or (e.get("method") == "Log.entryAdded" and e["params"]["entry"]["level"] == "error")]
+        assert not errors, errors
+    finally:
+        browser.close()
+

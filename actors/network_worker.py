@@ -10,11 +10,13 @@ math lives in ``raylens.network``.
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import time
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import torch
 
 from actors.model_worker import ModelWorker
 from raylens.config import NetworkJobConfig
@@ -23,6 +25,7 @@ log = logging.getLogger(__name__)
 
 #: where the fitted tuned lens lives under the output URI, and its commit marker (written last)
 TUNED_LENS_DIR = "tuned_lens"
+TUNED_LENS_FILE = "tuned_lens.safetensors"
 TUNED_LENS_MARKER = "tuned_lens/_success.json"
 #: the folder of the per-seed head-gating tables (one shard and marker per seed)
 HEAD_GATING_KIND = "head_gating"
@@ -55,7 +58,7 @@ class NetworkModelWorker(ModelWorker):
         if self._lenses is None:
             m, tok = self.loaded.model, self.loaded.tokenizer
             built = {"logit": lambda: LogitLens(m, tok),
-                     "tuned": lambda: TunedLens.load(str(self.store.download_dir(TUNED_LENS_DIR)), m, tok)}
+                     "tuned": lambda: TunedLens.load(self.store.download_dir(TUNED_LENS_DIR) / TUNED_LENS_FILE, m, tok)}
             self._lenses = {name: built[name]() for name in self.cfg.lens.lenses}
         return self._lenses
 
@@ -96,36 +99,39 @@ class NetworkModelWorker(ModelWorker):
         """``n_tokens`` of a shard."""
         return {"n_tokens": meta.get("n_tokens", 0)}
 
-    def fit_tuned_lens(self, texts: list[str]) -> dict:
+    def fit_tuned_lens(self, texts: list[str], threads: int | None = None) -> dict:
         """Fit the tuned lens on ``texts`` (`raylens.network.lens.TunedLens.fit` with
-        ``lens.tuned_params``), save it under :data:`TUNED_LENS_DIR`, then write
-        :data:`TUNED_LENS_MARKER` (the commit). Returns ``fit_seconds``, ``n_docs`` and what
-        ``fit`` returned (``fit``)."""
+        ``lens.tuned_*``, on ``threads`` CPU threads when given), save it as
+        :data:`TUNED_LENS_FILE` under :data:`TUNED_LENS_DIR`, then write :data:`TUNED_LENS_MARKER`
+        (the commit). Returns the marker: ``fit_seconds``, ``n_docs``, ``steps``, ``loss_first``
+        and ``loss_last`` (the fit's summed KL over layers, nats)."""
         from raylens.network.lens import TunedLens
 
+        if threads:
+            torch.set_num_threads(threads)
         t0 = time.perf_counter()
-        lens = TunedLens(self.loaded.model, self.loaded.tokenizer)
-        fitted = lens.fit(texts, **self.cfg.lens.tuned_params)
+        lens = TunedLens(self.loaded.model, self.loaded.tokenizer).fit(texts, **self.cfg.lens.tuned_fit_params())
         seconds = time.perf_counter() - t0
         with tempfile.TemporaryDirectory() as tmp:
-            lens.save(tmp)
+            lens.save(os.path.join(tmp, TUNED_LENS_FILE))
             self.store.remove(TUNED_LENS_DIR)  # no file of an earlier, unfinished fit stays
             self.store.upload_dir(tmp, TUNED_LENS_DIR)
-        result = {"fit_seconds": seconds, "n_docs": len(texts), "fit": fitted, "gpus": self.gpus()}
+        result = {"fit_seconds": seconds, "n_docs": len(texts), "steps": len(lens.history),
+                  "loss_first": lens.history[0], "loss_last": lens.history[-1], "gpus": self.gpus()}
         self.store.write_json(TUNED_LENS_MARKER, result)
         log.info("tuned lens fitted on %d documents in %.1fs", len(texts), seconds)
         return result
 
     def head_gating(self, texts: list[str], seed: int) -> dict:
-        """Causal head gating for one seed (`raylens.network.corpus.head_gating_roles` with
-        ``head_gating.params``), written once as ``head_gating/seed-<seed>.parquet`` and its
+        """Causal head gating for one seed (`raylens.network.corpus.head_gating_roles` with the
+        ``head_gating`` fields), written once as ``head_gating/seed-<seed>.parquet`` and its
         marker. Returns the marker's metadata (``seed``, ``n_rows``, ``seconds``, ``roles``: role ->
         heads)."""
         from raylens.network.corpus import head_gating_roles
 
         t0 = time.perf_counter()
         table = head_gating_roles(self.loaded.model, self.loaded.tokenizer, texts, seeds=[seed],
-                                  **self.cfg.head_gating.params)
+                                  **self.cfg.head_gating.fit_params())
         roles = {str(k): int(v) for k, v in zip(*pc.value_counts(table["role"]).flatten())}
         meta = {"seed": seed, "n_docs": len(texts), "seconds": time.perf_counter() - t0, "roles": roles,
                 "gpus": self.gpus()}

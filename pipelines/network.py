@@ -31,10 +31,12 @@ def first_documents(store: OutputStore, n: int) -> tuple[list[int], list[str]]:
     return ids, texts
 
 
-def model_actors(cfg: NetworkJobConfig, n: int) -> list:
-    """``n`` model-worker actors with the configured GPUs and CPUs each."""
+def model_actors(cfg: NetworkJobConfig, n: int, *, num_cpus: float | None = None) -> list:
+    """``n`` model-worker actors with the configured GPUs each and ``num_cpus`` CPUs (default the
+    configured ones)."""
     res = cfg.resources
-    cls = ray.remote(NetworkModelWorker).options(num_gpus=res.gpus_per_worker, num_cpus=res.cpus_per_worker)
+    cls = ray.remote(NetworkModelWorker).options(num_gpus=res.gpus_per_worker,
+                                                 num_cpus=num_cpus or res.cpus_per_worker)
     return [cls.remote(cfg.model_dump()) for _ in range(n)]
 
 
@@ -47,13 +49,18 @@ def fit_tuned_lens(store: OutputStore, cfg: NetworkJobConfig) -> dict | None:
         say("tuned lens: fitted by an earlier run")
         return store.read_json(TUNED_LENS_MARKER)
     _, texts = first_documents(store, cfg.lens.train_docs)
-    say(f"tuned lens: fitting one translator per layer on {len(texts)} documents (model-worker actor)")
-    (actor,) = model_actors(cfg, 1)
+    res = cfg.resources
+    # alone in its stage: on CPUs the actor takes every worker's CPUs
+    cpus = res.cpus_per_worker * (1 if res.gpus_per_worker else res.num_workers)
+    say(f"tuned lens: fitting one translator per layer on {len(texts)} documents, {cfg.lens.tuned_steps} steps "
+        f"(model-worker actor)")
+    (actor,) = model_actors(cfg, 1, num_cpus=cpus)
     try:
-        result = ray.get(actor.fit_tuned_lens.remote(texts))
+        result = ray.get(actor.fit_tuned_lens.remote(texts, threads=max(1, int(cpus))))
     finally:
         ray.kill(actor)
-    say(f"tuned lens: fitted in {result['fit_seconds']:.1f}s")
+    say(f"tuned lens: fitted in {result['fit_seconds']:.1f}s; summed KL over layers {result['loss_first']:.1f} -> "
+        f"{result['loss_last']:.1f} nats")
     return result
 
 
@@ -205,4 +212,4 @@ def show_curves(curves: pa.Table) -> None:
         mine = sorted((r for r in rows if r["lens"] == name), key=lambda r: r["layer"])
         picked = mine[:: max(1, len(mine) // 5)]
         say(f"  {name} lens, median KL to final (nats) by layer: "
-            + ", ".join(f"{r['layer']}: {r['kl_median']:.2f}" for r in picked))
+            + ", ".join(f"{r['layer']}: {r['kl_q50']:.2f}" for r in picked))

@@ -7,6 +7,7 @@ before Ray."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import pathlib
 
@@ -28,8 +29,8 @@ ROLES = {"facilitating", "interfering", "irrelevant"}
     ("lens.layers=[0, 31]", "lens.layers"),
     ("corpus.text_column=body", "corpus.text_column"),
     ("model.name=no-such/model-xyz", "model.name"),
-    ("lens.tuned_params={epochz: 2}", "lens.tuned_params.epochz"),
-    ("head_gating.params={seeds: [3]}", "head_gating.params.seeds"),
+    ("lens.tuned_stepz=2", "lens.tuned_stepz"),
+    ("head_gating.threshold=1.5", "head_gating.threshold"),
     ("lens.train_docs=24", "lens.train_docs"),
 ])
 def test_network_job_exits_2_with_one_line_naming_the_field_before_ray(override, field, capsys, tmp_path):
@@ -46,7 +47,7 @@ def test_network_job_plan(capsys):
 
     assert main(["--plan"]) == 0
     out = capsys.readouterr().out
-    assert "LlamaForCausalLM (causal_lm)" in out and "(31 layers) in 3 shards; 540 head-gating rows" in out, out
+    assert "LlamaForCausalLM (causal_lm)" in out and "(31 layers) in 2 shards; 540 head-gating rows" in out, out
 
 
 # ----------------------------------------------------------------------------- the job
@@ -130,10 +131,10 @@ def test_aggregate_tables(net_job):
     for s in stability:  # the majority role and its share, computed directly
         counts = collections.Counter(by_head[(s["layer"], s["head"])])
         assert counts[s["role"]] == max(counts.values())
-        assert s["stability"] == pytest.approx(max(counts.values()) / len(cfg.head_gating.seeds))
+        assert s["agreement"] == pytest.approx(max(counts.values()) / len(cfg.head_gating.seeds))
     issues = store.read_table("issues.parquet").to_pylist()
     assert {i["kind"] for i in issues} <= {"empty", "truncated"} and all(i["stage"] == "lens" for i in issues)
-    for line in ("documents: 24 documents in 3 shards", "lens: 0 of 3 shards already done, 3 to do",
+    for line in ("documents: 24 documents in 2 shards", "lens: 0 of 2 shards already done, 2 to do",
                  "head gating: 0 of 2 seeds already done, 2 to do"):
         assert line in console, console
 
@@ -147,7 +148,7 @@ def test_rerun_rewrites_nothing_finished_and_redoes_a_lost_shard(net_job):
     old_rows = store.read_table(f"lens/{lost}.parquet")
     os.remove(store.path(store.marker("lens", lost)))  # as if its worker had been killed before the commit
     console = run_job("network", ["--set", f"output_uri={cfg.output_uri}"], timeout_s=600)
-    for line in ("tuned lens: fitted by an earlier run", "lens: 2 of 3 shards already done, 1 to do",
+    for line in ("tuned lens: fitted by an earlier run", "lens: 1 of 2 shards already done, 1 to do",
                  "head gating: 2 of 2 seeds already done, 0 to do"):
         assert line in console, console
     after = _mtimes(store, "lens", "head_gating")
@@ -158,38 +159,53 @@ def test_rerun_rewrites_nothing_finished_and_redoes_a_lost_shard(net_job):
     assert {p.name: p.stat().st_mtime_ns for p in pathlib.Path(store.path("tuned_lens")).iterdir()} == tuned
 
 
-@pytest.mark.slow
-def test_report_in_chromium(net_job, tmp_path):
+def _shard_of(store: OutputStore, doc_id: int) -> str:
+    return next(s for s in store.read_json("documents/_manifest.json")["shards"]
+                if doc_id in store.read_table(f"documents/{s}.parquet")["doc_id"].to_pylist())
+
+
+@contextlib.contextmanager
+def chromium_page(url: str, profile: pathlib.Path):
+    """A headless Chromium tab on ``url`` (the test is skipped without a Chromium); yields the
+    page and a function returning the page's JS exceptions and console errors so far."""
     from tests.test_attribution_view import Chromium, Page, find_chromium
 
-    cfg, store, _ = net_job
-    path = pathlib.Path(store.path("report.html"))
-    html = path.read_text()
-    assert "<script src" not in html and "http://" not in html.replace("http://www.w3.org", "")
-    binary = find_chromium()
-    if binary is None:
+    if find_chromium() is None:
         pytest.skip("chromium not found (scripts/setup.sh installs it)")
-    (tmp_path / "profile").mkdir()
-    browser = Chromium(binary, str(tmp_path / "profile"))
+    profile.mkdir()
+    browser = Chromium(find_chromium(), str(profile))
     try:
         page = Page(browser, width=1300, height=900)
-        page.goto(path.as_uri())
-        roles = store.read_table("head_roles.parquet")
+        page.goto(url)
+        yield page, lambda: [e for e in browser.all_events if e.get("method") == "Runtime.exceptionThrown" or (
+            e.get("method") == "Log.entryAdded" and e["params"]["entry"]["level"] == "error")]
+    finally:
+        browser.close()
+
+
+@pytest.mark.slow
+def test_report_in_chromium(net_job, tmp_path):
+    cfg, store, _ = net_job
+    path = pathlib.Path(store.path("report.html"))
+    text = path.read_text()
+    assert "<script src" not in text and "http://" not in text.replace("http://www.w3.org", "")
+    roles = store.read_table("head_roles.parquet")
+    with chromium_page(path.as_uri(), tmp_path / "profile") as (page, errors):
         assert page.eval("document.querySelectorAll('#n-heads td.h').length") == \
             len(set(zip(roles["layer"].to_pylist(), roles["head"].to_pylist())))
         shown = "Array.prototype.map.call(document.querySelectorAll('.n-panel'),function(p){" \
                 "return getComputedStyle(p).display;})"
         assert page.eval(shown) == ["block", "none"]  # logit lens first
+        doc = int(page.eval("document.querySelector('.n-grid').dataset.docId"))
+        lens = store.read_table(f"lens/{_shard_of(store, doc)}.parquet").to_pylist()
+        cells = {(r["layer"], r["position"]) for r in lens if r["doc_id"] == doc and r["lens"] == "logit"
+                 and r["position"] < cfg.report.max_positions}
+        assert page.eval("document.querySelectorAll('.n-panel')[0].querySelectorAll('td.c').length") == len(cells)
         page.click("button[data-group=lens][data-value=tuned]")
         assert page.eval(shown) == ["none", "block"]
         page.click("button[data-group=colour][data-value=agree]")
         assert page.eval("document.querySelectorAll('.n-grid.by-agree').length") == 2
         assert page.eval("document.querySelectorAll('.n-chart polyline').length") == 3 * len(cfg.lens.lenses)
-        w, _ = page.screenshot(tmp_path / "report.png")
-        assert (tmp_path / "report.png").stat().st_size > 20_000 and w >= 800
-        errors = [e for e in browser.all_events if e.get("method") == "Runtime.exceptionThrown"
-                  or (e.get("method") == "Log.entryAdded" and e["params"]["entry"]["level"] == "error")]
-        assert not errors, errors
-    finally:
-        browser.close()
-
+        width, _ = page.screenshot(tmp_path / "report.png")
+        assert (tmp_path / "report.png").stat().st_size > 20_000 and width >= 800
+        assert not errors(), errors()

@@ -5,8 +5,7 @@ report. Checks that need the model's config (its layer count) run in
 
 from __future__ import annotations
 
-import inspect
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -28,16 +27,17 @@ class LensConfig(Section):
     lenses: list[Literal["logit", "tuned"]] = Field(default_factory=lambda: list(LENSES),
                                                     description="lenses run over every document")
     layers: list[int] | None = Field(
-        None, description="layers kept in the lens table (0 = the embeddings, n_layers = the last block's "
-                          "output); null = every layer. Checked against the model's config before Ray starts")
-    max_tokens: int = Field(24, gt=0, description="longer documents are cut to their first max_tokens tokens "
+        None, description="layers kept in the lens table (0 = the embeddings, n_layers = the model's output); "
+                          "null = every layer. Checked against the model's config before Ray starts")
+    max_tokens: int = Field(16, gt=0, description="longer documents are cut to their first max_tokens tokens "
                                                   "(recorded in issues.parquet)")
     batch_size: int = Field(8, gt=0, description="documents per forward pass")
-    shard_size: int = Field(8, gt=0, description="documents per shard (the unit of resume)")
-    train_docs: int = Field(8, ge=0, description="the tuned lens is fitted on the documents with doc_id < "
-                                                 "train_docs; lens_curves.parquet is over the other (held-out) ones")
-    tuned_params: dict[str, Any] = Field(default_factory=dict,
-                                         description="keyword arguments of TunedLens.fit (e.g. epochs, lr)")
+    shard_size: int = Field(12, gt=0, description="documents per shard (the unit of resume)")
+    train_docs: int = Field(8, ge=0, description="the tuned lens is fitted on the first train_docs non-empty "
+                                                 "documents; lens_curves.parquet is over the other (held-out) ones")
+    tuned_steps: int = Field(4, gt=0, description="Adam steps of the tuned lens' fit (every layer at each step)")
+    tuned_tokens_per_step: int = Field(48, gt=0, description="tokens drawn from the training slice per step")
+    tuned_lr: float = Field(1e-3, gt=0, description="Adam learning rate of the translators")
 
     @field_validator("lenses")
     @classmethod
@@ -52,16 +52,26 @@ class LensConfig(Section):
             raise ValueError("the tuned lens needs train_docs > 0 documents to be fitted on")
         return self
 
+    def tuned_fit_params(self) -> dict[str, Any]:
+        """Keyword arguments of `raylens.network.lens.TunedLens.fit`."""
+        return {"steps": self.tuned_steps, "tokens_per_step": self.tuned_tokens_per_step, "lr": self.tuned_lr,
+                "max_tokens": self.max_tokens, "batch_size": self.batch_size}
+
 
 class HeadGatingConfig(Section):
-    """Causal head gating (Nam et al., NeurIPS 2025) over a slice of the corpus, once per seed."""
+    """Causal head gating (Nam et al., NeurIPS 2025) on the next-token loss of a slice of the
+    corpus, once per seed (`raylens.network.heads.CausalHeadGating`)."""
 
     enabled: bool = True
-    seeds: list[int] = Field(default_factory=lambda: [0, 1], description="one gate fit (three fits) per seed")
-    n_docs: int = Field(4, gt=0, description="documents (the first by doc_id) the gates are fitted on")
-    params: dict[str, Any] = Field(default_factory=dict,
-                                   description="keyword arguments of raylens.network.corpus.head_gating_roles "
-                                               "(e.g. steps, lr, max_tokens)")
+    seeds: list[int] = Field(default_factory=lambda: [0, 1], description="one set of three fits per seed")
+    n_docs: int = Field(4, gt=0, description="documents (the first non-empty ones) the gates are fitted on")
+    steps: int = Field(5, gt=0, description="Adam steps of the unregularised fit")
+    reg_steps: int = Field(5, gt=0, description="Adam steps of each regularised fit")
+    lam: float = Field(0.01, gt=0, description="regulariser weight per head (nats of task loss per gate)")
+    lr: float = Field(0.1, gt=0, description="Adam learning rate on the gate logits")
+    threshold: float = Field(0.5, gt=0, lt=1, description="gate value separating open from closed")
+    max_tokens: int = Field(16, gt=1, description="tokens kept per document")
+    batch_size: int = Field(4, gt=0, description="documents per optimisation step")
 
     @field_validator("seeds")
     @classmethod
@@ -69,6 +79,10 @@ class HeadGatingConfig(Section):
         if not v or len(set(v)) != len(v):
             raise ValueError(f"list each seed once, at least one; got {v}")
         return v
+
+    def fit_params(self) -> dict[str, Any]:
+        """Keyword arguments of `raylens.network.corpus.head_gating_roles` besides the texts and seeds."""
+        return self.model_dump(exclude={"enabled", "seeds", "n_docs"})
 
 
 class NetworkReportConfig(Section):
@@ -87,7 +101,8 @@ class NetworkJobConfig(Section):
     lens: LensConfig = Field(default_factory=LensConfig)
     head_gating: HeadGatingConfig = Field(default_factory=HeadGatingConfig)
     report: NetworkReportConfig = Field(default_factory=NetworkReportConfig)
-    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    resources: ResourcesConfig = Field(default_factory=lambda: ResourcesConfig(num_workers=2),
+                                       description="two model-worker actors by default")
 
     @model_validator(mode="after")
     def _held_out_documents_left(self) -> "NetworkJobConfig":
@@ -97,19 +112,8 @@ class NetworkJobConfig(Section):
         return self
 
     def check_method_params(self) -> None:
-        """Check ``lens.tuned_params`` against ``TunedLens.fit`` and ``head_gating.params`` against
-        ``head_gating_roles`` (their keyword parameters), without a model (called by
-        :func:`~raylens.config.load_config`).
-
-        Raises:
-            ConfigError: naming ``lens.tuned_params.<name>`` or ``head_gating.params.<name>``.
-        """
-        from raylens.network.corpus import head_gating_roles
-        from raylens.network.lens import TunedLens
-
-        check_keywords(TunedLens.fit, self.lens.tuned_params, "lens.tuned_params", fixed=("texts",))
-        check_keywords(head_gating_roles, self.head_gating.params, "head_gating.params",
-                       fixed=("model", "tokenizer", "texts", "seeds"))
+        """Nothing to check beyond the fields (called by :func:`~raylens.config.load_config`): the
+        lens and head-gating parameters are typed fields of this config, no registry's."""
 
     def check_model_fields(self, skeleton: Any) -> None:
         """The checks that need the model's config (``skeleton``: the model on the meta device, from
@@ -126,26 +130,10 @@ class NetworkJobConfig(Section):
         bad = [layer for layer in self.lens.layers or [] if not 0 <= layer <= n]
         if bad:
             raise ConfigError(field_error(f"lens.layers: {bad} out of range: the model has {n} layers "
-                                          f"(0 = embeddings ... {n} = the last block's output)"))
+                                          f"(0 = embeddings ... {n} = the model's output)"))
 
     def job_key(self) -> dict[str, Any]:
         """The fields that determine the rows (must match when a run resumes into an output URI)."""
         return {"model": self.model.model_dump(), "corpus": self.corpus.model_dump(),
                 "lens": self.lens.model_dump(exclude={"batch_size"}), "head_gating": self.head_gating.model_dump()}
 
-
-def check_keywords(func: Callable, params: dict[str, Any], field: str, *, fixed: tuple[str, ...] = ()) -> None:
-    """Check that ``func`` takes every key of ``params`` as a keyword argument (unless it has
-    ``**kwargs``) and that none of them is one the job passes itself (``fixed``).
-
-    Raises:
-        ConfigError: naming ``<field>.<key>`` and the accepted names.
-    """
-    sig = inspect.signature(func)
-    names = [n for n, p in sig.parameters.items() if n != "self" and n not in fixed
-             and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    open_ended = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
-    for key in params:
-        if key in fixed or (key not in names and not open_ended):
-            raise ConfigError(field_error(f"{field}.{key}: not a parameter the job lets you set; "
-                                          f"accepted: {names}"))

@@ -104,7 +104,8 @@ def _kl_colour(kl: float | None, scale: float) -> str:
     return f"rgba(37,99,235,{0.08 + 0.82 * a:.3f})"
 
 
-def _grid_html(rows: Sequence[Mapping[str, Any]], token_strings: Mapping[int, str], scale: float) -> str:
+def _grid_html(rows: Sequence[Mapping[str, Any]], token_strings: Mapping[int, str], scale: float,
+               doc_id: Any) -> str:
     """One lens' layers x positions table (last layer on top)."""
     cells = {(int(r["layer"]), int(r["position"])): r for r in rows}
     layers = sorted({k[0] for k in cells}, reverse=True)
@@ -132,7 +133,8 @@ def _grid_html(rows: Sequence[Mapping[str, Any]], token_strings: Mapping[int, st
             tds.append(f"<td class='c{nxt}' style='--kl:{_kl_colour(kl, scale)};--ag:{agree}' "
                        f"title='{esc(title)}'>{chip}</td>")
         body.append(f"<tr><th class=n-l>{la}</th>{''.join(tds)}</tr>")
-    return (f"<div class=n-scroll><table class='n-grid by-kl'><tr><th class=n-l>input</th>{head_in}</tr>"
+    return (f"<div class=n-scroll><table class='n-grid by-kl' data-doc-id='{esc(doc_id)}'>"
+            f"<tr><th class=n-l>input</th>{head_in}</tr>"
             f"<tr><th class=n-l>next</th>{head_next}</tr>{''.join(body)}</table></div>")
 
 
@@ -148,7 +150,7 @@ def _document_html(rows: Sequence[Mapping[str, Any]], token_strings: Mapping[int
               "<button class=n-btn data-group=colour data-value=agree>colour: agrees with final top-1</button>")
     panels = "".join(
         f"<div class='n-panel{' on' if i == 0 else ''}' data-panel-group=lens data-panel='{esc(n)}'>"
-        + _grid_html([r for r in rows if r["lens"] == n], token_strings, scale) + "</div>"
+        + _grid_html([r for r in rows if r["lens"] == n], token_strings, scale, doc_id) + "</div>"
         for i, n in enumerate(lenses))
     return (f"<p class=n-sub>Document {esc(doc_id)}. Each cell: the lens' most likely next token at that layer "
             f"(rows, last layer on top) and position (columns). Blue: KL divergence to the model's final "
@@ -172,7 +174,7 @@ def _chart(curves: Sequence[Mapping[str, Any]], key: str, title: str, *, band: t
     layers = sorted({int(r["layer"]) for r in curves}) or [0]
     values = [to_float(r.get(k)) for r in curves for k in ((key,) + (band or ()))]
     lo, hi = _scale([v for v in values if v is not None], log)
-    x0, x1, y0, y1 = 48, width - 10, height - 34, 22
+    x0, x1, y0, y1 = 62, width - 10, height - 34, 22
     lmin, lmax = layers[0], max(layers[-1], layers[0] + 1)
 
     def x(layer: float) -> float:
@@ -206,15 +208,15 @@ def _chart(curves: Sequence[Mapping[str, Any]], key: str, title: str, *, band: t
 
 
 #: the lens_curves columns shown in the corpus table: (column, heading)
-CURVE_COLUMNS = (("n_tokens", "tokens"), ("kl_median", "KL median"), ("kl_q25", "KL q25"), ("kl_q75", "KL q75"),
-                 ("kl_mean", "KL mean"), ("top1_agreement", "top-1 agreement"),
+CURVE_COLUMNS = (("n_tokens", "tokens"), ("kl_q10", "KL q10"), ("kl_q25", "KL q25"), ("kl_q50", "KL median"),
+                 ("kl_q75", "KL q75"), ("kl_q90", "KL q90"), ("kl_mean", "KL mean"), ("top1_agreement", "top-1 agreement"),
                  ("mean_rank_final", "mean rank of final top-1"), ("mean_rank_next", "mean rank of next token"))
 
 
 def _curves_html(curves: Sequence[Mapping[str, Any]]) -> str:
     if not curves:
         return "<p class=n-sub>No lens rows.</p>"
-    charts = (_chart(curves, "kl_median", "KL to final (nats): median, q25-q75", band=("kl_q25", "kl_q75"))
+    charts = (_chart(curves, "kl_q50", "KL to final (nats): median, q25-q75", band=("kl_q25", "kl_q75"))
               + _chart(curves, "top1_agreement", "top-1 agreement with the final prediction")
               + _chart(curves, "mean_rank_next", "mean rank of the next token (log)", log=True))
     cols = [(k, h) for k, h in CURVE_COLUMNS if any(k in r for r in curves)]
@@ -243,9 +245,11 @@ def _heads_html(stability: Sequence[Mapping[str, Any]], roles: Sequence[Mapping[
             if r is None:
                 tds.append("<td></td>")
                 continue
-            share = to_float(r.get("stability")) or 0.0
+            share = to_float(r.get("agreement")) or 0.0
             colour = ROLE_COLOURS.get(str(r["role"]), "#6b7280")
-            tip = f"layer {la}, head {h}: {r['role']} in {share:.0%} of seeds; " + "; ".join(seeds.get((la, h), []))
+            tip = (f"layer {la}, head {h}: {r['role']} in {share:.0%} of seeds; mean gate when keeping is rewarded "
+                   f"{fmt_num(to_float(r.get('mean_gate_retain')))}, when removing is "
+                   f"{fmt_num(to_float(r.get('mean_gate_remove')))}; " + "; ".join(seeds.get((la, h), [])))
             tds.append(f"<td class=h data-role='{esc(r['role'])}' style='background:{colour};"
                        f"opacity:{0.25 + 0.75 * share:.2f}' title='{esc(tip)}'>{esc(ROLE_MARKS.get(str(r['role']), '?'))}</td>")
         body.append(f"<tr><th>{la}</th>{''.join(tds)}</tr>")
@@ -277,7 +281,7 @@ def render_network_report(
             nats, ``top1_token_id``, ``top1_agrees``, ``rank_final``, ``rank_next``).
         curves: `raylens.network.corpus.lens_curves` rows (per lens and layer).
         stability: `raylens.network.corpus.role_stability` rows (``layer``, ``head``, ``role``,
-            ``stability`` in [0, 1]).
+            ``agreement`` in [0, 1], ``mean_gate_retain``, ``mean_gate_remove``).
         roles: `raylens.network.corpus.head_gating_roles` rows (per seed), for the tooltips.
         token_strings: vocabulary string of each token id in ``lens_rows`` (a missing id shows
             as ``<id>``).

@@ -77,7 +77,8 @@ _JS = """
       document.querySelectorAll('[data-panel-group="'+g+'"]').forEach(function(p){
         p.classList.toggle('on', p.dataset.panel===b.dataset.value);});
       if (g === 'colour') document.querySelectorAll('.n-grid').forEach(function(t){
-        t.classList.toggle('by-kl', b.dataset.value==='kl'); t.classList.toggle('by-agree', b.dataset.value==='agree');});
+        t.classList.toggle('by-kl', b.dataset.value==='kl');
+        t.classList.toggle('by-agree', b.dataset.value==='agree');});
     });
   });
 })();
@@ -209,7 +210,8 @@ def _chart(curves: Sequence[Mapping[str, Any]], key: str, title: str, *, band: t
 
 #: the lens_curves columns shown in the corpus table: (column, heading)
 CURVE_COLUMNS = (("n_tokens", "tokens"), ("kl_q10", "KL q10"), ("kl_q25", "KL q25"), ("kl_q50", "KL median"),
-                 ("kl_q75", "KL q75"), ("kl_q90", "KL q90"), ("kl_mean", "KL mean"), ("top1_agreement", "top-1 agreement"),
+                 ("kl_q75", "KL q75"), ("kl_q90", "KL q90"), ("kl_mean", "KL mean"),
+                 ("top1_agreement", "top-1 agreement"),
                  ("mean_rank_final", "mean rank of final top-1"), ("mean_rank_next", "mean rank of next token"))
 
 
@@ -250,8 +252,9 @@ def _heads_html(stability: Sequence[Mapping[str, Any]], roles: Sequence[Mapping[
             tip = (f"layer {la}, head {h}: {r['role']} in {share:.0%} of seeds; mean gate when keeping is rewarded "
                    f"{fmt_num(to_float(r.get('mean_gate_retain')))}, when removing is "
                    f"{fmt_num(to_float(r.get('mean_gate_remove')))}; " + "; ".join(seeds.get((la, h), [])))
+            mark = esc(ROLE_MARKS.get(str(r["role"]), "?"))
             tds.append(f"<td class=h data-role='{esc(r['role'])}' style='background:{colour};"
-                       f"opacity:{0.25 + 0.75 * share:.2f}' title='{esc(tip)}'>{esc(ROLE_MARKS.get(str(r['role']), '?'))}</td>")
+                       f"opacity:{0.25 + 0.75 * share:.2f}' title='{esc(tip)}'>{mark}</td>")
         body.append(f"<tr><th>{la}</th>{''.join(tds)}</tr>")
     counts = {role: sum(1 for r in stability if r["role"] == role) for role in ROLE_COLOURS}
     key = "".join(f"<span style='background:{c}'></span>{esc(role)} ({counts[role]})"

@@ -4,7 +4,7 @@ head gating, over several seeds), with one HTML report.
 
 Locally::
 
-    python -m jobs.network                                   # built-in default (SmolLM2 + 24 reviews)
+    python -m jobs.network                                   # built-in default (SmolLM2 + 16 reviews)
     python -m jobs.network --config configs/network.yaml --set corpus.limit=100
 
 On a cluster::

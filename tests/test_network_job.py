@@ -31,7 +31,7 @@ ROLES = {"facilitating", "interfering", "irrelevant"}
     ("model.name=no-such/model-xyz", "model.name"),
     ("lens.tuned_stepz=2", "lens.tuned_stepz"),
     ("head_gating.threshold=1.5", "head_gating.threshold"),
-    ("lens.train_docs=24", "lens.train_docs"),
+    ("lens.train_docs=16", "lens.train_docs"),
 ])
 def test_network_job_exits_2_with_one_line_naming_the_field_before_ray(override, field, capsys, tmp_path):
     from jobs.network import main
@@ -180,7 +180,7 @@ def test_aggregate_tables(net_job):
         assert s["agreement"] == pytest.approx(max(counts.values()) / len(cfg.head_gating.seeds))
     issues = store.read_table("issues.parquet").to_pylist()
     assert {i["kind"] for i in issues} <= {"empty", "truncated"} and all(i["stage"] == "lens" for i in issues)
-    for line in ("documents: 24 documents in 2 shards", "lens: 0 of 2 shards already done, 2 to do",
+    for line in ("documents: 16 documents in 2 shards", "lens: 0 of 2 shards already done, 2 to do",
                  "head gating: 0 of 2 seeds already done, 2 to do"):
         assert line in console, console
 

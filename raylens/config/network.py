@@ -15,10 +15,21 @@ from raylens.config.common import ConfigError, CorpusConfig, ModelConfig, Resour
 LENSES = ("logit", "tuned")
 
 
+def distinct(values: list, what: str) -> list:
+    """``values`` when it is non-empty without repeats.
+
+    Raises:
+        ValueError: ``list each <what>; got <values>``.
+    """
+    if not values or len(set(values)) != len(values):
+        raise ValueError(f"list each {what}; got {values}")
+    return values
+
+
 class NetworkCorpusConfig(CorpusConfig):
     """Which texts run through the network (a few dozen movie reviews by default)."""
 
-    limit: int | None = Field(24, gt=0, description="maximum number of documents")
+    limit: int | None = Field(16, gt=0, description="maximum number of documents")
 
 
 class LensConfig(Section):
@@ -32,7 +43,7 @@ class LensConfig(Section):
     max_tokens: int = Field(16, gt=0, description="longer documents are cut to their first max_tokens tokens "
                                                   "(recorded in issues.parquet)")
     batch_size: int = Field(8, gt=0, description="documents per forward pass")
-    shard_size: int = Field(12, gt=0, description="documents per shard (the unit of resume)")
+    shard_size: int = Field(8, gt=0, description="documents per shard (the unit of resume)")
     train_docs: int = Field(8, ge=0, description="the tuned lens is fitted on the first train_docs non-empty "
                                                  "documents; lens_curves.parquet is over the other (held-out) ones")
     tuned_steps: int = Field(4, gt=0, description="Adam steps of the tuned lens' fit (every layer at each step)")
@@ -42,9 +53,7 @@ class LensConfig(Section):
     @field_validator("lenses")
     @classmethod
     def _lenses_once(cls, v: list[str]) -> list[str]:
-        if not v or len(set(v)) != len(v):
-            raise ValueError(f"list each lens once, at least one of {LENSES}; got {v}")
-        return v
+        return distinct(v, f"lens, at least one of {LENSES}")
 
     @model_validator(mode="after")
     def _tuned_needs_training(self) -> "LensConfig":
@@ -76,9 +85,7 @@ class HeadGatingConfig(Section):
     @field_validator("seeds")
     @classmethod
     def _seeds_once(cls, v: list[int]) -> list[int]:
-        if not v or len(set(v)) != len(v):
-            raise ValueError(f"list each seed once, at least one; got {v}")
-        return v
+        return distinct(v, "seed, at least one")
 
     def fit_params(self) -> dict[str, Any]:
         """Keyword arguments of `raylens.network.corpus.head_gating_roles` besides the texts and seeds."""

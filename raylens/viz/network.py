@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from raylens.viz.markup import CSP, PALETTE_DARK, PALETTE_LIGHT, esc, finite, fmt_num, to_float, token_html
@@ -105,6 +105,15 @@ def _kl_colour(kl: float | None, scale: float) -> str:
     return f"rgba(37,99,235,{0.08 + 0.82 * a:.3f})"
 
 
+def _layer_rows(cells: Mapping[tuple[int, int], Mapping[str, Any]], layers: Sequence[int], columns: Sequence[int],
+                cell: Callable[[int, int, Mapping[str, Any]], str], head_class: str) -> list[str]:
+    """``<tr>`` rows of a layers x columns table: the layer in a header cell, then ``cell(layer,
+    column, row)`` for each column (an empty ``<td>`` where ``cells`` has no row)."""
+    cls = f" class={head_class}" if head_class else ""
+    return [f"<tr><th{cls}>{la}</th>" + "".join(cell(la, c, cells[(la, c)]) if (la, c) in cells else "<td></td>"
+                                               for c in columns) + "</tr>" for la in layers]
+
+
 def _grid_html(rows: Sequence[Mapping[str, Any]], token_strings: Mapping[int, str], scale: float,
                doc_id: Any) -> str:
     """One lens' layers x positions table (last layer on top)."""
@@ -116,24 +125,19 @@ def _grid_html(rows: Sequence[Mapping[str, Any]], token_strings: Mapping[int, st
                       f"{_tok(token_strings, first[p]['token_id'])[0]}</th>" for p in positions)
     head_next = "".join(f"<th title='{esc(_tok(token_strings, first[p]['next_token_id'])[1])}'>"
                         f"{_tok(token_strings, first[p]['next_token_id'])[0]}</th>" for p in positions)
-    body = []
-    for la in layers:
-        tds = []
-        for p in positions:
-            r = cells.get((la, p))
-            if r is None:
-                tds.append("<td></td>")
-                continue
-            chip, tip = _tok(token_strings, r["top1_token_id"])
-            kl = to_float(r["kl_to_final"])
-            agree = "#86efac" if r["top1_agrees"] else "#fecaca"
-            nxt = " next" if r["next_token_id"] is not None and r["top1_token_id"] == r["next_token_id"] else ""
-            title = (f"layer {la}, position {p}: top-1 {tip}; KL to final {fmt_num(kl)} nats; "
-                     f"{'agrees' if r['top1_agrees'] else 'differs from'} the final top-1; rank of the final top-1 "
-                     f"{r['rank_final']}; rank of the next token {r['rank_next']}")
-            tds.append(f"<td class='c{nxt}' style='--kl:{_kl_colour(kl, scale)};--ag:{agree}' "
-                       f"title='{esc(title)}'>{chip}</td>")
-        body.append(f"<tr><th class=n-l>{la}</th>{''.join(tds)}</tr>")
+
+    def cell(la: int, p: int, r: Mapping[str, Any]) -> str:
+        chip, tip = _tok(token_strings, r["top1_token_id"])
+        kl = to_float(r["kl_to_final"])
+        agree = "#86efac" if r["top1_agrees"] else "#fecaca"
+        nxt = " next" if r["next_token_id"] is not None and r["top1_token_id"] == r["next_token_id"] else ""
+        title = (f"layer {la}, position {p}: top-1 {tip}; KL to final {fmt_num(kl)} nats; "
+                 f"{'agrees' if r['top1_agrees'] else 'differs from'} the final top-1; rank of the final top-1 "
+                 f"{r['rank_final']}; rank of the next token {r['rank_next']}")
+        return (f"<td class='c{nxt}' style='--kl:{_kl_colour(kl, scale)};--ag:{agree}' "
+                f"title='{esc(title)}'>{chip}</td>")
+
+    body = _layer_rows(cells, layers, positions, cell, "n-l")
     return (f"<div class=n-scroll><table class='n-grid by-kl' data-doc-id='{esc(doc_id)}'>"
             f"<tr><th class=n-l>input</th>{head_in}</tr>"
             f"<tr><th class=n-l>next</th>{head_next}</tr>{''.join(body)}</table></div>")
@@ -239,23 +243,18 @@ def _heads_html(stability: Sequence[Mapping[str, Any]], roles: Sequence[Mapping[
     seeds: dict[tuple[int, int], list[str]] = {}
     for r in roles:
         seeds.setdefault((int(r["layer"]), int(r["head"])), []).append(f"seed {r['seed']}: {r['role']}")
-    body = []
-    for la in layers:
-        tds = []
-        for h in heads:
-            r = cells.get((la, h))
-            if r is None:
-                tds.append("<td></td>")
-                continue
-            share = to_float(r.get("agreement")) or 0.0
-            colour = ROLE_COLOURS.get(str(r["role"]), "#6b7280")
-            tip = (f"layer {la}, head {h}: {r['role']} in {share:.0%} of seeds; mean gate when keeping is rewarded "
-                   f"{fmt_num(to_float(r.get('mean_gate_retain')))}, when removing is "
-                   f"{fmt_num(to_float(r.get('mean_gate_remove')))}; " + "; ".join(seeds.get((la, h), [])))
-            mark = esc(ROLE_MARKS.get(str(r["role"]), "?"))
-            tds.append(f"<td class=h data-role='{esc(r['role'])}' style='background:{colour};"
-                       f"opacity:{0.25 + 0.75 * share:.2f}' title='{esc(tip)}'>{mark}</td>")
-        body.append(f"<tr><th>{la}</th>{''.join(tds)}</tr>")
+
+    def cell(la: int, h: int, r: Mapping[str, Any]) -> str:
+        share = to_float(r.get("agreement")) or 0.0
+        colour = ROLE_COLOURS.get(str(r["role"]), "#6b7280")
+        tip = (f"layer {la}, head {h}: {r['role']} in {share:.0%} of seeds; mean gate when keeping is rewarded "
+               f"{fmt_num(to_float(r.get('mean_gate_retain')))}, when removing is "
+               f"{fmt_num(to_float(r.get('mean_gate_remove')))}; " + "; ".join(seeds.get((la, h), [])))
+        mark = esc(ROLE_MARKS.get(str(r["role"]), "?"))
+        return (f"<td class=h data-role='{esc(r['role'])}' style='background:{colour};"
+                f"opacity:{0.25 + 0.75 * share:.2f}' title='{esc(tip)}'>{mark}</td>")
+
+    body = _layer_rows(cells, layers, heads, cell, "")
     counts = {role: sum(1 for r in stability if r["role"] == role) for role in ROLE_COLOURS}
     key = "".join(f"<span style='background:{c}'></span>{esc(role)} ({counts[role]})"
                   for role, c in ROLE_COLOURS.items())

@@ -189,9 +189,7 @@ def run_network_job(cfg: NetworkJobConfig) -> dict:
     store = OutputStore(cfg.output_uri)
     check_config(store, cfg)
     t_start = time.perf_counter()
-    c = cfg.corpus
-    shards = write_corpus_shards(store, c.source, text_column=c.text_column, label_column=c.label_column,
-                                 limit=c.limit, shuffle_seed=c.shuffle_seed, shard_size=cfg.lens.shard_size)
+    shards = write_corpus_shards(store, cfg.corpus, cfg.lens.shard_size, label_column=cfg.corpus.label_column)
     tuned = fit_tuned_lens(store, cfg)
     lens = lens_stage(cfg, shards)
     write_issues(store, [i for s in shards for i in store.shard_meta("lens", s).get("issues", [])])

@@ -14,10 +14,11 @@ from raylens.config.common import (ConfigError, CorpusConfig, ModelConfig, Resou
 from raylens.config.concepts import (ConceptJobConfig, ConceptsConfig, ExtractionConfig, ImportanceConfig,
                                      InterpretationConfig, LabelsConfig)
 from raylens.config.loading import load_config, parse_overrides, read_yaml
+from raylens.config.network import NetworkJobConfig
 
 __all__ = [
     "AttributionCorpusConfig", "AttributionJobConfig", "AttributionSettings", "ConceptJobConfig", "ConceptsConfig",
     "ConfigError", "CorpusConfig", "ExtractionConfig", "FaithfulnessConfig", "GalleryConfig", "ImportanceConfig",
-    "InterpretationConfig", "LabelsConfig", "ModelConfig", "ResourcesConfig", "Section", "format_validation_error",
-    "load_config", "parse_overrides", "read_yaml",
+    "InterpretationConfig", "LabelsConfig", "ModelConfig", "NetworkJobConfig", "ResourcesConfig", "Section",
+    "format_validation_error", "load_config", "parse_overrides", "read_yaml",
 ]

@@ -182,6 +182,25 @@ def plan_concept_job(cfg: Any, *, sample_docs: int = 200) -> dict[str, Any]:
     }
 
 
+def _whole_model_plan(cfg: Any, sample_docs: int, max_tokens: int) -> tuple[Any, dict[str, Any]]:
+    """The model skeleton and the plan parts of a job whose workers hold the whole model:
+    ``model``, ``corpus`` and ``memory`` (weights, per GPU, host RAM per worker)."""
+    from raylens.config.preflight import check_model
+
+    skeleton, task, _ = check_model(cfg.model.name, cfg.model.task)
+    res = cfg.resources
+    n_params = _n_params(skeleton)
+    weights = n_params * _DTYPE_BYTES[cfg.model.dtype]
+    on_gpu = res.gpus_per_worker > 0
+    return skeleton, {
+        "model": {"architecture": type(skeleton).__name__, "task": task, "params_total": n_params},
+        "corpus": _corpus_numbers(cfg, sample_docs, max_tokens=max_tokens),
+        "memory": {"weights_full_bytes": int(weights),
+                   "weights_full_per_gpu_bytes": int(weights / max(1, math.ceil(res.gpus_per_worker)))
+                   if on_gpu else 0,
+                   "host_ram_per_worker_bytes": int(RUNTIME_BYTES + (0 if on_gpu else weights))}}
+
+
 def plan_attribution_job(cfg: Any, *, sample_docs: int = 200) -> dict[str, Any]:
     """What the attribution job ``cfg`` will need and produce: the whole model's weights per
     worker, the documents, output rows and shards, host RAM per worker. No throughput is
@@ -191,29 +210,40 @@ def plan_attribution_job(cfg: Any, *, sample_docs: int = 200) -> dict[str, Any]:
     Raises:
         ConfigError: through :func:`raylens.config.preflight.check_model` for a bad model.
     """
-    from raylens.config.preflight import check_model
-
-    skeleton, task, _ = check_model(cfg.model.name, cfg.model.task)
-    a, res = cfg.attribution, cfg.resources
-    c = _corpus_numbers(cfg, sample_docs, max_tokens=a.max_tokens)
-    n_params = _n_params(skeleton)
-    weights = n_params * _DTYPE_BYTES[cfg.model.dtype]
+    a = cfg.attribution
+    skeleton, plan = _whole_model_plan(cfg, sample_docs, a.max_tokens)
     n_targets = int(getattr(skeleton.config, "num_labels", 1)) if a.targets == "all_classes" else 1
-    rows = c["n_docs"] * len(a.methods) * n_targets
-    on_gpu = res.gpus_per_worker > 0
-    return {"job": "attribute", "model": {"architecture": type(skeleton).__name__, "task": task,
-                                          "params_total": n_params},
-            "corpus": c, "rows": rows, "n_shards": math.ceil(c["n_docs"] / a.shard_size),
-            "memory": {"weights_full_bytes": int(weights),
-                       "weights_full_per_gpu_bytes": int(weights / max(1, math.ceil(res.gpus_per_worker)))
-                       if on_gpu else 0,
-                       "host_ram_per_worker_bytes": int(RUNTIME_BYTES + (0 if on_gpu else weights))}}
+    n_docs = plan["corpus"]["n_docs"]
+    return {"job": "attribute", **plan, "rows": n_docs * len(a.methods) * n_targets,
+            "n_shards": math.ceil(n_docs / a.shard_size)}
+
+
+def plan_network_job(cfg: Any, *, sample_docs: int = 200) -> dict[str, Any]:
+    """What the network job ``cfg`` will need and produce: the whole model's weights per worker,
+    the documents, lens rows (documents x lenses x layers x tokens) and shards, head-gating rows
+    (seeds x layers x heads), host RAM per worker.
+
+    Raises:
+        ConfigError: through :func:`raylens.config.preflight.check_model` for a bad model.
+    """
+    skeleton, plan = _whole_model_plan(cfg, sample_docs, cfg.lens.max_tokens)
+    mc = skeleton.config
+    layers = len(cfg.lens.layers) if cfg.lens.layers is not None else int(mc.num_hidden_layers) + 1
+    c = plan["corpus"]
+    return {**plan, "job": "network", "rows": int(c["n_docs"] * min(c["tokens_per_doc"], cfg.lens.max_tokens)
+                                                  * layers * len(cfg.lens.lenses)),
+            "n_shards": math.ceil(c["n_docs"] / cfg.lens.shard_size), "layers": layers,
+            "head_rows": len(cfg.head_gating.seeds) * int(mc.num_hidden_layers) * int(mc.num_attention_heads)
+            if cfg.head_gating.enabled else 0}
 
 
 def plan_job(cfg: Any, *, sample_docs: int = 200) -> dict[str, Any]:
-    """:func:`plan_concept_job` or :func:`plan_attribution_job`, by the config's kind."""
+    """:func:`plan_concept_job`, :func:`plan_attribution_job` or :func:`plan_network_job`, by the
+    config's kind."""
     if hasattr(cfg, "extraction"):
         return plan_concept_job(cfg, sample_docs=sample_docs)
+    if hasattr(cfg, "lens"):
+        return plan_network_job(cfg, sample_docs=sample_docs)
     return plan_attribution_job(cfg, sample_docs=sample_docs)
 
 
@@ -229,15 +259,18 @@ def _duration(seconds: float) -> str:
 
 def format_plan(plan: dict[str, Any]) -> str:
     """The plan as the lines a user reads before a run."""
-    if plan["job"] == "attribute":
+    if plan["job"] in ("attribute", "network"):
         m, c, mem = plan["model"], plan["corpus"], plan["memory"]
+        output = (f"{plan['rows']:,} attribution rows in {plan['n_shards']:,} shards" if plan["job"] == "attribute"
+                  else f"about {plan['rows']:,} lens rows ({plan['layers']} layers) in {plan['n_shards']:,} shards; "
+                       f"{plan['head_rows']:,} head-gating rows")
         return "\n".join([
             f"model        {m['architecture']} ({m['task']}): {m['params_total'] / 1e6:,.1f}M parameters, "
             f"{_gib(mem['weights_full_bytes'])} per worker"
             + (f" ({_gib(mem['weights_full_per_gpu_bytes'])} per GPU)" if mem["weights_full_per_gpu_bytes"] else ""),
             f"corpus       {c['n_docs']:,} documents; sample of {c['sample_docs']}: {c['tokens_per_doc']:.1f} tokens "
             f"per document",
-            f"output       {plan['rows']:,} attribution rows in {plan['n_shards']:,} shards",
+            f"output       {output}",
             f"memory       host RAM per worker about {_gib(mem['host_ram_per_worker_bytes'])}",
         ])
     m, c, a, mem, s = plan["model"], plan["corpus"], plan["activations"], plan["memory"], plan["seconds"]

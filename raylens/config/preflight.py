@@ -140,8 +140,9 @@ def check_output(output_uri: str, key: dict) -> None:
 
 
 def preflight(cfg: Any) -> None:
-    """Every check of this module for a job config (:class:`ConceptJobConfig` or
-    :class:`AttributionJobConfig`), before Ray starts.
+    """Every check of this module for a job config (:class:`ConceptJobConfig`,
+    :class:`AttributionJobConfig`, :class:`NetworkJobConfig`), before Ray starts, then the
+    config's own ``check_model_fields(skeleton)`` when it has one.
 
     Raises:
         ConfigError: naming the first bad field.
@@ -153,5 +154,8 @@ def preflight(cfg: Any) -> None:
     check_corpus_texts(corpus, getattr(corpus, "target_column", None) or corpus.label_column)
     extraction = getattr(cfg, "extraction", None)
     check_output(cfg.output_uri, cfg.extraction_key() if extraction is not None else cfg.job_key())
-    check_model(cfg.model.name, cfg.model.task, extraction.split_point if extraction is not None else None,
-                trust_remote_code=cfg.model.trust_remote_code)
+    skeleton, _, _ = check_model(cfg.model.name, cfg.model.task,
+                                 extraction.split_point if extraction is not None else None,
+                                 trust_remote_code=cfg.model.trust_remote_code)
+    if hasattr(cfg, "check_model_fields"):  # a job's own checks against the model's config
+        cfg.check_model_fields(skeleton)

@@ -8,9 +8,10 @@ Estimates and where their constants come from:
   the embeddings and the blocks up to the split only (:func:`raylens.models.split.load_split_model`);
   importance and vocabulary projection load the whole model (sharded over ``gpus_per_worker``).
 * activation rows: counted exactly on a seeded sample of the corpus (tokenised, truncated to
-  ``extraction.max_tokens``) and scaled to the document count; bytes on disk are the payload
-  (rows x d_model x 2 or 4 bytes, Parquet's zstd saves about 8% on activations, DESIGN.md) plus
-  the per-row columns.
+  ``extraction.max_tokens``), scaled to the document count and, with token sampling
+  (``extraction.max_rows_per_document``, ``row_sampling_rate``), to the rows kept; bytes on disk
+  are the payload (rows x d_model x 2 or 4 bytes, stored uncompressed: ``bench/activation_io.py``)
+  plus the per-row columns.
 * host RAM of an extraction worker: :data:`RUNTIME_BYTES` (Python, torch, transformers, nnsight
   and the first forward's allocator pools: about 0.8 GiB measured on the 2-core CPU machine with
   SmolLM2, bench/extraction_results.txt) + the weights when they live on the CPU + the shard's rows
@@ -40,8 +41,8 @@ CUDA_CONTEXT_BYTES = 0.6 * 2**30
 CPU_FLOPS = 0.13e12
 #: Assumed GPU throughput until bench/gpu.py measures one (FLOP/s: 40% of an H100's dense bf16).
 GPU_FLOPS = 0.4 * 989e12
-#: Parquet zstd on activation values keeps about this share of the bytes (DESIGN.md).
-ZSTD_KEEP = 0.92
+#: Share of the activation payload on disk: the column is stored uncompressed (raylens.io.schemas).
+ACTIVATION_DISK_KEEP = 1.0
 #: Bytes per row of the columns beside the activation, plus the row's text (mean chars added).
 ROW_COLUMN_BYTES = 48
 
@@ -148,7 +149,7 @@ def plan_concept_job(cfg: Any, *, sample_docs: int = 200) -> dict[str, Any]:
     value_bytes = _DTYPE_BYTES[ex.activation_dtype]
     rows = c["n_docs"] * c["rows_per_doc"]
     payload = rows * m["d_model"] * value_bytes
-    on_disk = payload * ZSTD_KEEP + rows * (ROW_COLUMN_BYTES + c["text_chars_per_row"])
+    on_disk = payload * ACTIVATION_DISK_KEEP + rows * (ROW_COLUMN_BYTES + c["text_chars_per_row"])
     n_shards = math.ceil(c["n_docs"] / ex.shard_size)
     shard_rows = min(ex.shard_size, c["n_docs"]) * c["rows_per_doc"]
     on_gpu = res.gpus_per_worker > 0

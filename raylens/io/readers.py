@@ -67,8 +67,11 @@ class ActivationStream:
 
     def _rows(self) -> Iterator[np.ndarray]:
         dropped = 0
-        for rb in self.store.iter_shard_batches(self.kind, columns=["doc_id", "activation"],
-                                                batch_rows=self.batch_rows):
+        held = f"{self.kind}_heldout"  # held-out rows split off at extraction, when present
+        folders = [self.kind, held] if self.store.shard_paths(self.kind, held) else [self.kind]
+        folders = {"train": folders[:1], "heldout": folders[-1:], "all": folders}[self.split]
+        for rb in (b for f in folders for b in self.store.iter_shard_batches(
+                self.kind, columns=["doc_id", "activation"], batch_rows=self.batch_rows, folder=f)):
             x = tensor_column_to_numpy(rb.column("activation"))
             finite = np.isfinite(x).all(axis=1)
             if not finite.all():

@@ -1,8 +1,8 @@
 """Write and read speed of an activation column in Parquet, by layout, against a raw ``.npy`` file.
 
 One run, the same random float16 data for every layout (``--mib`` MiB, default 256), at d_model
-576 and 4096: MiB/s written and read (median of ``--repeats``, files in the page cache) and the
-ratio to the raw ``.npy`` file. Layouts:
+576 and 4096: MiB/s written and read (median of ``--repeats`` interleaved rounds, files in the
+page cache) and the ratio to the raw ``.npy`` file. Layouts:
 
 * ``npy``: ``np.save`` / ``np.load`` of the ``(rows, d_model)`` array (the ceiling);
 * ``tensor zstd+dict+stats``: ``fixed_shape_tensor<halffloat>`` with Parquet's defaults (zstd,
@@ -90,25 +90,25 @@ def layouts(d: int):
 
 
 def measure(x: np.ndarray, folder: str, repeats: int) -> dict[str, tuple[float, float]]:
-    """name -> (write MiB/s, read MiB/s), medians of ``repeats``."""
+    """name -> (write MiB/s, read MiB/s), medians of ``repeats`` rounds; each round runs every
+    layout once (interleaved, so a load change on a shared machine hits them all alike)."""
     mib = x.nbytes / 2**20
-    out = {}
-    for name, (write, read) in layouts(x.shape[1]).items():
-        path = os.path.join(folder, name.replace(" ", "_").replace("+", "_") + (".npy" if name == "npy" else ".parquet"))
-        tw, tr = [], []
-        for _ in range(repeats):
+    funcs = layouts(x.shape[1])
+    times: dict[str, tuple[list, list]] = {name: ([], []) for name in funcs}
+    for _ in range(repeats):
+        for name, (write, read) in funcs.items():
+            path = os.path.join(folder, name.replace(" ", "_").replace("+", "_") + (".npy" if name == "npy" else ".parquet"))
             t0 = time.perf_counter()
             write(x, path)
-            tw.append(time.perf_counter() - t0)
+            times[name][0].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             back = read(path)
-            tr.append(time.perf_counter() - t0)
+            times[name][1].append(time.perf_counter() - t0)
             back = np.concatenate(back) if len(back) > 1 else back[0]
             assert back.shape == x.shape and np.array_equal(back.view(np.uint16), x.view(np.uint16)), name
             del back
-        out[name] = (mib / statistics.median(tw), mib / statistics.median(tr))
-        os.remove(path)
-    return out
+            os.remove(path)
+    return {name: (mib / statistics.median(tw), mib / statistics.median(tr)) for name, (tw, tr) in times.items()}
 
 
 def main() -> None:
@@ -119,7 +119,8 @@ def main() -> None:
     p.add_argument("--dir", default=None, help="folder for the files (default: a temporary one)")
     args = p.parse_args()
     rng = np.random.default_rng(0)
-    print(f"# activation column I/O: {args.mib} MiB of random float16 per d_model, median of {args.repeats}, "
+    print(f"# activation column I/O: {args.mib} MiB of random float16 per d_model, median of {args.repeats} "
+          f"interleaved rounds, "
           f"files in the page cache, pyarrow {pa.__version__}, {os.cpu_count()} CPUs")
     print(f"{'layout':<24} {'d_model':>7} {'write MiB/s':>12} {'read MiB/s':>11} {'write/npy':>10} {'read/npy':>9}")
     for d in [int(s) for s in args.dims.split(",")]:

@@ -158,7 +158,8 @@ class ConceptJobConfig(Section):
             raise method_params_error("concepts", "", exc) from None
 
     def extraction_key(self) -> dict[str, Any]:
-        """The fields that determine the documents and activation shards (must match on resume):
+        """The fields that determine the documents and activation shards (must match on resume;
+        a dict of sections, each a dict of fields):
         the model, the corpus, the extraction section except what only changes memory or speed
         (``batch_size``, ``max_host_bytes``, ``max_file_bytes``), ``concepts.heldout_fraction``
         (held-out rows are split off at extraction) and, with token sampling, ``seed``."""
@@ -166,7 +167,7 @@ class ConceptJobConfig(Section):
         key = {"model": self.model.model_dump(), "corpus": self.corpus.model_dump(),
                "extraction": {k: v for k, v in ex.model_dump().items()
                               if k not in ("batch_size", "max_host_bytes", "max_file_bytes")},
-               "heldout_fraction": self.concepts.heldout_fraction}
+               "concepts": {"heldout_fraction": self.concepts.heldout_fraction}}
         if ex.max_rows_per_document is not None or ex.row_sampling_rate < 1.0:
-            key["sampling_seed"] = self.seed
+            key["sampling"] = {"seed": self.seed}
         return key

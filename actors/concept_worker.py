@@ -7,13 +7,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+import time
+
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from actors.model_worker import ModelWorker
 from raylens.config import ConceptJobConfig
+from raylens.io.readers import heldout_mask
+from raylens.io.schemas import activation_parquet_options, activations_schema
 from raylens.models.loading import LoadedModel, model_task
-from raylens.models.split import SplitModel, load_split_model
+from raylens.models.split import RowSampling, SplitModel, load_split_model, window_rows
 
 
 class ConceptModelWorker(ModelWorker):
@@ -46,19 +52,62 @@ class ConceptModelWorker(ModelWorker):
             self.split = SplitModel(self.loaded, self.cfg.extraction.split_point)
 
     # ---- extraction (map_batches) ---------------------------------------------------
-    def process_shard(self, shard: str, docs: pa.Table) -> tuple[pa.Table, dict]:
-        """Activations of one document shard (``raylens.io.schemas.activations_schema`` rows);
-        ``meta``: ``n_docs``, ``n_tokens`` (tokens, or characters at coarser granularities) and
-        the extraction ``issues``."""
-        ex = self.cfg.extraction
+    def produce_shard(self, shard: str, docs: pa.Table, started: float) -> dict:
+        """Stream the activations of one document shard to ``activations/<shard>.parquet`` (rows
+        of held-out documents, `raylens.io.readers.heldout_mask`, to
+        ``activations_heldout/<shard>.parquet``), in row groups of about ``extraction.max_host_bytes``
+        (see :func:`window_rows`), parts past ``extraction.max_file_bytes``; then the one marker
+        ``activations/_success/<shard>.json`` (the commit). Marker: ``n_rows`` (train rows),
+        ``n_heldout_rows``, ``files``, ``n_docs``, ``n_tokens`` (tokens, or characters at coarser
+        granularities), the extraction ``issues``, ``sampling``, ``seconds`` and
+        ``write_seconds`` (time spent in the Parquet writers)."""
+        ex, held = self.cfg.extraction, self.cfg.concepts.heldout_fraction
+        d_model = self.split.d_model
+        schema = activations_schema(d_model, ex.activation_dtype)
+        opts = {"max_file_bytes": ex.max_file_bytes, "parquet_options": activation_parquet_options(schema)}
+        writers = {"train": self.store.shard_writer("activations", shard, schema, **opts)}
+        if held > 0:
+            writers["heldout"] = self.store.shard_writer("activations_heldout", shard, schema, **opts)
+        sampling = self.sampling()
         texts = docs["text"].to_pylist()
-        table, issues = self.split.extract(
-            texts, docs["doc_id"].to_pylist(), granularity=ex.granularity,
-            batch_size=ex.batch_size, max_tokens=ex.max_tokens, dtype=ex.activation_dtype,
-            exclude_first_tokens=ex.exclude_first_tokens)
-        n_tokens = int(np.sum(table["token_end"].to_numpy() - table["token_start"].to_numpy())) \
-            if ex.granularity == "token" else int(sum(len(t) for t in texts))
-        return table, {"n_docs": docs.num_rows, "n_tokens": n_tokens, "issues": issues}
+        issues, n_tokens, write_s = [], 0, 0.0
+        try:
+            for table, found in self.split.iter_extract(
+                    texts, docs["doc_id"].to_pylist(), granularity=ex.granularity, batch_size=ex.batch_size,
+                    max_tokens=ex.max_tokens, dtype=ex.activation_dtype, exclude_first_tokens=ex.exclude_first_tokens,
+                    window_rows=window_rows(ex.max_host_bytes, d_model, ex.activation_dtype), sampling=sampling):
+                issues += found
+                n_tokens += int(pc.sum(pc.subtract(table["token_end"], table["token_start"])).as_py() or 0)
+                t0 = time.perf_counter()
+                if held > 0:
+                    mask = heldout_mask(table["doc_id"].to_numpy(), held)
+                    writers["heldout"].write(table.filter(mask))
+                    table = table.filter(~mask)
+                writers["train"].write(table)
+                write_s += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            files = [f for w in writers.values() for f in w.close()]
+            write_s += time.perf_counter() - t0
+        except BaseException:
+            for w in writers.values():
+                w.abort()
+            raise
+        if ex.granularity != "token":
+            n_tokens = int(sum(len(t) for t in texts if isinstance(t, str)))
+        meta = {"n_rows": writers["train"].n_rows, "n_heldout_rows": writers["heldout"].n_rows if held > 0 else 0,
+                "n_docs": docs.num_rows, "n_tokens": n_tokens, "issues": issues,
+                "sampling": dataclasses.asdict(sampling) if sampling else None, "write_seconds": write_s,
+                "seconds": time.perf_counter() - started, **self.shard_meta()}
+        self.store.commit_shard(self.kind, shard, files, meta)
+        return meta
+
+    def sampling(self) -> RowSampling | None:
+        """The configured token sampling (`raylens.models.split.RowSampling`, seeded by the job's
+        ``seed``), or ``None`` when every row is kept."""
+        ex = self.cfg.extraction
+        if ex.max_rows_per_document is None and ex.row_sampling_rate >= 1.0:
+            return None
+        return RowSampling(ex.max_rows_per_document, ex.row_sampling_rate, self.cfg.seed)
 
     def shard_counts(self, meta: dict) -> dict[str, int]:
         """``n_tokens`` and ``n_issues`` of a shard."""

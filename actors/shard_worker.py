@@ -4,7 +4,8 @@ a resumed job), else reads ``documents/<shard>.parquet``, asks the subclass to p
 ``<kind>/<shard>.parquet`` and its success marker, and returns one summary row per shard.
 
 A job's worker subclasses it and implements :meth:`ShardWorker.process_shard` (and names its
-output ``kind``); see `actors.concept_worker` and `actors.attribution_worker`. No Ray import:
+output ``kind``), or overrides :meth:`ShardWorker.produce_shard` to stream its rows to the files
+itself (the concept worker: bounded host memory); see `actors.concept_worker` and `actors.attribution_worker`. No Ray import:
 the pipeline hands the class to ``ray.data.Dataset.map_batches``.
 """
 
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import time
-from abc import ABC, abstractmethod
 
 import numpy as np
 import pyarrow as pa
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 SUMMARY_COLUMNS = ("shard", "skipped", "n_docs", "n_rows", "seconds", "oom_splits")
 
 
-class ShardWorker(ABC):
+class ShardWorker:
     """A ``map_batches`` callable that turns document shards into output shards of ``kind``.
 
     Subclasses set :attr:`kind` and :attr:`store` (in their constructor) and implement
@@ -41,9 +41,8 @@ class ShardWorker(ABC):
     kind: str
     store: OutputStore
 
-    @abstractmethod
     def process_shard(self, shard: str, docs: pa.Table) -> tuple[pa.Table, dict]:
-        """Process one document shard.
+        """Process one document shard (what the default :meth:`produce_shard` writes).
 
         Args:
             shard: the shard's name (``documents/<shard>.parquet``).
@@ -53,7 +52,23 @@ class ShardWorker(ABC):
         Returns:
             ``(table, meta)``: the rows to write as ``<kind>/<shard>.parquet`` and the JSON
             metadata of its success marker (``seconds`` is added by the caller).
+
+        Raises:
+            NotImplementedError: a worker that overrides :meth:`produce_shard` instead.
         """
+        raise NotImplementedError(f"{type(self).__name__} implements neither process_shard nor produce_shard")
+
+    def produce_shard(self, shard: str, docs: pa.Table, started: float) -> dict:
+        """Write ``<kind>/<shard>`` and its success marker (the commit, written last) from
+        :meth:`process_shard`'s table; returns the marker's content (``n_rows``, ``seconds`` since
+        ``started`` (a ``time.perf_counter()`` value), :meth:`shard_meta` and the worker's meta).
+        Override it to stream a large shard in bounded memory."""
+        table, meta = self.process_shard(shard, docs)
+        meta["seconds"] = time.perf_counter() - started
+        meta["oom_splits"] = take_oom_events()
+        meta.update(self.shard_meta())
+        self.store.write_shard(self.kind, shard, table, meta)
+        return {"n_rows": table.num_rows, **meta}
 
     def shard_meta(self) -> dict:
         """Extra marker metadata of every shard this worker writes (default: none)."""
@@ -86,14 +101,9 @@ class ShardWorker(ABC):
             t0 = time.perf_counter()
             take_oom_events()  # count this shard's out-of-memory splits only
             docs = self.store.read_table(f"documents/{shard}.parquet")
-            table, meta = self.process_shard(shard, docs)
-            meta["seconds"] = time.perf_counter() - t0
-            meta["oom_splits"] = take_oom_events()
-            meta.update(self.shard_meta())
-            self.store.write_shard(self.kind, shard, table, meta)
-            meta = {"n_rows": table.num_rows, **meta}
+            meta = self.produce_shard(shard, docs, t0)
             log.info("%s: shard %s, %d documents, %d rows in %.1fs", self.kind, shard, docs.num_rows,
-                     table.num_rows, meta["seconds"])
+                     meta["n_rows"], meta["seconds"])
         row = {"shard": shard, "skipped": skipped, "n_docs": int(meta.get("n_docs", 0)),
                "n_rows": int(meta["n_rows"]), "seconds": float(meta.get("seconds", 0.0)),
                "oom_splits": int(meta.get("oom_splits", 0))}

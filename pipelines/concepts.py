@@ -25,7 +25,7 @@ from pipelines.console import say as _say
 from pipelines.report import write_concepts_table_and_report
 from raylens.concepts.topk_scan import merge_scans
 from raylens.config import ConceptJobConfig
-from raylens.io.schemas import IMPORTANCE_SCHEMA, importance_per_doc_schema, tensor_array
+from raylens.io.schemas import IMPORTANCE_SCHEMA, activation_width, importance_per_doc_schema, tensor_array
 from raylens.io.store import OutputStore
 from raylens.models.loading import model_task
 
@@ -88,7 +88,7 @@ def extract(store: OutputStore, cfg: ConceptJobConfig, shards: list[str]) -> dic
 
 def _d_model(store: OutputStore) -> int:
     first = store.shard_paths("activations")[0]
-    return int(pq.read_schema(first, filesystem=store.fs).field("activation").type.shape[0])
+    return activation_width(pq.read_schema(first, filesystem=store.fs))
 
 
 def _show_epochs(state: dict | None, shown: int) -> int:

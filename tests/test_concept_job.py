@@ -79,7 +79,7 @@ def test_outputs_exist_and_activations_are_tensors(job):
                 "concepts/metrics.parquet"):
         assert store.exists(rel), rel
     acts = _activations(store)
-    assert str(acts.schema.field("activation").type).startswith("extension<arrow.fixed_shape_tensor")
+    assert str(acts.schema.field("activation").type).startswith("extension<raylens.activation")
     assert len(store.done_shards("activations")) == 4
     docs = pads.dataset(store.shard_paths("documents")).to_table()
     assert docs.num_rows == 60 and len(set(docs["doc_id"].to_pylist())) == 60

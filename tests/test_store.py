@@ -4,6 +4,9 @@ shards and markers, resume, JSON, folders; on S3 every object is written once at
 
 from __future__ import annotations
 
+import logging
+import re
+
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pytest
@@ -71,3 +74,58 @@ def test_issues_table_schema_and_order():
         {"doc_id": 1, "stage": "attribute", "kind": "empty", "message": "Saliency: empty text"},
         {"doc_id": 3, "stage": "extract", "kind": "truncated", "message": "truncated to max_tokens=8"}]
     assert issues_table([]).num_rows == 0
+
+
+class _RequestLog(logging.Handler):
+    """The request lines the loopback S3 server (werkzeug) logs: ``"PUT /bucket/key?... HTTP/1.1"``."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        m = re.search(r'"([A-Z]+) (\S+) HTTP', record.getMessage())
+        if m:
+            self.lines.append(f"{m.group(1)} {m.group(2)}")
+
+
+def test_s3_streamed_shard_is_uploaded_once_per_file(s3_query):
+    """A streamed shard (two part files past max_file_bytes, and a held-out file) and its marker:
+    on the S3 server, each object is started once (one PutObject or one CreateMultipartUpload),
+    only at its final key, with no copy and no delete; the rows read back equal the rows written."""
+    from urllib.parse import unquote, urlsplit
+
+    store = OutputStore(f"s3://raylens-test/stream{s3_query}")
+    schema = pa.schema([pa.field("doc_id", pa.int64()), pa.field("x", pa.binary(4096))])
+    tables = [pa.table({"doc_id": pa.array(range(i * 300, i * 300 + 300), pa.int64()),
+                        "x": pa.array([bytes([i]) * 4096] * 300, pa.binary(4096))}, schema=schema) for i in range(3)]
+    log, logger = _RequestLog(), logging.getLogger("werkzeug")
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(log)
+    try:
+        train = store.shard_writer("acts", "shard-00000", schema, max_file_bytes=2 * 2**20)
+        held = store.shard_writer("acts_heldout", "shard-00000", schema)
+        for t in tables:
+            train.write(t)
+        held.write(tables[0].slice(0, 10))
+        files = train.close() + held.close()
+        store.commit_shard("acts", "shard-00000", files, {"n_rows": 900})
+    finally:
+        logger.removeHandler(log)
+        logger.setLevel(old_level)
+    assert files == ["acts/shard-00000.parquet", "acts/shard-00000-part0001.parquet", "acts_heldout/shard-00000.parquet"]
+    starts: dict[str, int] = {}
+    for line in log.lines:
+        method, url = line.split(" ", 1)
+        parts = urlsplit(url)
+        key = unquote(parts.path).split("/stream/", 1)[-1]
+        assert method != "DELETE", line
+        if parts.path.endswith("/") or method not in ("PUT", "POST"):
+            continue  # folder markers, reads, listings
+        if (method == "PUT" and not parts.query) or (method == "POST" and parts.query == "uploads"):
+            starts[key] = starts.get(key, 0) + 1
+    assert starts == {f: 1 for f in files + ["acts/_success/shard-00000.json"]}, starts
+    assert store.shard_files("acts", "shard-00000", "acts_heldout") == ["acts_heldout/shard-00000.parquet"]
+    back = pa.Table.from_batches(list(store.iter_shard_batches("acts")))
+    assert back.to_pylist() == pa.concat_tables(tables).to_pylist()

@@ -20,8 +20,23 @@ class ExtractionConfig(Section):
     granularity: str = Field("token", description=f"one of {GRANULARITIES}")
     max_tokens: int = Field(128, gt=0, description="longer documents are truncated (recorded)")
     batch_size: int = Field(16, gt=0, description="documents per forward pass")
-    activation_dtype: Literal["float16", "float32"] = "float16"
+    activation_dtype: Literal["float16", "bfloat16", "float32"] = Field(
+        "float16", description="storage of the activations: float16 (values beyond 65,504 become inf, recorded), "
+                               "bfloat16 (a bf16 model's values bit for bit) or float32")
     shard_size: int = Field(50, gt=0, description="documents per output shard (unit of resume)")
+    max_host_bytes: int = Field(
+        512 * 2**20, gt=0, description="bytes of activation rows an extraction worker holds at once (pooled float32, "
+                                       "the stored copy, the row group being written): rows are streamed to the "
+                                       "shard file in row groups of about this size; peak host RAM is about the "
+                                       "runtime + the weights when on CPU + the forward batch + this")
+    max_file_bytes: int = Field(
+        2**30, gt=0, description="an activation file rolls over to a new part file past this many bytes "
+                                 "(shard-00000-part0001.parquet...; the shard's marker lists them)")
+    max_rows_per_document: int | None = Field(
+        None, gt=0, description="keep at most this many unit rows per document, drawn without replacement "
+                                "(seeded by `seed` and the doc_id); null = all")
+    row_sampling_rate: float = Field(
+        1.0, gt=0.0, le=1.0, description="keep each unit row with this probability (seeded by `seed` and the doc_id)")
     exclude_first_tokens: int = Field(
         1, ge=0, description="leave out the first token positions (the attention sink of decoders)")
 
@@ -200,6 +215,16 @@ class ConceptJobConfig(Section):
             raise method_params_error("concepts", "", exc) from None
 
     def extraction_key(self) -> dict[str, Any]:
-        """The fields that determine the documents and activation shards (must match on resume)."""
-        return {"model": self.model.model_dump(), "corpus": self.corpus.model_dump(),
-                "extraction": {k: v for k, v in self.extraction.model_dump().items() if k != "batch_size"}}
+        """The fields that determine the documents and activation shards (must match on resume;
+        a dict of sections, each a dict of fields):
+        the model, the corpus, the extraction section except what only changes memory or speed
+        (``batch_size``, ``max_host_bytes``, ``max_file_bytes``), ``concepts.heldout_fraction``
+        (held-out rows are split off at extraction) and, with token sampling, ``seed``."""
+        ex = self.extraction
+        key = {"model": self.model.model_dump(), "corpus": self.corpus.model_dump(),
+               "extraction": {k: v for k, v in ex.model_dump().items()
+                              if k not in ("batch_size", "max_host_bytes", "max_file_bytes")},
+               "concepts": {"heldout_fraction": self.concepts.heldout_fraction}}
+        if ex.max_rows_per_document is not None or ex.row_sampling_rate < 1.0:
+            key["sampling"] = {"seed": self.seed}
+        return key

@@ -8,14 +8,15 @@ Estimates and where their constants come from:
   the embeddings and the blocks up to the split only (:func:`raylens.models.split.load_split_model`);
   importance and vocabulary projection load the whole model (sharded over ``gpus_per_worker``).
 * activation rows: counted exactly on a seeded sample of the corpus (tokenised, truncated to
-  ``extraction.max_tokens``) and scaled to the document count; bytes on disk are the payload
-  (rows x d_model x 2 or 4 bytes, Parquet's zstd saves about 8% on activations, DESIGN.md) plus
-  the per-row columns.
+  ``extraction.max_tokens``), scaled to the document count and, with token sampling
+  (``extraction.max_rows_per_document``, ``row_sampling_rate``), to the rows kept; bytes on disk
+  are the payload (rows x d_model x 2 or 4 bytes, stored uncompressed: ``bench/activation_io.py``)
+  plus the per-row columns.
 * host RAM of an extraction worker: :data:`RUNTIME_BYTES` (Python, torch, transformers, nnsight
   and the first forward's allocator pools: about 0.8 GiB measured on the 2-core CPU machine with
-  SmolLM2, bench/extraction_results.txt) + the weights when they live on the CPU + the shard's rows
-  at :data:`HOST_BYTES_PER_ELEMENT` bytes per activation value (10-18 measured there: float32 per
-  document, a concatenation, a float16 copy and the Arrow table).
+  SmolLM2, bench/extraction_results.txt) + the weights and one batch's working set when they live
+  on the CPU + one extraction window (:func:`raylens.models.split.window_rows`: at most
+  ``extraction.max_host_bytes``, fewer rows when the shard is smaller) + :data:`ALLOCATOR_SLACK_BYTES`.
 * GPU memory of extraction: weights + one batch's working set (hidden states, attention scores
   and the MLP's intermediate activations of one block) + :data:`CUDA_CONTEXT_BYTES`.
 * times: model FLOPs (2 x parameters per token through the blocks, plus attention) over a
@@ -32,16 +33,18 @@ from typing import Any
 
 #: Host memory of a worker before its shard's rows: interpreter, libraries, allocator pools (bytes).
 RUNTIME_BYTES = 0.8 * 2**30
-#: Host bytes held per activation value of a shard during extraction (measured 10-18).
-HOST_BYTES_PER_ELEMENT = 14.0
+#: Host memory the allocators (glibc, torch, tokenizers) keep growing during the first few hundred
+#: documents of streamed extraction beyond one window (30 MiB measured with 1 MiB windows, 70-86 MiB
+#: with 16 MiB windows of SmolLM2 rows: tests/test_activation_storage.py; not understood in detail).
+ALLOCATOR_SLACK_BYTES = 96 * 2**20
 #: CUDA context and caching-allocator slack of one process on one GPU (bytes).
 CUDA_CONTEXT_BYTES = 0.6 * 2**30
 #: CPU extraction throughput measured by bench/extraction.py (FLOP/s, SmolLM2 on 2 cores).
 CPU_FLOPS = 0.13e12
 #: Assumed GPU throughput until bench/gpu.py measures one (FLOP/s: 40% of an H100's dense bf16).
 GPU_FLOPS = 0.4 * 989e12
-#: Parquet zstd on activation values keeps about this share of the bytes (DESIGN.md).
-ZSTD_KEEP = 0.92
+#: Share of the activation payload on disk: the column is stored uncompressed (raylens.io.schemas).
+ACTIVATION_DISK_KEEP = 1.0
 #: Bytes per row of the columns beside the activation, plus the row's text (mean chars added).
 ROW_COLUMN_BYTES = 48
 
@@ -109,6 +112,12 @@ def _corpus_numbers(cfg: Any, sample_docs: int, *, max_tokens: int, exclude_firs
             "text_chars_per_row": float(np.mean([len(t) for t in texts]) / max(rows, 1.0)) if texts else 0.0}
 
 
+def _kept_rows_per_doc(rows_per_doc: float, ex: Any) -> float:
+    """Rows per document after token sampling (``row_sampling_rate``, then ``max_rows_per_document``)."""
+    kept = rows_per_doc * ex.row_sampling_rate
+    return min(kept, ex.max_rows_per_document) if ex.max_rows_per_document is not None else kept
+
+
 def _count_documents(corpus: Any) -> int:
     """Rows of the corpus: from the Parquet footers (or one CSV scan) for a file, folder or URI;
     by streaming it otherwise (built-ins, JSON lines, ``datasets`` names)."""
@@ -141,22 +150,26 @@ def plan_concept_job(cfg: Any, *, sample_docs: int = 200) -> dict[str, Any]:
     Raises:
         ConfigError: through :func:`raylens.config.preflight.check_model` for a bad model or split.
     """
+    from raylens.models.split import POOLED_BYTES_PER_VALUE, ROW_OVERHEAD_BYTES, window_rows
+
     ex, res = cfg.extraction, cfg.resources
     m = _model_numbers(cfg.model.name, cfg.model.task, ex.split_point, cfg.model.dtype)
     c = _corpus_numbers(cfg, sample_docs, max_tokens=ex.max_tokens, exclude_first_tokens=ex.exclude_first_tokens,
                         granularity=ex.granularity)
     value_bytes = _DTYPE_BYTES[ex.activation_dtype]
-    rows = c["n_docs"] * c["rows_per_doc"]
+    rows = c["n_docs"] * _kept_rows_per_doc(c["rows_per_doc"], ex)
     payload = rows * m["d_model"] * value_bytes
-    on_disk = payload * ZSTD_KEEP + rows * (ROW_COLUMN_BYTES + c["text_chars_per_row"])
+    on_disk = payload * ACTIVATION_DISK_KEEP + rows * (ROW_COLUMN_BYTES + c["text_chars_per_row"])
     n_shards = math.ceil(c["n_docs"] / ex.shard_size)
-    shard_rows = min(ex.shard_size, c["n_docs"]) * c["rows_per_doc"]
+    shard_rows = min(ex.shard_size, c["n_docs"]) * _kept_rows_per_doc(c["rows_per_doc"], ex)
     on_gpu = res.gpus_per_worker > 0
     w_extract = m["params_extraction"] * m["bytes_per_param"]
     w_full = m["params_total"] * m["bytes_per_param"]
     length = min(ex.max_tokens, max(1, c["max_tokens_seen"]))
     working = _batch_working_set(m, ex.batch_size, length, m["bytes_per_param"] if on_gpu else 4)
-    host = RUNTIME_BYTES + (0 if on_gpu else w_extract + working) + shard_rows * m["d_model"] * HOST_BYTES_PER_ELEMENT
+    window = min(shard_rows, window_rows(ex.max_host_bytes, m["d_model"], ex.activation_dtype))
+    host = RUNTIME_BYTES + (0 if on_gpu else w_extract + working) + ALLOCATOR_SLACK_BYTES \
+        + window * (m["d_model"] * (POOLED_BYTES_PER_VALUE + 3 * value_bytes) + ROW_OVERHEAD_BYTES)
     tokens = c["n_docs"] * c["tokens_per_doc"]
     flops_extract = 2 * m["params_per_token"] * tokens
     n_gpus = max(1, res.num_workers * math.ceil(res.gpus_per_worker)) if on_gpu else 0

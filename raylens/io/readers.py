@@ -14,6 +14,8 @@ in ``activations/`` and :func:`heldout_mask` (a hash of the document id) splits 
 
 from __future__ import annotations
 
+import posixpath
+
 import queue
 import threading
 from collections import deque
@@ -65,7 +67,8 @@ def split_paths(store: OutputStore, split: str, kind: str = "activations") -> tu
     main = store.shard_paths(kind)
     if kind != "activations" or not store.exists(HELDOUT_KIND):
         return main, split != "all"
-    held = [store.path(HELDOUT_KIND, f"{s}.parquet") for s in store.done_shards(kind)]
+    held = [store.path(f) for s in store.done_shards(kind)  # the files its marker lists, else <shard>.parquet
+            for f in store.shard_files(kind, s, HELDOUT_KIND) or [posixpath.join(HELDOUT_KIND, f"{s}.parquet")]]
     held = [p for p in held if store.fs.get_file_info(p).size]  # a shard may hold no held-out document
     return {"train": main, "heldout": held, "all": main + held}[split], False
 

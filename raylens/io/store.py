@@ -5,7 +5,9 @@ Layout under the output URI (a local path or any pyarrow filesystem URI such as 
     config.json                     the resolved job config
     documents/shard-00000.parquet   corpus rows (doc_id, text, label) of shard 0
     activations/shard-00000.parquet activations of shard 0 (schema in raylens.io.schemas)
-    activations/_success/shard-00000.json   marker: written last, holds the row count
+    activations/_success/shard-00000.json   marker: written last, holds the row count and files
+    activations/shard-00000-part0001.parquet   more files of a shard past ``max_file_bytes``
+    activations_heldout/shard-00000.parquet    held-out documents' rows (committed by the marker above)
     concept_model/                  model.safetensors + config.json
     concepts/*.parquet              per-concept tables; report.html
 
@@ -16,10 +18,18 @@ into place (a rename is atomic there); on an object store (``s3://``...) each ob
 written once, at its final key: an upload becomes visible only when it completes, and a rename
 would be a server-side copy of the whole object (refused above 5 GiB on S3). pyarrow's dataset
 readers ignore names starting with ``_`` or ``.``, so markers and temporaries never leak into reads.
+
+Large shards are streamed (:class:`ShardFileWriter`): row groups go to a
+``pyarrow.parquet.ParquetWriter`` opened at the staging path (the final key on an object store:
+one multipart upload, never a copy), rolling over to a new part file past ``max_file_bytes``;
+:meth:`OutputStore.commit_shard` moves the files into place and writes the marker listing them.
+A file left half-written by a killed worker has no marker: readers never see it, and the rerun
+writes the same key again (overwriting it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
@@ -126,6 +136,27 @@ class OutputStore:
         self.write_table(posixpath.join(kind, f"{shard}.parquet"), table)
         self.write_json(self.marker(kind, shard), {"n_rows": table.num_rows, **(meta or {})})
 
+    def shard_writer(self, folder: str, shard: str, schema: pa.Schema, *, max_file_bytes: int | None = None,
+                     parquet_options: dict | None = None) -> "ShardFileWriter":
+        """A :class:`ShardFileWriter` streaming ``folder/<shard>.parquet`` (and its parts)."""
+        return ShardFileWriter(self, folder, shard, schema, max_file_bytes=max_file_bytes,
+                               parquet_options=parquet_options)
+
+    def commit_shard(self, kind: str, shard: str, files: list[str], meta: dict) -> None:
+        """Commit streamed files (relative paths from :meth:`ShardFileWriter.close`, any folder)
+        with one marker ``kind/_success/<shard>.json`` holding ``files`` and ``meta``: the marker is
+        the only commit point (a crash before it leaves nothing a reader sees)."""
+        self.write_json(self.marker(kind, shard), {**meta, "files": list(files)})
+
+    def shard_files(self, kind: str, shard: str, folder: str | None = None) -> list[str]:
+        """Relative paths of the files of a finished shard that lie in ``folder`` (default ``kind``):
+        those its marker lists, else ``<folder>/<shard>.parquet`` (markers of a single file)."""
+        folder = folder or kind
+        files = self.shard_meta(kind, shard).get("files")
+        if files is None:
+            return [posixpath.join(folder, f"{shard}.parquet")] if folder == kind else []
+        return [f for f in files if posixpath.dirname(f) == folder]
+
     def done_shards(self, kind: str) -> list[str]:
         """Sorted ids of the marked (finished) shards of ``kind``."""
         sel = pafs.FileSelector(self.path(kind, "_success"), allow_not_found=True)
@@ -135,15 +166,18 @@ class OutputStore:
     def shard_meta(self, kind: str, shard: str) -> dict:
         return self.read_json(self.marker(kind, shard))
 
-    def shard_paths(self, kind: str) -> list[str]:
-        """Filesystem paths of the finished shard files of ``kind`` (unfinished ones excluded)."""
-        return [self.path(kind, f"{s}.parquet") for s in self.done_shards(kind)]
+    def shard_paths(self, kind: str, folder: str | None = None) -> list[str]:
+        """Filesystem paths of the files of the finished shards of ``kind`` lying in ``folder``
+        (default ``kind``; e.g. ``shard_paths("activations", "activations_heldout")``), in shard
+        then part order; unfinished shards are excluded."""
+        return [self.path(f) for s in self.done_shards(kind) for f in self.shard_files(kind, s, folder)]
 
     def iter_shard_batches(
-        self, kind: str, *, columns: list[str] | None = None, batch_rows: int = 4096
+        self, kind: str, *, columns: list[str] | None = None, batch_rows: int = 4096, folder: str | None = None,
     ) -> Iterator[pa.RecordBatch]:
-        """Stream record batches over the finished shards of ``kind``, in shard order."""
-        for p in self.shard_paths(kind):
+        """Stream record batches over the finished shards of ``kind`` (their files in ``folder``,
+        default ``kind``), in shard order."""
+        for p in self.shard_paths(kind, folder):
             pf = pq.ParquetFile(p, filesystem=self.fs)
             yield from pf.iter_batches(batch_size=batch_rows, columns=columns)
 
@@ -171,3 +205,72 @@ class OutputStore:
         elif info.type == pafs.FileType.File:
             self.fs.delete_file(self.path(rel))
 
+
+
+class ShardFileWriter:
+    """Streams one shard's rows into Parquet files under ``folder``, row group by row group, in
+    bounded memory: ``<shard>.parquet``, then ``<shard>-part0001.parquet``... each time a file
+    passes ``max_file_bytes`` of Arrow data. Files go to :meth:`OutputStore.staging_path`
+    (the final key on an object store); nothing is visible to readers before the caller's
+    :meth:`OutputStore.commit_shard`. Always writes at least the first file (empty if no rows),
+    so a folder's shard set matches the marked shards.
+
+    Args:
+        store: the output store.
+        folder: relative folder (``"activations"``, ``"activations_heldout"``).
+        shard: shard name.
+        schema: the files' schema.
+        max_file_bytes: roll over to a new part past this many bytes (``None`` = one file).
+        parquet_options: ``ParquetWriter`` keyword arguments (default zstd).
+    """
+
+    def __init__(self, store: OutputStore, folder: str, shard: str, schema: pa.Schema, *,
+                 max_file_bytes: int | None = None, parquet_options: dict | None = None):
+        self.store, self.folder, self.shard, self.schema = store, folder, shard, schema
+        self.max_file_bytes, self.parquet_options = max_file_bytes, parquet_options
+        self.n_rows = 0
+        self._staged: list[tuple[str, str]] = []  # (staging path, relative path)
+        self._writer: pq.ParquetWriter | None = None
+        self._bytes = 0
+
+    def _open(self) -> None:
+        part = len(self._staged)
+        rel = posixpath.join(self.folder, f"{self.shard}.parquet" if part == 0 else f"{self.shard}-part{part:04d}.parquet")
+        staged = self.store.staging_path(rel)
+        self._writer = pq.ParquetWriter(staged, self.schema, filesystem=self.store.fs,
+                                        **(self.parquet_options or {"compression": "zstd"}))
+        self._staged.append((staged, rel))
+        self._bytes = 0
+
+    def write(self, table: pa.Table) -> None:
+        """Append ``table`` (``schema``) as one row group (several past a million rows)."""
+        if self._writer is None or (self.max_file_bytes is not None and self._bytes >= self.max_file_bytes):
+            if self._writer is not None:
+                self._writer.close()
+            self._open()
+        if table.num_rows:
+            self._writer.write_table(table)
+            self._bytes += table.nbytes
+            self.n_rows += table.num_rows
+
+    def close(self) -> list[str]:
+        """Finish the files and move them into place (still unmarked); their relative paths."""
+        if self._writer is None:
+            self._open()
+        self._writer.close()
+        self._writer = None
+        for staged, rel in self._staged:
+            self.store.commit(staged, rel)
+        return [rel for _, rel in self._staged]
+
+    def abort(self) -> None:
+        """Close without committing; local temporaries are removed (a half object on an object
+        store stays unmarked and is overwritten by the rerun)."""
+        if self._writer is not None:
+            with contextlib.suppress(Exception):
+                self._writer.close()
+            self._writer = None
+        if self.store.is_local:
+            for staged, _ in self._staged:
+                with contextlib.suppress(FileNotFoundError):
+                    self.store.fs.delete_file(staged)

@@ -60,8 +60,11 @@ def scan_shard(config: dict, shard: str) -> ScanPartial:
     trainer = ConceptTrainer(config)
     device = "cuda" if assigned_gpus() and torch.cuda.is_available() else "cpu"
     model = load_concept_model(trainer.store.download_dir("concept_model"), device=device)
-    paths = [trainer.store.path(kind, f"{shard}.parquet") for kind in ("activations", HELDOUT_KIND)]
-    paths = [p for p in paths if trainer.store.fs.get_file_info(p).size]
+    store = trainer.store  # the shard's files as its marker lists them (part files, held-out rows)
+    paths = [store.path(f) for folder in ("activations", HELDOUT_KIND)
+             for f in store.shard_files("activations", shard, folder)
+             or ([f"{folder}/{shard}.parquet"] if folder == HELDOUT_KIND else [])]
+    paths = [p for p in paths if store.fs.get_file_info(p).size]
     return scan_partial(model, scan_batches(trainer.store, paths), **scan_settings(trainer.cfg), device=device)
 
 

@@ -18,6 +18,7 @@ from actors.model_worker import ModelWorker
 from raylens.config import ConceptJobConfig
 from raylens.io.readers import heldout_mask
 from raylens.io.schemas import activation_parquet_options, activations_schema
+from raylens.models.batching import take_oom_events
 from raylens.models.loading import LoadedModel, model_task
 from raylens.models.split import RowSampling, SplitModel, load_split_model, window_rows
 
@@ -97,7 +98,7 @@ class ConceptModelWorker(ModelWorker):
         meta = {"n_rows": writers["train"].n_rows, "n_heldout_rows": writers["heldout"].n_rows if held > 0 else 0,
                 "n_docs": docs.num_rows, "n_tokens": n_tokens, "issues": issues,
                 "sampling": dataclasses.asdict(sampling) if sampling else None, "write_seconds": write_s,
-                "seconds": time.perf_counter() - started, **self.shard_meta()}
+                "seconds": time.perf_counter() - started, "oom_splits": take_oom_events(), **self.shard_meta()}
         self.store.commit_shard(self.kind, shard, files, meta)
         return meta
 

@@ -138,3 +138,22 @@ def test_attribution_worker_marker_counts_the_splits_and_rows_are_unchanged(tmp_
                 assert a[k] == b[k], k
                 continue
             np.testing.assert_allclose(np.asarray(b[k], dtype=float), want, rtol=1e-5, atol=1e-5, err_msg=k)
+
+
+@pytest.mark.parametrize("granularity", ["token", "cls"])
+def test_extraction_batches_split_on_oom_give_the_same_activations(clf, hook, granularity):
+    """The concept job's extraction forward (`SplitModel.pooled_activations`): batches of 4
+    documents with the hook at 1 split 4 -> 2 + 2 -> 1 + 1 + 1 + 1; the rows and the classifier's
+    predicted classes are those of the unsplit run."""
+    from raylens.io.schemas import tensor_column_to_numpy
+    from raylens.models.split import SplitModel
+
+    split = SplitModel(clf, 3)
+    kw = {"granularity": granularity, "batch_size": 4, "max_tokens": 32, "dtype": "float32"}
+    ref, _ = split.extract(TEXTS, [0, 1, 2, 3], **kw)
+    hook(1)
+    got, _ = split.extract(TEXTS, [0, 1, 2, 3], **kw)
+    assert take_oom_events() == 3
+    assert got.drop_columns(["activation"]).equals(ref.drop_columns(["activation"]))
+    np.testing.assert_allclose(tensor_column_to_numpy(got["activation"]), tensor_column_to_numpy(ref["activation"]),
+                               rtol=1e-4, atol=1e-5)

@@ -30,6 +30,7 @@ import pyarrow as pa
 import torch
 
 from raylens.io.schemas import activation_array, activations_schema
+from raylens.models.batching import split_on_oom
 from raylens.models.loading import LoadedModel, load_model, meta_model
 from raylens.text import TEXT_UNITS, group_tokens
 
@@ -407,19 +408,19 @@ class SplitModel:
         values = torch.empty((int(starts[-1]), self.d_model), dtype=torch.float32, device=self.loaded.device)
         predicted: list[int | None] = [None] * len(encoded)
         todo = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
-        for b in range(0, len(todo), batch_size):
-            idx = todo[b: b + batch_size]
+        def forward(idx: Sequence[int]) -> tuple[Sequence[int], torch.Tensor, torch.Tensor | None]:
             ids, mask = self.pad([encoded[i] for i in idx])
-            if predict:
-                h, pred = self.hidden_and_prediction(ids, mask)
-                for row, i in enumerate(idx):
+            h, pred = self.hidden_and_prediction(ids, mask) if predict else (self.hidden(ids, mask), None)
+            return idx, pool_units(h, [tokens[i] for i in idx]), pred
+
+        for b in range(0, len(todo), batch_size):  # a batch too large for the device is split and retried
+            for idx, pooled, pred in split_on_oom(forward, todo[b: b + batch_size], what="extraction batch"):
+                for row, i in enumerate(idx if pred is not None else ()):
                     predicted[i] = int(pred[row])
-            else:
-                h = self.hidden(ids, mask)
-            dest = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in idx])
-            values[torch.from_numpy(dest).to(values.device)] = pool_units(h, [tokens[i] for i in idx])
+                dest = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in idx])
+                values[torch.from_numpy(dest).to(values.device)] = pooled
             if progress is not None:
-                progress(len(idx))
+                progress(len(todo[b: b + batch_size]))
         return values, predicted
 
     def activation_table(self, row_docs: np.ndarray, units: Sequence[Sequence[tuple[int, Unit]]],

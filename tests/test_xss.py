@@ -11,6 +11,7 @@ import pytest
 
 from raylens.viz.attributions import attribution_html, save_attribution_html
 from raylens.viz.gallery import render_gallery
+from raylens.viz.network import render_network_report
 from raylens.viz.issues import issues_html
 from raylens.viz.report import render_concept_report
 from tests.test_attribution_view import make_output
@@ -99,6 +100,25 @@ def test_issues_section_counts_by_stage_and_kind_and_lists_the_first_rows():
     assert "None recorded" in issues_html([]) and issues_html(None) == issues_html([])
 
 
+def _network_report() -> str:
+    """The network job's report with a payload as every token string, lens name, head role,
+    document id, summary value and the title."""
+    n = len(PAYLOADS)
+    rows = [{"lens": "logit", "layer": la, "position": p, "token_id": p, "next_token_id": (p + 1) % n,
+             "kl_to_final": 0.5 * la, "top1_token_id": (p + 2) % n, "top1_agrees": la == 1, "rank_final": 1 - la,
+             "rank_next": 4} for la in (0, 1) for p in range(n)]
+    curves = [{"lens": PAYLOADS[la], "layer": la, "kl_q25": 1.0, "kl_q50": 2.0, "kl_q75": 3.0,
+               "top1_agreement": 0.5, "mean_rank_next": 10.0, "n_tokens": 2} for la in (0, 1)]
+    stability = [{"layer": 0, "head": h, "role": PAYLOADS[h], "agreement": 1.0} for h in range(3)]
+    roles = [{"layer": 0, "head": h, "seed": 0, "role": PAYLOADS[h]} for h in range(3)]
+    return render_network_report(rows, curves, stability, roles, token_strings=dict(enumerate(PAYLOADS)),
+                                 doc_id=PAYLOADS[3], title=PAYLOADS[6], summary={PAYLOADS[4]: PAYLOADS[5]})
+
+
+def test_network_report_holds_no_payload_verbatim():
+    assert_escaped(_network_report())
+
+
 # ------------------------------------------------------------------ slow: in a browser
 @pytest.fixture(scope="module")
 def chromium(tmp_path_factory):
@@ -144,3 +164,11 @@ def test_the_check_catches_each_payload_left_unescaped(chromium, tmp_path):
         except AssertionError:
             caught.append(i)
     assert caught == [i for i, p in enumerate(PAYLOADS) if not p.startswith("{{")]
+
+
+@pytest.mark.slow
+def test_network_report_is_inert_in_chromium(chromium, tmp_path):
+    path = tmp_path / "network.html"
+    path.write_text(_network_report(), encoding="utf-8")
+    seen = check_inert(chromium, path, visible=[PAYLOADS[6]], own={"svg": 3})  # its three charts
+    assert seen["title"] == PAYLOADS[6]

@@ -153,6 +153,10 @@ def test_key_in_the_config_body_is_refused_without_echoing_it(tmp_path):
         assert KEY not in str(err.value) and "api_key_file" in str(err.value)
     with pytest.raises(ConfigError, match="interpretation.labels.api_key_file"):
         load_config(None, {"interpretation.labels.api_key_file": str(tmp_path / "missing")})
+    for over in ({"api_key": KEY}, {"model.api_key": KEY}):  # where no field reads it: an unknown key
+        with pytest.raises(ConfigError, match="Extra inputs are not permitted") as err:
+            load_config(None, over)
+        assert KEY not in str(err.value)
 
 
 def test_key_comes_from_the_file_or_the_environment(tmp_path, monkeypatch):

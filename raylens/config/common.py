@@ -61,11 +61,14 @@ class ConfigError(ValueError):
 
 def format_validation_error(err: ValidationError) -> str:
     """``invalid config: <dotted.path>: <message> (got <value>)``: one line for one bad field,
-    one indented line per field after a first ``invalid config:`` line for several."""
+    one indented line per field after a first ``invalid config:`` line for several. The value of
+    an unknown key is not shown (it may be a secret put where no field reads it, e.g. a
+    top-level ``api_key``)."""
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(root)"
-        lines.append(f"{loc}: {e['msg']}" + (f" (got {e['input']!r})" if e["type"] != "missing" else ""))
+        shown = e["type"] not in ("missing", "extra_forbidden")
+        lines.append(f"{loc}: {e['msg']}" + (f" (got {e['input']!r})" if shown else ""))
     return field_error(*lines)
 
 

@@ -68,7 +68,13 @@ def job(tmp_path_factory, ray_session, llm_server):
 
 
 def _activations(store):
-    return pads.dataset(store.shard_paths("activations")).to_table()
+    """Every stored activation row: the training rows and the held-out documents' rows
+    (`activations_heldout/`), which the top examples are found among too."""
+    from raylens.io.readers import split_paths
+
+    paths, _ = split_paths(store, "all")
+    assert any("activations_heldout" in p for p in paths)  # the held-out split is made at extraction
+    return pads.dataset(paths).to_table()
 
 
 def test_outputs_exist_and_activations_are_tensors(job):

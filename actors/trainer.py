@@ -24,7 +24,7 @@ from actors.model_worker import assigned_gpus
 from raylens.concepts.models import build_concept_model, load_concept_model
 from raylens.io.schemas import METRICS_SCHEMA
 from raylens.config import ConceptJobConfig
-from raylens.io.readers import HELDOUT_KIND, ActivationStream, split_paths
+from raylens.io.readers import ActivationStream, heldout_paths, split_paths
 from raylens.io.store import OutputStore
 
 log = logging.getLogger(__name__)
@@ -60,11 +60,8 @@ def scan_shard(config: dict, shard: str) -> ScanPartial:
     trainer = ConceptTrainer(config)
     device = "cuda" if assigned_gpus() and torch.cuda.is_available() else "cpu"
     model = load_concept_model(trainer.store.download_dir("concept_model"), device=device)
-    store = trainer.store  # the shard's files as its marker lists them (part files, held-out rows)
-    paths = [store.path(f) for folder in ("activations", HELDOUT_KIND)
-             for f in store.shard_files("activations", shard, folder)
-             or ([f"{folder}/{shard}.parquet"] if folder == HELDOUT_KIND else [])]
-    paths = [p for p in paths if store.fs.get_file_info(p).size]
+    store = trainer.store  # the shard's files as its marker lists them (part files), then its held-out rows
+    paths = [store.path(f) for f in store.shard_files("activations", shard)] + heldout_paths(store, shard)
     return scan_partial(model, scan_batches(trainer.store, paths), **scan_settings(trainer.cfg), device=device)
 
 

@@ -46,6 +46,14 @@ def heldout_mask(doc_ids: np.ndarray, fraction: float) -> np.ndarray:
     return h < np.uint64(int(fraction * (1 << 32)))
 
 
+def heldout_paths(store: OutputStore, shard: str, kind: str = "activations") -> list[str]:
+    """Filesystem paths of one finished shard's held-out files: those its marker lists in
+    :data:`HELDOUT_KIND`, else ``activations_heldout/<shard>.parquet`` (markers of one file each);
+    only files that exist and are not empty (a shard may hold no held-out document)."""
+    files = store.shard_files(kind, shard, HELDOUT_KIND) or [posixpath.join(HELDOUT_KIND, f"{shard}.parquet")]
+    return [p for p in map(store.path, files) if store.fs.get_file_info(p).size]
+
+
 def split_paths(store: OutputStore, split: str, kind: str = "activations") -> tuple[list[str], bool]:
     """The shard files a split reads, and whether rows must still be filtered by :func:`heldout_mask`.
 
@@ -67,9 +75,7 @@ def split_paths(store: OutputStore, split: str, kind: str = "activations") -> tu
     main = store.shard_paths(kind)
     if kind != "activations" or not store.exists(HELDOUT_KIND):
         return main, split != "all"
-    held = [store.path(f) for s in store.done_shards(kind)  # the files its marker lists, else <shard>.parquet
-            for f in store.shard_files(kind, s, HELDOUT_KIND) or [posixpath.join(HELDOUT_KIND, f"{s}.parquet")]]
-    held = [p for p in held if store.fs.get_file_info(p).size]  # a shard may hold no held-out document
+    held = [p for s in store.done_shards(kind) for p in heldout_paths(store, s, kind)]
     return {"train": main, "heldout": held, "all": main + held}[split], False
 
 
@@ -250,4 +256,4 @@ class ActivationStream:
             yield torch.from_numpy(np.concatenate(pending))
 
 
-__all__ = ["HELDOUT_KIND", "ActivationStream", "background", "heldout_mask", "split_paths"]
+__all__ = ["HELDOUT_KIND", "ActivationStream", "background", "heldout_mask", "heldout_paths", "split_paths"]

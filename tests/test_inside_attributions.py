@@ -155,6 +155,31 @@ def test_attnlrp_conserves_relevance_smollm2(smollm):
                 assert total == pytest.approx(logit, rel=0.05)
 
 
+def test_attnlrp_softmax_rule_accounting_smollm2(smollm):
+    """Bias-free SmolLM2 with the paper's softmax rule: token relevances + the relevance each
+    softmax's Taylor rule absorbs (its bias, recorded per call in the ledger) = the explained
+    logit. Every other rule (epsilon on linear maps and RoPE, identity on SiLU and the RMSNorm
+    with its variance held, uniform on q k^T, A v and the gated MLP) conserves, so a leak anywhere
+    else breaks this equality; the absorbed share is printed."""
+    m, tok = smollm.model, smollm.tokenizer
+    for text, target in [(PARIS, " Paris"), (REVIEW, " was")]:
+        ids = tok(text, return_tensors="pt").input_ids
+        token = tok(target, add_special_tokens=False).input_ids[0]
+        ledger: list[torch.Tensor] = []
+        with torch.enable_grad(), lrp_rules(m, "softmax", ledger=ledger):
+            x = m.get_input_embeddings()(ids).detach().requires_grad_(True)
+            score = m(inputs_embeds=x).logits[0, -1, token]
+            (grad,) = torch.autograd.grad(score, x)
+        score = score.detach()
+        inputs, absorbed = float((x * grad).double().sum()), float(sum(ledger))
+        assert len(ledger) == 2 * m.config.num_hidden_layers  # into and out of every layer's softmax
+        print(f"SmolLM2 softmax rule: inputs {inputs:.3f} + softmax bias {absorbed:.3f} = {inputs + absorbed:.3f}"
+              f"  logit {float(score):.3f}")
+        assert inputs + absorbed == pytest.approx(float(score), rel=1e-3)
+        method = AttnLRP(smollm, granularity="token", include_special_tokens=True)(text, targets=target)[0]
+        assert float(method.scores.sum()) == pytest.approx(inputs, rel=1e-3, abs=1e-3)
+
+
 def test_attnlrp_relevance_accounting_classifier(classifier):
     """MiniLM classifier (biases everywhere): token relevances + the relevance every bias absorbs
     (``b * g`` at each Linear and LayerNorm output) = the explained logit (CP rule), and the

@@ -156,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=int, nargs=3, default=[5000, 15000, 45000], help="sentences, three sizes")
     p.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray")
+    p.add_argument("--base", type=int, default=1000,
+                   help="sentences of a first, small run whose times are each stage's fixed cost (start-up)")
     args = p.parse_args(argv)
     import ray
 
@@ -169,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
         try:
             results = {n: run_size(model, corpus, n, tmp / f"out-{n}", cpus_per_worker=args.cpus)
-                       for n in args.sizes}
+                       for n in [args.base, *args.sizes]}
         finally:
             ray.shutdown()
     say("")
@@ -179,6 +181,16 @@ def main(argv: list[str] | None = None) -> int:
         rates = [results[n]["stages"][stage][1] / max(results[n]["stages"][stage][0], 1e-9) for n in args.sizes]
         print(f"{stage:<16}" + "".join(f"{r:>20,.0f}" for r in rates) + f"{rates[-1] / rates[0]:>18.2f}")
     print(f"{'rows':<16}" + "".join(f"{results[n]['rows']:>20,}" for n in args.sizes))
+    print()
+    base = results[args.base]
+    print(f"per-row rates without the fixed start-up: (rows - base rows) / (seconds - base seconds), "
+          f"base = the {args.base:,}-sentence run")
+    for stage in lo["stages"]:
+        t0, r0 = base["stages"][stage]
+        rates = [(results[n]["stages"][stage][1] - r0) / max(results[n]["stages"][stage][0] - t0, 1e-9)
+                 for n in args.sizes]
+        print(f"{stage:<16}" + "".join(f"{r:>20,.0f}" for r in rates) + f"{rates[-1] / rates[0]:>18.2f}")
+    print(f"{'fixed seconds':<16}" + "".join(f"{base['stages'][s][0]:>10.1f} {s[:9]:<9}" for s in lo["stages"]))
     print()
     print(f"{'peak RSS (MiB)':<16}" + "".join(f"{f'{n:,} docs':>20}" for n in args.sizes) + f"{'largest/smallest':>18}")
     for role in sorted(set().union(*(r["rss"] for r in results.values()))):

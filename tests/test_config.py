@@ -94,3 +94,37 @@ def test_jobs_exit_2_with_one_line_naming_the_field_before_ray(job, override, fi
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and field in err, err
     assert not (tmp_path / "out" / "logs").exists()  # stopped before the job's log and Ray
+
+
+def _field_paths(model, prefix: str = "") -> set[str]:
+    out: set[str] = set()
+    for name, field in model.model_fields.items():
+        sub = getattr(field.annotation, "model_fields", None)
+        out |= _field_paths(field.annotation, f"{prefix}{name}.") if sub is not None else {prefix + name}
+    return out
+
+
+def _yaml_paths(d: dict, prefix: str = "") -> set[str]:
+    out: set[str] = set()
+    for k, v in d.items():
+        nested = isinstance(v, dict) and v and k != "params"
+        out |= _yaml_paths(v, f"{prefix}{k}.") if nested else {prefix + k}
+    return out
+
+
+def test_default_yaml_lists_every_field_and_loads_to_the_defaults():
+    """The README sends users to configs/default.yaml for "every field": each field of the
+    concept job's config is there, nothing else is, and it loads (it is the main job's config:
+    scripts/run_default.sh)."""
+    from pathlib import Path
+
+    import yaml
+
+    from raylens.config import ConceptJobConfig
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+    listed = _yaml_paths(yaml.safe_load(path.read_text()))
+    fields = _field_paths(ConceptJobConfig)
+    assert not fields - listed, f"fields missing from default.yaml: {sorted(fields - listed)}"
+    assert not listed - fields, f"keys in default.yaml that are no field: {sorted(listed - fields)}"
+    assert load_config(str(path)).concepts.method == "topk_sae"

@@ -99,7 +99,7 @@ def _corpus_numbers(cfg: Any, sample_docs: int, *, max_tokens: int, exclude_firs
                                                limit=sample_docs, shuffle_seed=c.shuffle_seed)))
     n_docs = c.limit if c.limit is not None else _count_documents(c)
     source = str(builtin_config_path(cfg.model.name)) if cfg.model.name in BUILTIN_MODELS else cfg.model.name
-    tok = AutoTokenizer.from_pretrained(source)
+    tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.model.trust_remote_code)
     texts = [t for t in sample["text"].to_pylist() if t and t.strip()]
     enc = tok(texts, truncation=True, max_length=max_tokens, return_special_tokens_mask=True)
     tokens = np.array([len(ids) for ids in enc["input_ids"]])

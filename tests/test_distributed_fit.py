@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -129,28 +128,26 @@ def _assert_same_fit(ref: str, run: str, what: str) -> None:
             assert m2[key] == pytest.approx(m1[key], rel=1e-3, abs=1e-6), (split, key)
 
 
-def test_two_ranks_fit_the_one_process_model_and_resume_after_a_kill(tmp_path):
+def test_two_ranks_killed_after_a_checkpoint_resume_to_the_one_process_model(tmp_path):
+    """Two rank processes (gloo) killed together right after the checkpoint of step 60 of 90, then
+    rerun: they resume from it (both say so) and end with the one-process model (the
+    uninterrupted data-parallel fit is the TorchTrainer test's)."""
     from actors.trainer import CHECKPOINTS, FIT_MARKER
 
     ref, fitted = _one_process_fit(tmp_path)
     assert fitted["n_fit_rows"] > 1000
-    run, killed = str(tmp_path / "run"), str(tmp_path / "killed")
-    for uri in (run, killed):
-        _write_store(uri)
+    run = str(tmp_path / "killed")
+    _write_store(run)
     t0 = time.perf_counter()
-    _run_ranks(_config(run))
-    print(f"2-rank fit (2 processes, gloo): {time.perf_counter() - t0:.1f}s with start-up; "
+    _run_ranks(_config(run), stop=60)
+    assert not os.path.exists(os.path.join(run, FIT_MARKER))
+    assert json.load(open(os.path.join(run, CHECKPOINTS, "latest.json")))["meta"]["step"] == 60
+    logs = _run_ranks(_config(run))
+    print(f"2 ranks, killed and resumed: {time.perf_counter() - t0:.1f}s with start-ups; "
           f"one process: {fitted['fit_seconds']:.1f}s of fit")
-    _assert_same_fit(ref, run, "2 ranks vs 1 process")
-    assert not os.path.exists(os.path.join(run, CHECKPOINTS))  # rank 0 removed them once the model was saved
-
-    # killed (every rank) right after the checkpoint of step 60 of 90, then rerun: it resumes
-    _run_ranks(_config(killed), stop=60)
-    assert not os.path.exists(os.path.join(killed, FIT_MARKER))
-    assert json.load(open(os.path.join(killed, CHECKPOINTS, "latest.json")))["meta"]["step"] == 60
-    logs = _run_ranks(_config(killed))
     assert all("resuming from the checkpoint at step 60" in log for log in logs)
-    _assert_same_fit(ref, killed, "2 ranks killed at step 60 and resumed vs 1 process")
+    _assert_same_fit(ref, run, "2 ranks killed at step 60 and resumed vs 1 process")
+    assert not os.path.exists(os.path.join(run, CHECKPOINTS))  # rank 0 removed them once the model was saved
 
 
 def test_only_row_separable_gradient_methods_go_data_parallel():
@@ -203,4 +200,3 @@ def test_torch_trainer_on_two_fake_gpus_fits_the_one_process_model(tmp_path):
     print(f"TorchTrainer fit with a local Ray start: {time.perf_counter() - t0:.1f}s")
     assert "FITTED True False" in out.stdout, (out.stdout[-2000:], out.stderr[-4000:])
     _assert_same_fit(ref, run, "TorchTrainer, 2 ranks vs 1 process")
-    shutil.rmtree(tmp_path / "ray_results", ignore_errors=True)

@@ -14,11 +14,22 @@ it). A batch with fewer rows than ranks is trained whole by every rank, each wei
 ``1 / world_size``.
 
 Why an explicit all-reduce rather than ``torch.nn.parallel.DistributedDataParallel``: the step
-stays the one :func:`sae_train_step` every fit calls (penalties read the raw overcomplete module,
-whose attributes a DDP wrapper hides; the saved state has no ``module.`` prefix), and an SAE has a
-handful of large parameter tensors (encoder, dictionary, two biases), so one all-reduce per tensor
-after the backward costs what DDP's buckets cost, less DDP's overlap of the reduction with the
-backward (measured in the module's test file; see the README "Large runs").
+stays the one :func:`sae_train_step` every fit calls, unchanged (DDP averages gradients over the
+ranks whatever their slice sizes, so a short last batch would need a loss scale inside the step;
+penalties read the raw overcomplete module's attributes, e.g. JumpReLU's ``thresholds``, which a
+DDP wrapper hides; the gathered observer and the saved state need the bare module). An SAE has a
+handful of large parameter tensors (encoder, dictionary, biases), so one all-reduce per tensor
+after the backward is few calls; what it gives up is DDP's overlap of the reduction with the
+backward: ``bench/data_parallel.py`` measured DDP's step 4-12% faster on 2 loaded CPU cores
+(gloo), within that machine's run-to-run noise.
+
+Data: every rank reads the same stream and keeps its slice of each batch, rather than rank 0
+reading and scattering: nothing but gradients crosses between ranks and no rank waits on another's
+reads; the cost is N reads and decodes of the stream (on one host the page cache makes it one
+disk read; ``bench/data_parallel.py``: each of 2 readers of the same store got 0.55-0.6x one
+reader's rows/s on 2 CPU cores). Scattering would decode once but leaves rank 0 the only reader
+all the same (the fit is then as fast as one reader either way) and sends ``(N - 1) / N`` of every
+batch from it.
 
 What rank 0 alone does: it writes the checkpoints (other ranks resume from the same files but
 never write), it observes the last epoch (the observer's ``update`` gets the whole batch, gathered

@@ -12,6 +12,7 @@ without Ray (the tests' own ``torch.distributed`` processes) does not pay for im
 from __future__ import annotations
 
 import logging
+import uuid
 
 import torch
 
@@ -96,6 +97,6 @@ def fit_data_parallel(cfg: ConceptJobConfig, d_model: int, ranks: int) -> bool:
         scaling_config=ScalingConfig(num_workers=ranks, use_gpu=True,
                                      resources_per_worker={"CPU": cfg.resources.cpus_per_worker, "GPU": 1}),
         torch_config=TorchConfig(backend="nccl" if cuda else "gloo"),
-        run_config=RunConfig(name="raylens-concept-fit"))
+        run_config=RunConfig(name=f"raylens-concept-fit-{uuid.uuid4().hex[:8]}"))  # a new run: nothing to restore
     trainer.fit()
     return True

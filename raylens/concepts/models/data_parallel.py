@@ -26,7 +26,7 @@ backward: ``bench/data_parallel.py`` measured DDP's step 4-12% faster on 2 loade
 Data: every rank reads the same stream and keeps its slice of each batch, rather than rank 0
 reading and scattering: nothing but gradients crosses between ranks and no rank waits on another's
 reads; the cost is N reads and decodes of the stream (on one host the page cache makes it one
-disk read; ``bench/data_parallel.py``: each of 2 readers of the same store got 0.55-0.6x one
+disk read; ``bench/data_parallel.py``: each of 2 readers of the same store got 0.5-0.6x one
 reader's rows/s on 2 CPU cores). Scattering would decode once but leaves rank 0 the only reader
 all the same (the fit is then as fast as one reader either way) and sends ``(N - 1) / N`` of every
 batch from it.

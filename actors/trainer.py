@@ -21,7 +21,8 @@ from raylens.concepts.topk_scan import ScanPartial, finish_scan, scan_partial
 from raylens.concepts.metrics import ReconstructionAccumulator, reconstruction_metrics
 from raylens.concepts.models.checkpoint import FitCheckpoint
 from actors.model_worker import assigned_gpus
-from raylens.concepts.models import build_concept_model, load_concept_model
+from raylens.concepts.models import ConceptModel, build_concept_model, load_concept_model
+from raylens.concepts.models.data_parallel import data_parallel_ranks
 from raylens.io.schemas import METRICS_SCHEMA
 from raylens.config import ConceptJobConfig
 from raylens.io.readers import ActivationStream, heldout_paths, split_paths
@@ -81,6 +82,10 @@ class ConceptTrainer:
                                 batch_rows=c.batch_rows, shuffle_buffer=16 * c.batch_rows if shuffle else 0,
                                 seed=self.cfg.seed, readers=c.readers)
 
+    def train_stream(self) -> ActivationStream:
+        """The shuffled stream of train rows the fit reads (the same order in every process)."""
+        return self._stream("train", shuffle=True)
+
     def fit_key(self, d_model: int) -> dict:
         """What a fitted concept model depends on: a finished fit or a checkpoint of another key
         is not reused."""
@@ -120,19 +125,10 @@ class ConceptTrainer:
         if done is not None:
             log.info("fit: concept model already fitted (%s): skipping the fit", FIT_MARKER)
             return done
-        c = self.cfg.concepts
-        params = {"seed": self.cfg.seed, "device": self.device, **c.params}
-        model = build_concept_model(c.method, nb_concepts=c.nb_concepts, d_model=d_model, **params)
-        self._fitting = model
-        if not model.streaming:
-            log.info("%s needs its rows in memory: fitting on a seeded sample of at most %d rows",
-                     c.method, model.max_fit_rows)
-        train_acc = ReconstructionAccumulator() if model.resumable else None
-        checkpoint = FitCheckpoint(self.store, CHECKPOINTS, every=c.checkpoint_every,
-                                   key=self.fit_key(d_model)) if model.resumable else None
-        kwargs = {"checkpoint": checkpoint, "observer": train_acc} if model.resumable else {}
+        model, kwargs = self.fit_setup(d_model)
+        train_acc, checkpoint = kwargs.get("observer"), kwargs.get("checkpoint")
         t0 = time.perf_counter()
-        model.fit_stream(self._stream("train", shuffle=True), progress=False, **kwargs)
+        self.fit_model(model, self.train_stream(), **kwargs)
         fit_s = time.perf_counter() - t0
         with tempfile.TemporaryDirectory() as tmp:
             model.save(tmp)
@@ -151,6 +147,30 @@ class ConceptTrainer:
         if checkpoint is not None:
             checkpoint.clear()
         return {"fit_seconds": fit_s, "metrics": rows, "n_fit_rows": model.n_fit_rows, "gpus": assigned_gpus()}
+
+    def fit_setup(self, d_model: int) -> tuple[ConceptModel, dict]:
+        """The unfitted concept model of this job (on this trainer's device) and the keyword
+        arguments of its ``fit_stream``: a :class:`FitCheckpoint` and a train-metrics observer for
+        iterative models, none for the others."""
+        c = self.cfg.concepts
+        params = {"seed": self.cfg.seed, "device": self.device, **c.params}
+        model = build_concept_model(c.method, nb_concepts=c.nb_concepts, d_model=d_model, **params)
+        self._fitting = model
+        if not model.streaming:
+            log.info("%s needs its rows in memory: fitting on a seeded sample of at most %d rows",
+                     c.method, model.max_fit_rows)
+        ranks, why = data_parallel_ranks(type(model), self.cfg.resources.trainer_gpus)
+        if ranks == 1 and why:
+            log.warning("fit: %s", why)
+        if not model.resumable:
+            return model, {}
+        checkpoint = FitCheckpoint(self.store, CHECKPOINTS, every=c.checkpoint_every, key=self.fit_key(d_model))
+        return model, {"checkpoint": checkpoint, "observer": ReconstructionAccumulator()}
+
+    def fit_model(self, model: ConceptModel, stream: ActivationStream, **kwargs) -> None:
+        """Fit ``model`` on the train ``stream`` in this process (``kwargs`` from :meth:`fit_setup`);
+        :class:`actors.data_parallel.RankTrainer` fits it as one rank of several."""
+        model.fit_stream(stream, progress=False, **kwargs)
 
     def fit_progress(self) -> dict | None:
         """Where a running :meth:`fit` is, for the driver's console (call it on an actor with

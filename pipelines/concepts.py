@@ -18,11 +18,14 @@ import pyarrow.parquet as pq
 import ray
 
 from actors.concept_worker import ConceptModelWorker
+from actors.data_parallel import fit_data_parallel
 from actors.trainer import ConceptTrainer, scan_shard
 from pipelines.common import check_job_key, run_shard_stage, write_corpus_shards, write_issues
 from pipelines.console import TqdmLines, progress, say
 from pipelines.console import say as _say
 from pipelines.report import write_concepts_table_and_report
+from raylens.concepts.models import concept_model_class
+from raylens.concepts.models.data_parallel import data_parallel_ranks
 from raylens.concepts.topk_scan import merge_scans
 from raylens.config import ConceptJobConfig
 from raylens.io.schemas import IMPORTANCE_SCHEMA, activation_width, importance_per_doc_schema, tensor_array
@@ -103,17 +106,22 @@ def _show_epochs(state: dict | None, shown: int) -> int:
 def fit(store: OutputStore, cfg: ConceptJobConfig):
     """Start the trainer actor and fit the concept model on the activation shards, one console
     line per finished epoch; returns the actor (kept for the top examples) and its fit result."""
-    res = cfg.resources
-    say(f"fit: {cfg.concepts.method} with {cfg.concepts.nb_concepts} concepts (trainer actor)")
+    res, d_model = cfg.resources, _d_model(store)
+    ranks, why = data_parallel_ranks(concept_model_class(cfg.concepts.method), res.trainer_gpus)
+    say(f"fit: {cfg.concepts.method} with {cfg.concepts.nb_concepts} concepts "
+        f"({f'Ray Train TorchTrainer, {ranks} workers' if ranks > 1 else 'trainer actor'})")
+    if ranks == 1 and why:
+        say(f"fit: {why}")
+    fresh = ranks > 1 and fit_data_parallel(cfg, d_model, ranks)  # the actor below then finds the fit finished
     # two threads: fit_progress answers while fit runs
     trainer = ray.remote(ConceptTrainer).options(num_gpus=res.trainer_gpus, num_cpus=res.cpus_per_worker,
                                                  max_concurrency=2).remote(cfg.model_dump())
-    ref = trainer.fit.remote(_d_model(store))
+    ref = trainer.fit.remote(d_model)
     shown = 0
     while not ray.wait([ref], timeout=1.0)[0]:
         shown = _show_epochs(ray.get(trainer.fit_progress.remote()), shown)
     _show_epochs(ray.get(trainer.fit_progress.remote()), shown)
-    result = ray.get(ref)
+    result = ray.get(ref) | ({"skipped": False, "ranks": ranks} if fresh else {})
     if result.get("skipped"):
         say("fit: concept model already fitted with these settings (concept_model/_SUCCESS.json): skipping the fit")
     held = next(m for m in result["metrics"] if m["split"] == "heldout")

@@ -52,7 +52,7 @@ _KEY_BITS = 40
 _COLUMN_CHUNK = 2048  # columns per dense top-k pass (bounds its int64 keys to rows x 2048)
 _DENSITY_ROWS = 256  # rows of a batch that choose its path
 #: Sampled entries (pool and quiet runs, about 48 bytes each) that may wait before a
-#: compaction, at least (more when more are kept).
+#: compaction: the kept entries, at least, or this many, or 4 x the sample's size if fewer.
 WAITING_ENTRIES = 1 << 20
 
 
@@ -145,7 +145,7 @@ class _Sample:
             return
         self.waiting.append(new)
         self.n_waiting += len(new["key"])
-        if self.n_waiting >= max(len(self.kept["key"]), WAITING_ENTRIES):
+        if self.n_waiting >= max(len(self.kept["key"]), min(WAITING_ENTRIES, 4 * self.n * self.C)):
             self.compact()
 
     def compact(self) -> dict[str, np.ndarray]:
@@ -231,7 +231,7 @@ def quiet_runs_sparse(rows: np.ndarray, concepts: np.ndarray, nb_concepts: int, 
     duplicates); the same runs in the same order, at a cost in the entries and the stretches of
     consecutive units times ``nb_concepts``, not in rows x ``nb_concepts``."""
     c, lo, hi = _sparse_spans(rows, concepts, nb_concepts, _breaks(doc, unit), cs, ce, min_chars)
-    order = np.lexsort((lo, c))
+    order = _concept_major(c, lo, nb_concepts)
     c, lo, hi = c[order], lo[order], hi[order]
     return c, doc[lo], cs[lo], ce[hi]
 
@@ -311,6 +311,22 @@ def _numpy(*ts: torch.Tensor) -> list[np.ndarray]:
     return [t.cpu().numpy() for t in ts]
 
 
+def _entries(z: torch.Tensor, r: torch.Tensor, c: torch.Tensor) -> list[np.ndarray]:
+    """``(r, c, z[r, c])`` as numpy arrays (gathered by numpy on the CPU: several times faster)."""
+    if z.device.type == "cpu":
+        r, c = r.numpy(), c.numpy()
+        return [r, c, z.numpy()[r, c]]
+    return _numpy(r, c, z[r, c])
+
+
+def _concept_major(conc: np.ndarray, rows: np.ndarray, C: int) -> np.ndarray:
+    """The order sorting entries by (concept, row) (LSD radix sorts on 16 bits when both fit)."""
+    if C <= 1 << 16 and (not len(rows) or rows.max() < 1 << 16):
+        first = np.argsort(rows.astype(np.uint16), kind="stable")
+        return first[np.argsort(conc[first].astype(np.uint16), kind="stable")]
+    return np.lexsort((rows, conc))
+
+
 def _fired_rows(r: np.ndarray, c: np.ndarray, m: int, C: int) -> np.ndarray:
     fired = np.zeros((m, C), bool)
     fired[r, c] = True
@@ -344,7 +360,7 @@ class _Scanner:
         else:  # every non-zero entry (one pass): the activating ones are most or all of them
             r, c = torch.nonzero(z, as_tuple=True)
             p.fired += torch.bincount(c, minlength=self.C).cpu()
-        r, c, v = _numpy(r, c, z[r, c])
+        r, c, v = _entries(z, r, c)
         if p.k:
             self._add_top(z, r, c, v, meta, dense)
         if not dense and (v < 0).any():
@@ -373,8 +389,7 @@ class _Scanner:
         if dense:
             column = warm
             thr = torch.from_numpy(np.where(warm, np.inf, kth).astype(np.float32)).to(z.device)
-            rr, cc = torch.nonzero(z > thr, as_tuple=True)
-            rr, cc, vv = _numpy(rr, cc, z[rr, cc])
+            rr, cc, vv = _entries(z, *torch.nonzero(z > thr, as_tuple=True))
         else:
             column = warm & (np.bincount(c[v < 0], minlength=C) > 0) if warm.any() else warm
             sel = (v > kth[c]) & ~column[c]
@@ -420,7 +435,7 @@ class _Scanner:
             conc, lo, hi = _sparse_spans(r[order], c[order], self.C, brk, cs, ce, self.min_chars)
         key = _hash_concepts(_hash_rows(self.seed, rows["doc_id"], cs)[lo], conc)
         keep = np.flatnonzero(key < self.quiet.kth[conc])
-        keep = keep[np.lexsort((lo[keep], conc[keep]))]  # concept-major, rows ascending
+        keep = keep[_concept_major(conc[keep], lo[keep], self.C)]  # the dense path's order
         conc, lo, hi = conc[keep], lo[keep], hi[keep]
         self.quiet.offer({"concept": conc.astype(np.int64), "key": key[keep], "doc_id": rows["doc_id"][lo],
                           "char_start": cs[lo], "char_end": ce[hi]})

@@ -49,6 +49,7 @@ META = ("doc_id", "unit", "char_start", "char_end")
 DENSE_ABOVE = 0.25
 _QUIET_COLS = ("doc_id", "char_start", "char_end")
 _KEY_BITS = 40
+_BINS = 64  # key bins per concept of the linear pre-selection before a sample's sort
 _COLUMN_CHUNK = 2048  # columns per dense top-k pass (bounds its int64 keys to rows x 2048)
 _DENSITY_ROWS = 256  # rows of a batch that choose its path
 #: Sampled entries (pool and quiet runs, about 48 bytes each) that may wait before a
@@ -95,6 +96,8 @@ def _keep_smallest(cols: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]
     (concept, key), ties to the earlier entry. Entries that are already sorted runs (a kept
     pool, then new entries) merge in about linear time: numpy's stable sort (timsort) finds
     the runs."""
+    if len(cols["key"]) > 2 * n * (int(cols["concept"].max()) + 1):  # many more than are kept: pre-select
+        cols = _below_nth_bin(cols, n)
     order = np.argsort(_order_key(cols), kind="stable")
     conc = cols["concept"][order]
     if not len(conc):
@@ -103,6 +106,19 @@ def _keep_smallest(cols: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]
     rank = np.arange(len(conc)) - np.repeat(starts, np.diff(np.r_[starts, len(conc)]))
     keep = order[rank < n]
     return {name: v[keep] for name, v in cols.items()}
+
+
+def _below_nth_bin(cols: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+    """The entries of each concept's key bins (``_BINS`` equal bins of ``[0, 1)``) up to the one
+    that holds its ``n``-th smallest key: a superset of the ``n`` smallest (ties included),
+    found in linear time, that the sort then trims."""
+    conc = cols["concept"]
+    C = int(conc.max()) + 1
+    cell = conc * _BINS + (cols["key"] * _BINS).astype(np.int64)
+    cum = np.bincount(cell, minlength=C * _BINS).reshape(C, _BINS).cumsum(1)
+    last = np.minimum((cum < n).sum(1), _BINS - 1)  # the bin of the n-th smallest (or the last)
+    keep = (cell - conc * _BINS) <= last[conc]
+    return cols if keep.all() else {name: v[keep] for name, v in cols.items()}
 
 
 def _cat(*parts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -291,12 +291,16 @@ def _merge_best(best: dict[str, np.ndarray], new: dict[str, np.ndarray], tie: np
     ties to ``best``'s entries, then to the smaller ``tie`` (int, the candidates' stream order)."""
     if not len(new["concept"]):
         return
-    k = best["value"].shape[0]
-    cols = np.unique(new["concept"])
-    conc = np.concatenate([np.tile(cols, k), new["concept"]])
-    order = np.concatenate([np.repeat(np.arange(k), len(cols)), k + tie])
+    if len(tie) > 1 and (np.diff(tie) < 0).any():
+        first = np.argsort(tie, kind="stable")
+        new, tie = {name: v[first] for name, v in new.items()}, tie[first]
+    k, C = best["value"].shape
+    cols = np.flatnonzero(np.bincount(new["concept"], minlength=C))
+    conc = np.concatenate([np.tile(cols, k), new["concept"]])  # best's entries first, by slot
     vals = {name: np.concatenate([best[name][:, cols].reshape(-1), new[name]]) for name in best}
-    idx = np.lexsort((order, -vals["value"], conc))
+    bits = (vals["value"] + np.float32(0.0)).view(np.int32)  # -0.0 ties with 0.0
+    desc = ~np.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # int32, in the values' descending order
+    idx = np.argsort((conc << 32) | (desc.astype(np.int64) + 2 ** 31), kind="stable")  # ties: array order
     conc = conc[idx]
     starts = np.flatnonzero(np.r_[True, conc[1:] != conc[:-1]])
     rank = np.arange(len(conc)) - np.repeat(starts, np.diff(np.r_[starts, len(conc)]))

@@ -44,8 +44,9 @@ __all__ = ["DENSE_ABOVE", "META", "WAITING_ENTRIES", "ScanPartial", "finish_scan
 
 #: The row metadata kept with each example.
 META = ("doc_id", "unit", "char_start", "char_end")
-#: A batch whose share of non-zero codes is above this takes the dense path (measured in
-#: ``bench/concepts.py`` section 3: the sparse path is faster below it).
+#: A batch whose share of non-zero codes is above this takes the dense path. Measured (1,024
+#: concepts, 4,096-row batches, k 10, pools 256 and 20; CPU ms per batch, sparse / dense): 37 /
+#: 131 at 2% non-zero, 102 / 150 at 10%, 186 / 214 at 20%, 280 / 240 at 30%, 492 / 307 at 50%.
 DENSE_ABOVE = 0.25
 _QUIET_COLS = ("doc_id", "char_start", "char_end")
 _KEY_BITS = 40

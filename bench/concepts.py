@@ -16,7 +16,8 @@
    record batches, at ``--scan-concepts`` concepts (a TopK SAE) and at ``--scan-large``
    (16,384, an 8B model's SAE; fewer rows); median of ``--repeats``. Goal (issue 11): >= 0.8x.
 
-Usage: python bench/concepts.py [--docs 160] [--nb-concepts 32] [--repeats 3] [--threads 1]
+Usage (from a worktree, PYTHONPATH=. so that its raylens is the one measured):
+       python bench/concepts.py [--docs 160] [--nb-concepts 32] [--repeats 3] [--threads 1]
        [--sections 1,2,3] [--scan-concepts 1024] [--scan-large 16384]
 """
 

@@ -13,11 +13,12 @@
    Goal (issue 11): >= 0.9x.
 3. The top-k scan (``scan_concepts`` with the job's pools: 10 top rows, 256 sampled, 20
    non-activating runs per concept) versus the concept model's own ``encode`` over the same
-   record batches, at ``--scan-concepts`` concepts (a TopK SAE); median of ``--repeats``.
-   Goal (issue 11): >= 0.8x.
+   record batches, at ``--scan-concepts`` concepts (a TopK SAE) and at ``--scan-large``
+   (16,384, an 8B model's SAE; fewer rows); median of ``--repeats``. Goal (issue 11): >= 0.8x.
 
-Usage: python bench/concepts.py [--docs 160] [--nb-concepts 32] [--repeats 3] [--threads 1]
-       [--sections 1,2,3] [--scan-concepts 1024]
+Usage (from a worktree, PYTHONPATH=. so that its raylens is the one measured):
+       python bench/concepts.py [--docs 160] [--nb-concepts 32] [--repeats 3] [--threads 1]
+       [--sections 1,2,3] [--scan-concepts 1024] [--scan-large 16384]
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ def main() -> None:
     ap.add_argument("--sections", default="1,2,3")
     ap.add_argument("--scan-concepts", type=int, default=1024)
     ap.add_argument("--scan-copies", type=int, default=4, help="the rows scanned, this many times (other doc ids)")
+    ap.add_argument("--scan-large", type=int, default=16384, help="section 3 again at this many concepts (0: not)")
+    ap.add_argument("--scan-large-copies", type=int, default=1)
     args = ap.parse_args()
     sections = {int(x) for x in args.sections.split(",")}
     torch.set_num_threads(args.threads)
@@ -104,46 +107,56 @@ def main() -> None:
 
 
 def scan_vs_encode(args, table, train) -> None:
-    """Section 3: the top-k scan against the model's own encode on the same record batches."""
+    """Section 3: the top-k scan against the model's own encode on the same record batches, at
+    ``--scan-concepts`` concepts and (fewer rows) at ``--scan-large`` concepts."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from raylens.concepts.interpret import scan_concepts
     from raylens.concepts.models import build_concept_model
-    from raylens.io.schemas import tensor_column_to_numpy
 
-    C = args.scan_concepts
-    model = build_concept_model("topk_sae", nb_concepts=C, d_model=train.shape[1], top_k=16, epochs=1,
-                                batch_size=256).fit(train)
     cols = ["doc_id", "unit", "char_start", "char_end", "activation"]
     one = table.select(cols)
     offset = int(pc.max(one["doc_id"]).as_py()) + 1
-    copies = [one.set_column(0, "doc_id", pc.add(one["doc_id"], i * offset)) for i in range(args.scan_copies)]
-    batches = pa.concat_tables(copies).to_batches(max_chunksize=4096)  # past the pools' warm-up
+    for C, n_copies in ((args.scan_concepts, args.scan_copies), (args.scan_large, args.scan_large_copies)):
+        if not C:
+            continue
+        model = build_concept_model("topk_sae", nb_concepts=C, d_model=train.shape[1], top_k=16, epochs=1,
+                                    batch_size=256).fit(train)
+        copies = [one.set_column(0, "doc_id", pc.add(one["doc_id"], i * offset)) for i in range(n_copies)]
+        scan_case(args, model, pa.concat_tables(copies).to_batches(max_chunksize=4096))
+
+
+def scan_case(args, model, batches) -> None:
+    """One model of section 3: encode alone, the scan (top 10) and the job's scan (with the
+    pools), interleaved, median of ``--repeats``; rows/s by wall clock and by this process's
+    CPU time (what other processes on the machine take away does not count in the second)."""
+    from raylens.concepts.interpret import scan_concepts
+    from raylens.io.schemas import tensor_column_to_numpy
+
     n = sum(b.num_rows for b in batches)
 
     def encode_all():
         for b in batches:
             model.encode(torch.from_numpy(tensor_column_to_numpy(b.column("activation")).astype("float32")))
 
-    def timed(fn):
-        t = time.perf_counter()
-        fn()
-        return n / (time.perf_counter() - t)
-
-    enc, top, pools = [], [], []
+    runs = {"encode alone": encode_all, "scan, top 10": lambda: scan_concepts(model, batches, k=10),
+            "scan, top 10 + pools (256, 20)": lambda: scan_concepts(model, batches, k=10, n_pool=256, n_quiet=20,
+                                                                    min_quiet_chars=120, seed=0)}
+    wall, cpu = {name: [] for name in runs}, {name: [] for name in runs}
     for _ in range(args.repeats):
-        enc.append(timed(encode_all))
-        top.append(timed(lambda: scan_concepts(model, batches, k=10)))
-        pools.append(timed(lambda: scan_concepts(model, batches, k=10, n_pool=256, n_quiet=20,
-                                                 min_quiet_chars=120, seed=0)))
-    e = statistics.median(enc)
-    print(f"# 3. top-k scan vs encode, TopK SAE nb_concepts={C}, top_k=16, {n} rows in batches of 4096, "
-          f"median of {args.repeats} (interleaved)")
-    print(f"encode alone                      {e:10.0f} rows/s")
-    print(f"scan, top 10                      {statistics.median(top):10.0f} rows/s   ratio {statistics.median(top) / e:.2f}x")
-    print(f"scan, top 10 + pools (256, 20)    {statistics.median(pools):10.0f} rows/s   ratio "
-          f"{statistics.median(pools) / e:.2f}x")
+        for name, fn in runs.items():
+            t, p = time.perf_counter(), time.process_time()
+            fn()
+            wall[name].append(n / (time.perf_counter() - t))
+            cpu[name].append(n / (time.process_time() - p))
+    w = {name: statistics.median(v) for name, v in wall.items()}
+    c = {name: statistics.median(v) for name, v in cpu.items()}
+    e = "encode alone"
+    print(f"# 3. top-k scan vs encode, TopK SAE nb_concepts={model.nb_concepts}, top_k=16, {n} rows in batches "
+          f"of 4096, median of {args.repeats} (interleaved); rows/s wall clock / CPU time of this process")
+    for name in runs:
+        ratio = "" if name == e else f"   ratio {w[name] / w[e]:.2f}x / {c[name] / c[e]:.2f}x"
+        print(f"{name:33s} {w[name]:10.0f} / {c[name]:8.0f} rows/s{ratio}", flush=True)
 
 
 def stream_vs_memory(args, table, train, test) -> None:

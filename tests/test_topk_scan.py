@@ -16,7 +16,8 @@ import torch
 
 from raylens.concepts.interpret import scan_concepts
 from raylens.concepts.models import build_concept_model
-from raylens.concepts.topk_scan import finish_scan, hash_keys, merge_scans, scan_partial
+from raylens.concepts import topk_scan
+from raylens.concepts.topk_scan import finish_scan, hash_keys, merge_scans, quiet_runs, quiet_runs_sparse, scan_partial
 from raylens.io.schemas import tensor_array
 from raylens.io.store import OutputStore
 
@@ -51,6 +52,13 @@ def _batches(store, shard):
     return pq.ParquetFile(store.path("activations", f"{shard}.parquet")).iter_batches(batch_size=50, columns=COLS)
 
 
+def _equal(a: dict, b: dict) -> None:
+    for part in ("best", "pool", "quiet"):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), (part, key)
+    assert torch.equal(a["frequency"], b["frequency"]) and a["n_rows"] == b["n_rows"]
+
+
 def test_merged_partial_scans_equal_a_full_sort(tmp_path):
     store, rng = _store(tmp_path)
     model = _model(rng)
@@ -83,6 +91,89 @@ def test_merged_partial_scans_equal_a_full_sort(tmp_path):
         ok = tree["pool"]["doc_id"][:, c].numpy() >= 0
         assert set(zip(tree["pool"]["doc_id"][:, c].numpy()[ok], tree["pool"]["unit"][:, c].numpy()[ok])) == want
     assert (tree["frequency"] > 0).sum() > C // 2
+
+
+@pytest.mark.parametrize("method", ["topk_sae", "pca"])
+def test_sparse_and_dense_paths_give_identical_tables(tmp_path, monkeypatch, method):
+    """The sparse path (gaps between firing rows) and the dense one (boolean passes over every
+    code) on the same rows: SAE codes (a few non-zeros per row) and PCA codes (signed, dense);
+    samples compacted after every batch (the lazy compaction keeps the same entries)."""
+    store, rng = _store(tmp_path)
+    x = torch.from_numpy(rng.normal(size=(2000, D)).astype(np.float32))
+    params = {"top_k": 4, "epochs": 2, "batch_size": 128} if method == "topk_sae" else {}
+    model = build_concept_model(method, nb_concepts=C if method == "topk_sae" else D, d_model=D, **params).fit(x)
+    shards = store.done_shards("activations")
+    kw = dict(k=K, n_pool=N_POOL, n_quiet=3, min_quiet_chars=10, seed=7)
+
+    def scan(path):
+        return finish_scan(scan_partial(model, (b for s in shards for b in _batches(store, s)), path=path, **kw))
+
+    lazy = scan("sparse")
+    monkeypatch.setattr(topk_scan, "WAITING_ENTRIES", 1)
+    sparse, dense, auto = scan("sparse"), scan("dense"), scan("auto")
+    for other in (dense, auto, lazy):
+        _equal(sparse, other)
+    assert (sparse["quiet"]["doc_id"] >= 0).any() and (sparse["pool"]["doc_id"] >= 0).any()
+    with pytest.raises(ValueError, match="path"):
+        scan("fast")
+
+
+class _RandomTopK:
+    """A TopK 'concept model' with 4,096 concepts: the 8 largest of a fixed random projection."""
+
+    nb_concepts = 4096
+
+    def __init__(self, d: int):
+        self.w = torch.randn(d, self.nb_concepts, generator=torch.Generator().manual_seed(1))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        v, i = (x @ self.w).topk(8, dim=1)
+        return torch.zeros(x.shape[0], self.nb_concepts).scatter(1, i, v.relu())
+
+
+def test_many_concepts_equal_brute_force(monkeypatch):
+    """4,096 concepts on 3,000 rows: merged sparse partials equal the direct computation over
+    every row (top k by a stable sort, the smallest pool keys, every quiet run's key), and the
+    dense path; quiet_runs_sparse equals quiet_runs."""
+    rng = np.random.default_rng(3)
+    lens = rng.integers(1, 60, size=120)
+    doc = np.repeat(np.arange(120) * 2 + 1, lens)
+    unit = np.concatenate([np.arange(n) for n in lens])
+    unit[rng.random(len(unit)) < 0.02] += 3  # gaps in the units: runs break there
+    cs = unit * 7 + rng.integers(0, 3, len(unit))
+    x = rng.normal(size=(len(doc), 8)).astype(np.float32)
+    t = pa.table({"doc_id": pa.array(doc, pa.int64()), "unit": pa.array(unit, pa.int32()),
+                  "char_start": pa.array(cs, pa.int32()), "char_end": pa.array(cs + 5, pa.int32()),
+                  "activation": tensor_array(x, "float32")})
+    model = _RandomTopK(8)
+    Cn, k, n_pool, n_quiet, min_chars = model.nb_concepts, 3, 2, 2, 30
+    kw = dict(k=k, n_pool=n_pool, n_quiet=n_quiet, min_quiet_chars=min_chars, seed=5)
+    cut = int(np.flatnonzero(doc == doc[len(doc) // 2])[0])  # shards of whole documents
+    monkeypatch.setattr(topk_scan, "WAITING_ENTRIES", 5000)
+    parts = [scan_partial(model, t.slice(a, b - a).to_batches(max_chunksize=500), **kw)
+             for a, b in ((0, cut), (cut, len(doc)))]
+    got = finish_scan(merge_scans(*parts))
+    _equal(got, finish_scan(scan_partial(model, t.to_batches(max_chunksize=700), path="dense", **kw)))
+    z = model.encode(torch.from_numpy(x)).numpy()
+    r, c = np.nonzero(z.T > 0)[::-1]
+    order = np.lexsort((r, c))
+    r, c = r[order], c[order]
+    want_q = quiet_runs(z > 0, doc, unit, cs, cs + 5, min_chars)
+    for a, b in zip(want_q, quiet_runs_sparse(r, c, Cn, doc, unit, cs, cs + 5, min_chars)):
+        assert np.array_equal(a, b)
+    qkey = hash_keys(5, want_q[1], want_q[2], want_q[0])
+    pkey = hash_keys(5, doc[r], unit[r], c)
+    for j in range(0, Cn, 37):
+        top = np.argsort(-z[:, j], kind="stable")[:k]
+        assert np.array_equal(got["best"]["value"][:, j].numpy(), z[top, j])
+        assert np.array_equal(got["best"]["unit"][:, j].numpy(), unit[top])
+        mine = np.flatnonzero(c == j)
+        pick = mine[np.argsort(pkey[mine], kind="stable")[:n_pool]]
+        assert np.array_equal(got["pool"]["unit"][: len(pick), j].numpy(), unit[r[pick]])
+        mine = np.flatnonzero(want_q[0] == j)
+        pick = mine[np.argsort(qkey[mine], kind="stable")[:n_quiet]]
+        assert np.array_equal(got["quiet"]["char_start"][: len(pick), j].numpy(), want_q[2][pick])
+    assert torch.equal(got["frequency"], torch.from_numpy((z != 0).sum(0)).float() / len(doc))
 
 
 @pytest.mark.slow

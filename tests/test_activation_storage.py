@@ -17,7 +17,7 @@ import torch
 from raylens.io.schemas import (ActivationType, activation_array, activation_dtype, activation_parquet_options,
                                 activation_width, activations_schema, tensor_array, tensor_column_to_numpy)
 from raylens.io.store import OutputStore
-from raylens.models.split import RowSampling, SplitModel, window_rows
+from raylens.models.split import RowSampling, SplitModel, window_rows, write_slice_rows
 from tests.conftest import REVIEWS
 
 
@@ -76,7 +76,10 @@ def test_layout_helpers_and_the_older_tensor_layout():
         activations_schema(4, "int8")
     with pytest.raises(ValueError, match="no activation column"):
         activation_width(pa.schema([pa.field("x", pa.int32())]))
-    assert window_rows(2**20, 576, "float16") == 2**20 // (576 * 10 + 512)
+    assert window_rows(2**20, 576, "float16") == 2**20 // (2 * (576 * 2 + 1536))  # the docstring's bytes per row
+    assert window_rows(2**20, 576, "float32") == 2**20 // (2 * (576 * 4 + 1536))
+    assert write_slice_rows(2**20, 2**30, 576) == 2**18 // (576 * 2 + 1536)  # a quarter of the budget
+    assert write_slice_rows(2**30, 2**20, 576) == 2**20 // (576 * 2 + 1536)  # the row-group cap
 
 
 def test_part_files_past_max_file_bytes(tmp_path):

@@ -98,10 +98,14 @@ def float16_overflow_issues(values: torch.Tensor, row_docs: np.ndarray) -> list[
             overflow is already ``inf``), on any device.
         row_docs: ``(n_rows,)`` the document id of each row.
     """
-    # in blocks of about 16 MiB of float32: a window-sized abs() copy would double the window's memory
+    def count(block: torch.Tensor) -> np.ndarray:
+        if block.dtype == torch.float16 and block.device.type == "cpu":  # inf bits: 13x torch's CPU half ops
+            return np.count_nonzero((block.numpy().view(np.uint16) & 0x7FFF) == 0x7C00, axis=1)
+        return (block.abs() > FLOAT16_MAX).sum(1).cpu().numpy()
+
+    # in blocks of 2**22 values: a window-sized temporary would double the window's memory
     step = max(1, 2**22 // max(1, values.shape[1]))
-    over = np.concatenate([(values[i: i + step].abs() > FLOAT16_MAX).sum(1).cpu().numpy()
-                           for i in range(0, len(values), step)] or [np.zeros(0, np.int64)])
+    over = np.concatenate([count(values[i: i + step]) for i in range(0, len(values), step)] or [np.zeros(0, np.int64)])
     if not over.any():
         return []
     docs, inverse = np.unique(row_docs, return_inverse=True)

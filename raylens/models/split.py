@@ -527,29 +527,19 @@ def release_host_memory() -> None:
     skipped with another C library). Without this the resident memory between windows stays
     about 15-30 MiB higher per 64 MiB of window and grows with fragmentation."""
     pa.default_memory_pool().release_unused()
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
+    if _libc() is not None:
+        _libc().malloc_trim(0)
 
 
 def mmap_large_allocations(threshold: int = 2**20) -> bool:
     """Make glibc serve every allocation of ``threshold`` bytes or more with its own ``mmap``
-    (``mallopt(M_MMAP_THRESHOLD)``, process-wide; it also turns off glibc's dynamic threshold):
-    such a block goes back to the OS as soon as it is freed. Without it, glibc raises its threshold
-    after the first large free (up to 32 MiB), so a forward batch's tensors and a window's arrays
-    come from the heap, whose freed holes stay resident: a streamed extraction's resident memory
-    then grew to about twice its byte budget. Called once by an extraction worker.
-
-    Returns:
-        whether the setting was applied (False with another C library).
-    """
+    (``mallopt(M_MMAP_THRESHOLD)``, process-wide; it turns off glibc's dynamic threshold), given
+    back to the OS when freed. Else glibc raises its threshold after the first large free (up to
+    32 MiB) and batches' tensors and windows come from the heap, whose freed holes stay resident
+    (extraction then grew to about twice its budget). Called once by an extraction worker.
+    Returns whether it was applied (False with another C library)."""
     lib = _libc()
     return bool(lib is not None and lib.mallopt(-3, int(threshold)))  # -3: M_MMAP_THRESHOLD
-
-
-def _malloc_trim():
-    lib = _libc()
-    return None if lib is None else lib.malloc_trim
 
 
 @functools.cache

@@ -488,11 +488,12 @@ def pool_units(h: torch.Tensor, tokens: Sequence[Sequence[Sequence[int]]]) -> to
     return sums / torch.bincount(index, minlength=j).clamp_min(1)[:, None].float()
 
 
-#: The byte budget over a window's stored values: the window itself (pooled batch by batch
-#: straight into the stored dtype, :meth:`SplitModel.pooled_activations`) takes half, the other
-#: half holds the slice being written (:func:`write_slice_rows`: at most a quarter of the budget)
-#: twice: its train / held-out split, then the Parquet writer's encoding of it.
-WINDOW_COPIES = 2
+#: The byte budget over a window's rows: the window itself (pooled batch by batch straight into
+#: the stored dtype, :meth:`SplitModel.pooled_activations`, with its Python units) takes a third;
+#: the slice being written (:func:`write_slice_rows`: at most a sixth of the budget) is held twice,
+#: its train / held-out split and the Parquet writer's encoding of it; the last third is left to
+#: what the allocators and Python keep (measured 10-20 MiB: tests/test_activation_storage.py).
+WINDOW_COPIES = 3
 #: Host bytes per row of a window besides its values: the token ids, offsets and unit objects in
 #: Python, the lists the other Arrow columns are built from, those columns (about 1.4 KiB
 #: measured at granularity token: tests/test_activation_storage.py).
@@ -502,8 +503,8 @@ ROW_OVERHEAD_BYTES = 1536
 def window_rows(max_host_bytes: int, d_model: int, dtype: str = "float16") -> int:
     """Rows per extraction window so all of a window's host copies fit in ``max_host_bytes``:
     :data:`WINDOW_COPIES` x (the stored values + :data:`ROW_OVERHEAD_BYTES`), i.e.
-    ``2 x (d_model x bytes(dtype) + 512)`` bytes per row (9,216 at d_model 4,096 in float16: a
-    512 MiB budget holds 58,254 rows). Freed memory is handed back to the OS between windows
+    ``3 x (d_model x bytes(dtype) + 1536)`` bytes per row (29,184 at d_model 4,096 in float16: a
+    512 MiB budget holds 18,396 rows, 143 documents of 128 tokens). Freed memory is handed back to the OS between windows
     (:func:`release_host_memory`). At least 1."""
     from raylens.io.schemas import ACTIVATION_DTYPES
 
@@ -513,12 +514,12 @@ def window_rows(max_host_bytes: int, d_model: int, dtype: str = "float16") -> in
 
 def write_slice_rows(max_host_bytes: int, row_group_bytes: int, d_model: int, dtype: str = "float16") -> int:
     """Rows of a window split (train / held-out) and written at a time: at most
-    ``row_group_bytes`` and a quarter of ``max_host_bytes`` of stored values (see
+    ``row_group_bytes`` and a sixth of ``max_host_bytes`` of stored values (see
     :data:`WINDOW_COPIES`), so the copies made to write a window stay within its budget. At least 1."""
     from raylens.io.schemas import ACTIVATION_DTYPES
 
     per_row = int(d_model) * ACTIVATION_DTYPES[dtype] + ROW_OVERHEAD_BYTES
-    return max(1, min(int(row_group_bytes), int(max_host_bytes) // 4) // per_row)
+    return max(1, min(int(row_group_bytes), int(max_host_bytes) // (2 * WINDOW_COPIES)) // per_row)
 
 
 def release_host_memory() -> None:

@@ -198,8 +198,8 @@ def test_extraction_peak_rss_stays_under_the_byte_budget(tmp_path):
     and one forward batch of the longest documents by less than the budget. Measured 37-39 MiB
     (3 runs, 647 MiB payload; 43-69 MiB with windows of half the budget instead of a third); before
     this change (float32 windows, the window-wide split, glibc's dynamic mmap threshold, nnsight's
-    uncollected cycles) about 1.3-2x the budget plus 15-25 MiB over one batch's peak, and 106-183 MiB
-    over a small shard's peak with a 16 MiB budget (SmolLM2)."""
+    uncollected cycles) 131-145 MiB over the RSS before the shard with a 64 MiB budget (d_model
+    1024), and 106-183 MiB over a small shard's peak with a 16 MiB budget (SmolLM2)."""
     budget, group, n_docs = 64 * 2**20, 8 * 2**20, 1700
     proc = subprocess.run([sys.executable, "-c", _BUDGET_CHILD, str(tmp_path / "out"), str(tmp_path / "model"),
                            str(budget), str(group), str(n_docs)], capture_output=True, text=True, timeout=900)

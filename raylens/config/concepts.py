@@ -25,10 +25,14 @@ class ExtractionConfig(Section):
                                "bfloat16 (a bf16 model's values bit for bit) or float32")
     shard_size: int = Field(50, gt=0, description="documents per output shard (unit of resume)")
     max_host_bytes: int = Field(
-        512 * 2**20, gt=0, description="bytes of activation rows an extraction worker holds at once (pooled float32, "
-                                       "the stored copy, the row group being written): rows are streamed to the "
-                                       "shard file in row groups of about this size; peak host RAM is about the "
-                                       "runtime + the weights when on CPU + the forward batch + this")
+        512 * 2**20, gt=0, description="bytes of activation rows an extraction worker holds at once, all copies "
+                                       "counted (the window in the stored dtype, its train / held-out split, the "
+                                       "row group being encoded: raylens.models.split.window_rows); peak host RAM "
+                                       "is about the runtime + the weights when on CPU + one forward batch + this")
+    row_group_bytes: int = Field(
+        64 * 2**20, gt=0, description="Parquet row groups of the activation files hold at most this many bytes: a "
+                                      "trainer's reader decodes whole row groups (to float32: 2x for float16), so "
+                                      "its memory is readers x prefetch x 2 x this, whatever max_host_bytes was")
     max_file_bytes: int = Field(
         2**30, gt=0, description="an activation file rolls over to a new part file past this many bytes "
                                  "(shard-00000-part0001.parquet...; the shard's marker lists them)")
@@ -218,12 +222,12 @@ class ConceptJobConfig(Section):
         """The fields that determine the documents and activation shards (must match on resume;
         a dict of sections, each a dict of fields):
         the model, the corpus, the extraction section except what only changes memory or speed
-        (``batch_size``, ``max_host_bytes``, ``max_file_bytes``), ``concepts.heldout_fraction``
+        (``batch_size``, ``max_host_bytes``, ``max_file_bytes``, ``row_group_bytes``), ``concepts.heldout_fraction``
         (held-out rows are split off at extraction) and, with token sampling, ``seed``."""
         ex = self.extraction
         key = {"model": self.model.model_dump(), "corpus": self.corpus.model_dump(),
                "extraction": {k: v for k, v in ex.model_dump().items()
-                              if k not in ("batch_size", "max_host_bytes", "max_file_bytes")},
+                              if k not in ("batch_size", "max_host_bytes", "max_file_bytes", "row_group_bytes")},
                "concepts": {"heldout_fraction": self.concepts.heldout_fraction}}
         if ex.max_rows_per_document is not None or ex.row_sampling_rate < 1.0:
             key["sampling"] = {"seed": self.seed}

@@ -137,10 +137,10 @@ class OutputStore:
         self.write_json(self.marker(kind, shard), {"n_rows": table.num_rows, **(meta or {})})
 
     def shard_writer(self, folder: str, shard: str, schema: pa.Schema, *, max_file_bytes: int | None = None,
-                     parquet_options: dict | None = None) -> "ShardFileWriter":
+                     row_group_bytes: int | None = None, parquet_options: dict | None = None) -> "ShardFileWriter":
         """A :class:`ShardFileWriter` streaming ``folder/<shard>.parquet`` (and its parts)."""
         return ShardFileWriter(self, folder, shard, schema, max_file_bytes=max_file_bytes,
-                               parquet_options=parquet_options)
+                               row_group_bytes=row_group_bytes, parquet_options=parquet_options)
 
     def commit_shard(self, kind: str, shard: str, files: list[str], meta: dict) -> None:
         """Commit streamed files (relative paths from :meth:`ShardFileWriter.close`, any folder)
@@ -221,13 +221,17 @@ class ShardFileWriter:
         shard: shard name.
         schema: the files' schema.
         max_file_bytes: roll over to a new part past this many bytes (``None`` = one file).
+        row_group_bytes: cut each written table into row groups of at most this many bytes of
+            Arrow data (at least one row; ``None`` = one row group per :meth:`write`): a reader
+            decodes a row group at a time, so this bounds its memory whatever the writer's batches.
         parquet_options: ``ParquetWriter`` keyword arguments (default zstd).
     """
 
     def __init__(self, store: OutputStore, folder: str, shard: str, schema: pa.Schema, *,
-                 max_file_bytes: int | None = None, parquet_options: dict | None = None):
+                 max_file_bytes: int | None = None, row_group_bytes: int | None = None,
+                 parquet_options: dict | None = None):
         self.store, self.folder, self.shard, self.schema = store, folder, shard, schema
-        self.max_file_bytes, self.parquet_options = max_file_bytes, parquet_options
+        self.max_file_bytes, self.row_group_bytes, self.parquet_options = max_file_bytes, row_group_bytes, parquet_options
         self.n_rows = 0
         self._staged: list[tuple[str, str]] = []  # (staging path, relative path)
         self._writer: pq.ParquetWriter | None = None
@@ -243,13 +247,16 @@ class ShardFileWriter:
         self._bytes = 0
 
     def write(self, table: pa.Table) -> None:
-        """Append ``table`` (``schema``) as one row group (several past a million rows)."""
+        """Append ``table`` (``schema``) as one row group, or several of at most
+        ``row_group_bytes`` (and a million rows) each."""
         if self._writer is None or (self.max_file_bytes is not None and self._bytes >= self.max_file_bytes):
             if self._writer is not None:
                 self._writer.close()
             self._open()
         if table.num_rows:
-            self._writer.write_table(table)
+            rows = None if self.row_group_bytes is None else \
+                max(1, int(self.row_group_bytes * table.num_rows // max(1, table.nbytes)))
+            self._writer.write_table(table, row_group_size=rows)
             self._bytes += table.nbytes
             self.n_rows += table.num_rows
 

@@ -20,8 +20,11 @@ Granularities (one activation row per *unit*; coarser units average their tokens
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import difflib
+import functools
+import gc
 import logging
 from collections.abc import Callable, Iterator, Sequence
 
@@ -91,10 +94,18 @@ def float16_overflow_issues(values: torch.Tensor, row_docs: np.ndarray) -> list[
     activation); ``extraction.activation_dtype: float32`` or ``bfloat16`` stores them.
 
     Args:
-        values: ``(n_rows, d_model)`` float32 activations (any device).
+        values: ``(n_rows, d_model)`` float32 activations, or their float16 copy (where an
+            overflow is already ``inf``), on any device.
         row_docs: ``(n_rows,)`` the document id of each row.
     """
-    over = (values.abs() > FLOAT16_MAX).sum(1).cpu().numpy()
+    def count(block: torch.Tensor) -> np.ndarray:
+        if block.dtype == torch.float16 and block.device.type == "cpu":  # inf bits: 13x torch's CPU half ops
+            return np.count_nonzero((block.numpy().view(np.uint16) & 0x7FFF) == 0x7C00, axis=1)
+        return (block.abs() > FLOAT16_MAX).sum(1).cpu().numpy()
+
+    # in blocks of 2**22 values: a window-sized temporary would double the window's memory
+    step = max(1, 2**22 // max(1, values.shape[1]))
+    over = np.concatenate([count(values[i: i + step]) for i in range(0, len(values), step)] or [np.zeros(0, np.int64)])
     if not over.any():
         return []
     docs, inverse = np.unique(row_docs, return_inverse=True)
@@ -382,30 +393,39 @@ class SplitModel:
             docs = [j for j in range(len(window)) if len(kept[j])]
             values, predicted = self.pooled_activations(
                 [encoded[j] for j in docs], [[units[j][k].tokens for k in kept[j]] for j in docs],
-                batch_size=batch_size, predict=predict, progress=progress)
+                batch_size=batch_size, predict=predict, progress=progress, dtype=dtype)
             row_docs = np.repeat(np.asarray([ids[j] for j in docs], np.int64), [len(kept[j]) for j in docs])
             if dtype == "float16":
                 issues += float16_overflow_issues(values, row_docs)
-            yield self.activation_table(row_docs, [[(int(k), units[j][k]) for k in kept[j]] for j in docs],
-                                        values, predicted, dtype), issues
+            table = self.activation_table(row_docs, [[(int(k), units[j][k]) for k in kept[j]] for j in docs],
+                                          values, predicted, dtype)
+            # the window's float32 copy and Python units go before the table is handed over, and the
+            # table when the caller asks for the next window: never two windows alive at once
+            del values, encoded, units
+            yield table, issues
+            del table
+            release_host_memory()
 
     def pooled_activations(self, encoded: Sequence[Encoded], tokens: Sequence[Sequence[Sequence[int]]], *,
                            batch_size: int, predict: bool = False, progress: Callable[[int], None] | None = None,
-                           ) -> tuple[torch.Tensor, list[int | None]]:
+                           dtype: str = "float32") -> tuple[torch.Tensor, list[int | None]]:
         """Mean split-point activation of every unit, documents batched by length, pooled on the
         model's device.
 
         Args:
             encoded: ``n_docs`` tokenised documents.
             tokens: per document, the token positions of each of its units.
+            dtype: the values' dtype (``"float16"``, ``"bfloat16"``, ``"float32"``): each batch is
+                pooled in float32 and cast once (round to nearest even), so a window holds its
+                rows in the stored dtype only (a float16 overflow is ``inf`` there).
 
         Returns:
-            ``(values, predicted)``: float32 ``(n_units, d_model)`` on the model's device, units in
-            document then unit order; per document its predicted class when ``predict`` (a
-            sequence classifier's full forward), else ``None``.
+            ``(values, predicted)``: ``(n_units, d_model)`` of ``dtype`` on the model's device,
+            units in document then unit order; per document its predicted class when ``predict``
+            (a sequence classifier's full forward), else ``None``.
         """
         starts = np.cumsum([0] + [len(t) for t in tokens])
-        values = torch.empty((int(starts[-1]), self.d_model), dtype=torch.float32, device=self.loaded.device)
+        values = torch.empty((int(starts[-1]), self.d_model), dtype=getattr(torch, dtype), device=self.loaded.device)
         predicted: list[int | None] = [None] * len(encoded)
         todo = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
         def forward(idx: Sequence[int]) -> tuple[Sequence[int], torch.Tensor, torch.Tensor | None]:
@@ -418,9 +438,10 @@ class SplitModel:
                 for row, i in enumerate(idx if pred is not None else ()):
                     predicted[i] = int(pred[row])
                 dest = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in idx])
-                values[torch.from_numpy(dest).to(values.device)] = pooled
+                values[torch.from_numpy(dest).to(values.device)] = pooled.to(values.dtype)
             if progress is not None:
                 progress(len(todo[b: b + batch_size]))
+            gc.collect(1)  # nnsight's trace leaves reference cycles that hold the batch's tensors
         return values, predicted
 
     def activation_table(self, row_docs: np.ndarray, units: Sequence[Sequence[tuple[int, Unit]]],
@@ -467,24 +488,69 @@ def pool_units(h: torch.Tensor, tokens: Sequence[Sequence[Sequence[int]]]) -> to
     return sums / torch.bincount(index, minlength=j).clamp_min(1)[:, None].float()
 
 
-#: Host bytes held per activation value of a window beyond its stored bytes: the pooled float32
-#: copy (on the host when the model is on the CPU).
-POOLED_BYTES_PER_VALUE = 4
+#: The byte budget over a window's rows: the window itself (pooled batch by batch straight into
+#: the stored dtype, :meth:`SplitModel.pooled_activations`, with its Python units) takes a third;
+#: the slice being written (:func:`write_slice_rows`: at most a sixth of the budget) is held twice,
+#: its train / held-out split and the Parquet writer's encoding of it; the last third is left to
+#: what the allocators and Python keep (measured 10-20 MiB: tests/test_activation_storage.py).
+WINDOW_COPIES = 3
 #: Host bytes per row of a window besides its values: the token ids, offsets and unit objects in
-#: Python, the other Arrow columns (measured about 300-400 on SmolLM2 tokens).
-ROW_OVERHEAD_BYTES = 512
+#: Python, the lists the other Arrow columns are built from, those columns (about 1.4 KiB
+#: measured at granularity token: tests/test_activation_storage.py).
+ROW_OVERHEAD_BYTES = 1536
 
 
 def window_rows(max_host_bytes: int, d_model: int, dtype: str = "float16") -> int:
-    """Rows per extraction window (and Parquet row group) so a window's host copies fit in
-    ``max_host_bytes``: the pooled float32 values (:data:`POOLED_BYTES_PER_VALUE`), the stored
-    copy, and the train / held-out split of it being written (two copies of ``dtype``), plus
-    :data:`ROW_OVERHEAD_BYTES`, i.e. ``d_model x (4 + 3 x bytes(dtype)) + 512`` bytes per row.
-    At least 1."""
+    """Rows per extraction window so all of a window's host copies fit in ``max_host_bytes``:
+    :data:`WINDOW_COPIES` x (the stored values + :data:`ROW_OVERHEAD_BYTES`), i.e.
+    ``3 x (d_model x bytes(dtype) + 1536)`` bytes per row (29,184 at d_model 4,096 in float16: a
+    512 MiB budget holds 18,396 rows, 143 documents of 128 tokens). Freed memory is handed back to the OS between windows
+    (:func:`release_host_memory`). At least 1."""
     from raylens.io.schemas import ACTIVATION_DTYPES
 
-    per_row = int(d_model) * (POOLED_BYTES_PER_VALUE + 3 * ACTIVATION_DTYPES[dtype]) + ROW_OVERHEAD_BYTES
+    per_row = WINDOW_COPIES * (int(d_model) * ACTIVATION_DTYPES[dtype] + ROW_OVERHEAD_BYTES)
     return max(1, int(max_host_bytes) // per_row)
+
+
+def write_slice_rows(max_host_bytes: int, row_group_bytes: int, d_model: int, dtype: str = "float16") -> int:
+    """Rows of a window split (train / held-out) and written at a time: at most
+    ``row_group_bytes`` and a sixth of ``max_host_bytes`` of stored values (see
+    :data:`WINDOW_COPIES`), so the copies made to write a window stay within its budget. At least 1."""
+    from raylens.io.schemas import ACTIVATION_DTYPES
+
+    per_row = int(d_model) * ACTIVATION_DTYPES[dtype] + ROW_OVERHEAD_BYTES
+    return max(1, min(int(row_group_bytes), int(max_host_bytes) // (2 * WINDOW_COPIES)) // per_row)
+
+
+def release_host_memory() -> None:
+    """Hand the host memory freed by a finished window back to the OS: pyarrow's pool keeps
+    freed pages (``release_unused``) and glibc keeps freed heap memory (``malloc_trim(0)``;
+    skipped with another C library). Without this the resident memory between windows stays
+    about 15-30 MiB higher per 64 MiB of window and grows with fragmentation."""
+    pa.default_memory_pool().release_unused()
+    if _libc() is not None:
+        _libc().malloc_trim(0)
+
+
+def mmap_large_allocations(threshold: int = 2**20) -> bool:
+    """Make glibc serve every allocation of ``threshold`` bytes or more with its own ``mmap``
+    (``mallopt(M_MMAP_THRESHOLD)``, process-wide; it turns off glibc's dynamic threshold), given
+    back to the OS when freed. Else glibc raises its threshold after the first large free (up to
+    32 MiB) and batches' tensors and windows come from the heap, whose freed holes stay resident
+    (extraction then grew to about twice its budget). Called once by an extraction worker.
+    Returns whether it was applied (False with another C library)."""
+    lib = _libc()
+    return bool(lib is not None and lib.mallopt(-3, int(threshold)))  # -3: M_MMAP_THRESHOLD
+
+
+@functools.cache
+def _libc():
+    try:
+        lib = ctypes.CDLL("libc.so.6")
+        lib.malloc_trim, lib.mallopt  # noqa: B018 (glibc only)
+        return lib
+    except (OSError, AttributeError):
+        return None
 
 
 def _document_issue(doc_id: int, text: str, enc: Encoded, units: Sequence[Unit], max_tokens: int) -> dict | None:

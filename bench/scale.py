@@ -83,6 +83,7 @@ class PeakRSS:
 
     def __init__(self, interval: float = 0.2):
         self.interval, self.peak, self._stop = interval, {}, threading.Event()
+        self.stage, self.by_stage = "", {}  # per stage (mark()), the peak of each role during it
 
     def _role(self, proc) -> str | None:
         if proc.pid == os.getpid():
@@ -100,10 +101,17 @@ class PeakRSS:
                 role = self._role(proc)
                 try:
                     if role:
-                        self.peak[role] = max(self.peak.get(role, 0), own_rss(proc.pid))
+                        rss = own_rss(proc.pid)
+                        self.peak[role] = max(self.peak.get(role, 0), rss)
+                        stage = self.by_stage.setdefault(self.stage, {})
+                        stage[role] = max(stage.get(role, 0), rss)
                 except OSError:  # the process ended
                     pass
             self._stop.wait(self.interval)
+
+    def mark(self, stage: str) -> None:
+        """The stage the next samples belong to."""
+        self.stage = stage
 
     def __enter__(self) -> "PeakRSS":
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -134,22 +142,26 @@ def run_size(model: Path, corpus: Path, n: int, out: Path, *, cpus_per_worker: i
     store = OutputStore(cfg.output_uri)
     stages = {}
     with PeakRSS() as rss:
+        rss.mark("documents")
         t0 = time.perf_counter()
         shards = write_documents(store, cfg)
         stages["documents"] = (time.perf_counter() - t0, n)
+        rss.mark("extract")
         t0 = time.perf_counter()
         extract(store, cfg, shards)
         rows = sum(store.shard_meta("activations", s)["n_rows"] + store.shard_meta("activations", s).get(
             "n_heldout_rows", 0) for s in shards)
         stages["extract"] = (time.perf_counter() - t0, rows)
+        rss.mark("fit + metrics")
         t0 = time.perf_counter()
         trainer, _ = fit(store, cfg)
         stages["fit + metrics"] = (time.perf_counter() - t0, rows)
+        rss.mark("top-k scan")
         t0 = time.perf_counter()
         ray.get(trainer.top_examples.remote())
         stages["top-k scan"] = (time.perf_counter() - t0, rows)
         ray.kill(trainer)
-    return {"stages": stages, "rss": dict(rss.peak), "rows": rows}
+    return {"stages": stages, "rss": dict(rss.peak), "rows": rows, "rss_by_stage": rss.by_stage}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
           f"base = the {args.base:,}-sentence run")
     for stage in lo["stages"]:
         t0, r0 = base["stages"][stage]
+        if min(results[n]["stages"][stage][0] for n in args.sizes) - t0 < 1.0:
+            continue  # a stage of about a second: no start-up to take off
         rates = [(results[n]["stages"][stage][1] - r0) / max(results[n]["stages"][stage][0] - t0, 1e-9)
                  for n in args.sizes]
         print(f"{stage:<16}" + "".join(f"{r:>20,.0f}" for r in rates) + f"{rates[-1] / rates[0]:>18.2f}")
@@ -196,6 +210,11 @@ def main(argv: list[str] | None = None) -> int:
     for role in sorted(set().union(*(r["rss"] for r in results.values()))):
         peaks = [results[n]["rss"].get(role, 0) / 2**20 for n in args.sizes]
         print(f"{role:<16}" + "".join(f"{v:>20,.0f}" for v in peaks) + f"{peaks[-1] / max(peaks[0], 1e-9):>18.2f}")
+    print("\ntrainer peak RSS (MiB) by stage")
+    for stage in lo["stages"]:
+        peaks = [results[n]["rss_by_stage"].get(stage, {}).get("trainer", 0) / 2**20 for n in args.sizes]
+        if any(peaks):
+            print(f"{stage:<16}" + "".join(f"{v:>20,.0f}" for v in peaks) + f"{peaks[-1] / max(peaks[0], 1e-9):>18.2f}")
     return 0
 
 

@@ -123,7 +123,7 @@ class PeakRSS:
         self._thread.join()
 
 
-def run_size(model: Path, corpus: Path, n: int, out: Path, *, cpus_per_worker: int) -> dict:
+def run_size(model: Path, corpus: Path, n: int, out: Path, *, cpus_per_worker: int, shard_size: int = 2500) -> dict:
     """The job's stages on the first ``n`` sentences; returns per stage seconds and rows, and
     the peak RSS per role."""
     import ray
@@ -135,7 +135,7 @@ def run_size(model: Path, corpus: Path, n: int, out: Path, *, cpus_per_worker: i
     cfg = load_config(None, {
         "output_uri": str(out), "model.name": str(model), "corpus.source": str(corpus), "corpus.limit": n,
         "corpus.shuffle_seed": None, "extraction.split_point": 1, "extraction.max_tokens": 64,
-        "extraction.batch_size": 64, "extraction.shard_size": 2500, "concepts.nb_concepts": 256,
+        "extraction.batch_size": 64, "extraction.shard_size": shard_size, "concepts.nb_concepts": 256,
         "concepts.params": {"top_k": 16, "epochs": 1}, "concepts.batch_rows": 4096,
         "interpretation.labels.enabled": False, "importance.enabled": False,
         "resources.cpus_per_worker": cpus_per_worker})
@@ -168,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=int, nargs=3, default=[5000, 15000, 45000], help="sentences, three sizes")
     p.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray")
+    p.add_argument("--shard-size", type=int, default=2500, help="documents per activation shard")
     p.add_argument("--base", type=int, default=1000,
                    help="sentences of a first, small run whose times are each stage's fixed cost (start-up)")
     args = p.parse_args(argv)
@@ -182,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         corpus = sentence_corpus(tmp / "sentences.parquet", max(args.sizes))
         ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
         try:
-            results = {n: run_size(model, corpus, n, tmp / f"out-{n}", cpus_per_worker=args.cpus)
+            results = {n: run_size(model, corpus, n, tmp / f"out-{n}", cpus_per_worker=args.cpus,
+                                   shard_size=args.shard_size)
                        for n in [args.base, *args.sizes]}
         finally:
             ray.shutdown()

@@ -154,7 +154,7 @@ def plan_concept_job(cfg: Any, *, sample_docs: int = 200) -> dict[str, Any]:
     Raises:
         ConfigError: through :func:`raylens.config.preflight.check_model` for a bad model or split.
     """
-    from raylens.models.split import ROW_OVERHEAD_BYTES, WINDOW_COPIES, window_rows
+    from raylens.models.split import WINDOW_COPIES, row_host_bytes, window_rows
 
     ex, res = cfg.extraction, cfg.resources
     m = _model_numbers(cfg.model.name, cfg.model.task, ex.split_point, cfg.model.dtype)
@@ -173,7 +173,7 @@ def plan_concept_job(cfg: Any, *, sample_docs: int = 200) -> dict[str, Any]:
     working = _batch_working_set(m, ex.batch_size, length, m["bytes_per_param"] if on_gpu else 4)
     window = min(shard_rows, window_rows(ex.max_host_bytes, m["d_model"], ex.activation_dtype))
     host = RUNTIME_BYTES + (0 if on_gpu else w_extract + working) + ALLOCATOR_SLACK_BYTES \
-        + window * WINDOW_COPIES * (m["d_model"] * value_bytes + ROW_OVERHEAD_BYTES)
+        + window * WINDOW_COPIES * row_host_bytes(m["d_model"], ex.activation_dtype)
     tokens = c["n_docs"] * c["tokens_per_doc"]
     flops_extract = 2 * m["params_per_token"] * tokens
     n_gpus = max(1, res.num_workers * math.ceil(res.gpus_per_worker)) if on_gpu else 0

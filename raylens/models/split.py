@@ -500,26 +500,30 @@ WINDOW_COPIES = 3
 ROW_OVERHEAD_BYTES = 1536
 
 
+def row_host_bytes(d_model: int, dtype: str = "float16") -> int:
+    """Host bytes of one stored activation row while extraction holds it: its values in ``dtype``
+    plus :data:`ROW_OVERHEAD_BYTES` (``d_model x bytes(dtype) + 1536``). A window holds
+    :data:`WINDOW_COPIES` of this per row (:func:`window_rows`; the plan's estimate uses the same)."""
+    from raylens.io.schemas import ACTIVATION_DTYPES
+
+    return int(d_model) * ACTIVATION_DTYPES[dtype] + ROW_OVERHEAD_BYTES
+
+
 def window_rows(max_host_bytes: int, d_model: int, dtype: str = "float16") -> int:
     """Rows per extraction window so all of a window's host copies fit in ``max_host_bytes``:
     :data:`WINDOW_COPIES` x (the stored values + :data:`ROW_OVERHEAD_BYTES`), i.e.
     ``3 x (d_model x bytes(dtype) + 1536)`` bytes per row (29,184 at d_model 4,096 in float16: a
     512 MiB budget holds 18,396 rows, 143 documents of 128 tokens). Freed memory is handed back to the OS between windows
     (:func:`release_host_memory`). At least 1."""
-    from raylens.io.schemas import ACTIVATION_DTYPES
-
-    per_row = WINDOW_COPIES * (int(d_model) * ACTIVATION_DTYPES[dtype] + ROW_OVERHEAD_BYTES)
-    return max(1, int(max_host_bytes) // per_row)
+    return max(1, int(max_host_bytes) // (WINDOW_COPIES * row_host_bytes(d_model, dtype)))
 
 
 def write_slice_rows(max_host_bytes: int, row_group_bytes: int, d_model: int, dtype: str = "float16") -> int:
     """Rows of a window split (train / held-out) and written at a time: at most
     ``row_group_bytes`` and a sixth of ``max_host_bytes`` of stored values (see
     :data:`WINDOW_COPIES`), so the copies made to write a window stay within its budget. At least 1."""
-    from raylens.io.schemas import ACTIVATION_DTYPES
-
-    per_row = int(d_model) * ACTIVATION_DTYPES[dtype] + ROW_OVERHEAD_BYTES
-    return max(1, min(int(row_group_bytes), int(max_host_bytes) // (2 * WINDOW_COPIES)) // per_row)
+    budget = min(int(row_group_bytes), int(max_host_bytes) // (2 * WINDOW_COPIES))
+    return max(1, budget // row_host_bytes(d_model, dtype))
 
 
 def release_host_memory() -> None:

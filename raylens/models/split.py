@@ -501,11 +501,9 @@ ROW_OVERHEAD_BYTES = 1536
 
 
 def row_host_bytes(d_model: int, dtype: str = "float16") -> int:
-    """Host bytes of one stored activation row while extraction holds it: its values in ``dtype``
-    plus :data:`ROW_OVERHEAD_BYTES` (``d_model x bytes(dtype) + 1536``). A window holds
-    :data:`WINDOW_COPIES` of this per row (:func:`window_rows`; the plan's estimate uses the same)."""
+    """Host bytes of one stored row while extraction holds it: ``d_model x bytes(dtype)`` +
+    :data:`ROW_OVERHEAD_BYTES` (a window holds :data:`WINDOW_COPIES` of it, :func:`window_rows`)."""
     from raylens.io.schemas import ACTIVATION_DTYPES
-
     return int(d_model) * ACTIVATION_DTYPES[dtype] + ROW_OVERHEAD_BYTES
 
 

@@ -13,8 +13,9 @@ Estimates and where their constants come from:
   are the payload (rows x d_model x 2 or 4 bytes, stored uncompressed: ``bench/activation_io.py``)
   plus the per-row columns.
 * host RAM of an extraction worker: :data:`RUNTIME_BYTES` (Python, torch, transformers, nnsight
-  and the first forward's allocator pools: about 0.8 GiB measured on the 2-core CPU machine with
-  SmolLM2, bench/extraction_results.txt) + the weights and one batch's working set when they live
+  and the first forward's allocator pools: about 0.7 GiB measured on the 2-core CPU machine: a
+  plain SmolLM2 extraction's peak minus its weights, 0.97-1.06 GiB - 0.32 GiB, and a Ray extraction
+  worker of a 50 MB model, 0.75 GiB in bench/scale_results.txt) + the weights and one batch's working set when they live
   on the CPU + one extraction window (:func:`raylens.models.split.window_rows`: at most
   ``extraction.max_host_bytes``, fewer rows when the shard is smaller) + :data:`ALLOCATOR_SLACK_BYTES`.
 * GPU memory of extraction: weights + one batch's working set (hidden states, attention scores
@@ -32,7 +33,7 @@ import math
 from typing import Any
 
 #: Host memory of a worker before its shard's rows: interpreter, libraries, allocator pools (bytes).
-RUNTIME_BYTES = 0.8 * 2**30
+RUNTIME_BYTES = 0.7 * 2**30
 #: Host memory the allocators (glibc, pyarrow, tokenizers, Python objects) keep beyond the model,
 #: one batch and the window's budget: the plan's margin. Extraction hands freed memory back between
 #: windows and serves large blocks with mmap (raylens.models.split.release_host_memory,

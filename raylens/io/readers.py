@@ -117,6 +117,12 @@ def background(items: Iterator, depth: int) -> Iterator:
         stop.set()
 
 
+def as_float32(rows: np.ndarray) -> torch.Tensor:
+    """A batch of rows ``(n_rows, d_model)`` as a float32 tensor that owns its memory (a new
+    array even when ``rows`` is float32: a view would keep its whole read block alive)."""
+    return torch.from_numpy(rows.astype(np.float32))
+
+
 class ActivationStream:
     """A re-iterable stream of ``(batch_rows, d_model)`` float32 activation batches.
 
@@ -130,6 +136,11 @@ class ActivationStream:
     resumed trainer replays an epoch). Rows with a NaN or an infinite value (a float16
     overflow, see :func:`raylens.models.split.float16_overflow_issues`) are left out and
     counted in ``n_nonfinite`` (rows dropped by the last full pass).
+
+    Memory is bounded whatever the corpus: rows stay in their stored dtype (float16: 2 bytes
+    per value) from the file to the cut of a batch, which is then a float32 copy; in flight are
+    ``readers * prefetch`` row groups, the shuffle buffer (about twice ``shuffle_buffer`` rows)
+    and ``readers * prefetch`` float32 batches waiting for the consumer.
 
     Args:
         store: the job's output store.
@@ -170,7 +181,9 @@ class ActivationStream:
         self._epoch = int(epoch)
 
     def _read(self, path: str, row_group: int, filter_split: bool) -> tuple[np.ndarray, int]:
-        """One row group: its kept rows ``(n, d_model)`` float32, and the non-finite rows dropped."""
+        """One row group: its kept rows ``(n, d_model)`` in the stored dtype (float16 stays
+        float16 until a batch is cut: half the bytes in flight and in the shuffle buffer), and
+        the non-finite rows dropped."""
         columns = ["doc_id", "activation"] if filter_split else ["activation"]
         table = pq.ParquetFile(path, filesystem=self.store.fs).read_row_group(row_group, columns=columns)
         x = tensor_column_to_numpy(table.column("activation"))
@@ -179,8 +192,7 @@ class ActivationStream:
         if filter_split:
             held = heldout_mask(table.column("doc_id").to_numpy(), self.heldout_fraction)
             keep &= held if self.split == "heldout" else ~held
-        x = x if keep.all() else x[keep]
-        return x.astype(np.float32, copy=False) if x.dtype != np.float32 else x, dropped
+        return (x if keep.all() else x[keep]), dropped
 
     def _rows(self) -> Iterator[np.ndarray]:
         paths, filter_split = split_paths(self.store, self.split, self.kind)
@@ -250,10 +262,12 @@ class ActivationStream:
             joined = pending[0] if len(pending) == 1 else np.concatenate(pending)
             keep = n_pending - n_pending % self.batch_rows
             for i in range(0, keep, self.batch_rows):
-                yield torch.from_numpy(joined[i: i + self.batch_rows])
-            pending, n_pending = [joined[keep:]], n_pending - keep
+                yield as_float32(joined[i: i + self.batch_rows])
+            # the remainder is copied, so that no view keeps the whole block alive
+            pending = [joined[keep:].copy()] if keep < n_pending else []
+            n_pending -= keep
         if n_pending:
-            yield torch.from_numpy(np.concatenate(pending))
+            yield as_float32(np.concatenate(pending))
 
 
-__all__ = ["HELDOUT_KIND", "ActivationStream", "background", "heldout_mask", "heldout_paths", "split_paths"]
+__all__ = ["HELDOUT_KIND", "ActivationStream", "as_float32", "background", "heldout_mask", "heldout_paths", "split_paths"]

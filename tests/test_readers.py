@@ -87,12 +87,12 @@ from raylens.io.readers import ActivationStream
 from raylens.io.schemas import activation_array, activations_schema
 from raylens.io.store import OutputStore
 
-out, d, window_rows, cap, readers, prefetch = sys.argv[1], *map(int, sys.argv[2:7])
+out, d, window_rows, cap, readers, prefetch, n_shards, shuffle = sys.argv[1], *map(int, sys.argv[2:9])
 store = OutputStore(out)
 schema = pa.schema([activations_schema(d).field("doc_id"), activations_schema(d).field("activation")])
 rng = np.random.default_rng(0)
 n_rows = 0
-for s in range(2):  # two shards of 32 MiB of float16, written in windows of window_rows
+for s in range(n_shards):  # shards of 32 MiB of float16, written in windows of window_rows
     w = store.shard_writer("activations", f"shard-{s:05d}", schema, row_group_bytes=cap)
     for start in range(0, 8192, window_rows):
         x = rng.standard_normal((min(window_rows, 8192 - start), d)).astype(np.float16)
@@ -104,9 +104,25 @@ def status(key):
 del x, w
 open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS
 base = status("VmRSS")
-seen = sum(len(b) for b in ActivationStream(store, batch_rows=256, readers=readers, prefetch=prefetch))
+seen = sum(len(b) for b in ActivationStream(store, batch_rows=256, readers=readers, prefetch=prefetch,
+                                            shuffle_buffer=shuffle))
 print(json.dumps({"rows": seen, "expected": n_rows, "growth": status("VmHWM") - base}))
 """
+
+
+def _read_growth(out, d: int, window: int, cap: int, readers: int, prefetch: int, n_shards: int = 2,
+                 shuffle: int = 0) -> dict:
+    """Write ``n_shards`` shards of 8,192 rows and stream them in a fresh process: its rows and
+    the growth of its peak RSS (VmHWM) over the stream."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _READ_CHILD, str(out), *map(str, (d, window, cap, readers, prefetch,
+                                                                                  n_shards, shuffle))],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def test_reader_memory_follows_the_row_group_cap_not_the_window(tmp_path):
@@ -125,10 +141,7 @@ def test_reader_memory_follows_the_row_group_cap_not_the_window(tmp_path):
     growth = {}
     for window in (1024, 8192):  # 4 MiB and 32 MiB of float16
         out = tmp_path / f"w{window}"
-        proc = subprocess.run([sys.executable, "-c", _READ_CHILD, str(out), str(d), str(window), str(cap),
-                               str(readers), str(prefetch)], capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        r = _read_growth(out, d, window, cap, readers, prefetch)
         assert r["rows"] == r["expected"] == 16384
         meta = pq.ParquetFile(str(out / "activations" / "shard-00000.parquet")).metadata
         sizes = [meta.row_group(g).column(1).total_uncompressed_size for g in range(meta.num_row_groups)]
@@ -138,3 +151,22 @@ def test_reader_memory_follows_the_row_group_cap_not_the_window(tmp_path):
     print({w: round(g / 2**20, 1) for w, g in growth.items()}, "MiB; bound", bound / 2**20)
     assert max(growth.values()) < bound, growth
     assert abs(growth[8192] - growth[1024]) < 24 * 2**20, growth
+
+
+def test_stream_memory_does_not_grow_with_the_corpus(tmp_path):
+    """The trainer's shuffled stream over 2 and over 8 shards (64 and 256 MiB of float16, row
+    groups of 2 MiB): the peak RSS growth of the pass is the same within 16 MiB, and under
+    readers x prefetch x (a row group in its stored dtype + a float32 batch) + twice the
+    shuffle buffer in float16 + 64 MiB. Before rows stayed float16 to the batch cut, the
+    row groups in flight and the shuffle blocks were float32 and each block was copied once
+    more when its batches were cut: measured 195 / 204 MiB then, 85-87 MiB now."""
+    d, cap, readers, prefetch, shuffle = 2048, 2 * 2**20, 2, 2, 16 * 256
+    growth = {}
+    for n in (2, 8):
+        r = _read_growth(tmp_path / f"s{n}", d, 1024, cap, readers, prefetch, n_shards=n, shuffle=shuffle)
+        assert r["rows"] == r["expected"] == n * 8192
+        growth[n] = r["growth"]
+    bound = readers * prefetch * (cap + 256 * d * 4) + 2 * shuffle * d * 2 + 64 * 2**20
+    print({n: round(g / 2**20, 1) for n, g in growth.items()}, "MiB; bound", bound / 2**20)
+    assert max(growth.values()) < bound, growth
+    assert abs(growth[8] - growth[2]) < 16 * 2**20, growth

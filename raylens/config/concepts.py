@@ -31,8 +31,8 @@ class ExtractionConfig(Section):
                                        "is about the runtime + the weights when on CPU + one forward batch + this")
     row_group_bytes: int = Field(
         64 * 2**20, gt=0, description="Parquet row groups of the activation files hold at most this many bytes: a "
-                                      "trainer's reader decodes whole row groups (to float32: 2x for float16), so "
-                                      "its memory is readers x prefetch x 2 x this, whatever max_host_bytes was")
+                                      "trainer's readers hold whole row groups in their stored dtype, so their "
+                                      "memory is readers x prefetch x this, whatever max_host_bytes was")
     max_file_bytes: int = Field(
         2**30, gt=0, description="an activation file rolls over to a new part file past this many bytes "
                                  "(shard-00000-part0001.parquet...; the shard's marker lists them)")

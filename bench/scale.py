@@ -171,14 +171,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard-size", type=int, default=2500, help="documents per activation shard")
     p.add_argument("--base", type=int, default=1000,
                    help="sentences of a first, small run whose times are each stage's fixed cost (start-up)")
+    p.add_argument("--keep", type=Path, default=None,
+                   help="write the runs' outputs (model, corpus, out-N) under this folder and keep them, to profile a stage")
     args = p.parse_args(argv)
     import ray
 
     from pipelines.console import say
 
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        (tmp / "model").mkdir()
+        tmp = Path(tmp) if args.keep is None else args.keep
+        (tmp / "model").mkdir(parents=True, exist_ok=True)
         model = tiny_llama(tmp / "model")
         corpus = sentence_corpus(tmp / "sentences.parquet", max(args.sizes))
         ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)

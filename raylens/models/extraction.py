@@ -231,29 +231,35 @@ def padded_batch(tokens: WindowTokens, docs: np.ndarray, pad_token_id: int,
     return torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
 
 
-def pool_batch(h: torch.Tensor, units: WindowUnits, docs: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
-    """Each unit of the documents ``docs`` (the batch's rows, in order) pooled from ``h``
-    ``(n_docs, n_tokens, d_model)``, on ``h``'s device.
+def pool_batch(h: torch.Tensor, units: WindowUnits, docs: np.ndarray, values: torch.Tensor) -> None:
+    """Pool each unit of the documents ``docs`` (the batch's rows, in order) from ``h``
+    ``(n_docs, n_tokens, d_model)`` into its row of ``values`` ``(n_units, d_model)``, on ``h``'s
+    device; a document's units are consecutive rows of ``values``, written with one copy each.
 
-    Returns:
-        ``(rows, pooled)``: the units' rows ``(n_units,)`` in the window, and ``(n_units,
-        d_model)``: one ``index_select`` of the token rows when every unit is one token (in
-        ``h``'s dtype, a copy), else their float32 mean (``index_add_`` in token order, then a
-        division by the counts).
+    When every unit is one token and ``values`` has ``h``'s dtype, each document's rows are one
+    ``index_select`` from ``h`` straight into ``values``; else one ``index_select`` of the batch's
+    token rows, their float32 mean per unit when a unit has several (``index_add_`` in token
+    order, then a division by the counts), and one cast per document (round to nearest even).
     """
     first, last = units.doc_units[docs], units.doc_units[docs + 1]
     rows = concat_ranges(first, last)
     m0, m1 = units.unit_members[rows], units.unit_members[rows + 1]
     sizes = m1 - m0
-    src = np.repeat(np.repeat(np.arange(len(docs)), last - first), sizes) * h.shape[1] \
-        + units.member_pos[concat_ranges(m0, m1)]
-    dev = h.device
-    flat = h.reshape(-1, h.shape[-1]).index_select(0, torch.from_numpy(src).to(dev))
-    if len(src) == len(rows):
-        return rows, flat
-    index = torch.from_numpy(np.repeat(np.arange(len(rows)), sizes)).to(dev)
-    sums = torch.zeros((len(rows), h.shape[-1]), dtype=torch.float32, device=dev).index_add_(0, index, flat.float())
-    return rows, sums / torch.bincount(index, minlength=len(rows)).clamp_min(1)[:, None].float()
+    dev, flat_h = h.device, h.reshape(-1, h.shape[-1])
+    src = torch.from_numpy(np.repeat(np.repeat(np.arange(len(docs)), last - first), sizes) * h.shape[1]
+                           + units.member_pos[concat_ranges(m0, m1)]).to(dev)
+    at = csr(last - first).tolist()  # each document's rows in the batch's units
+    if len(src) == len(rows) and h.dtype == values.dtype:  # one token per unit: copies
+        for r, (a, b) in enumerate(zip(first.tolist(), last.tolist())):
+            torch.index_select(flat_h, 0, src[at[r]: at[r + 1]], out=values[a:b])
+        return
+    pooled = flat_h.index_select(0, src)
+    if len(src) != len(rows):
+        index = torch.from_numpy(np.repeat(np.arange(len(rows)), sizes)).to(dev)
+        sums = torch.zeros((len(rows), h.shape[-1]), dtype=torch.float32, device=dev).index_add_(0, index, pooled.float())
+        pooled = sums / torch.bincount(index, minlength=len(rows)).clamp_min(1)[:, None].float()
+    for r, (a, b) in enumerate(zip(first.tolist(), last.tolist())):
+        values[a:b].copy_(pooled[at[r]: at[r + 1]])
 
 
 def pool_documents(split: "SplitModel", tokens: WindowTokens, units: WindowUnits, docs: np.ndarray, *,
@@ -261,7 +267,8 @@ def pool_documents(split: "SplitModel", tokens: WindowTokens, units: WindowUnits
                    dtype: str = "float32") -> tuple[torch.Tensor, np.ndarray | None]:
     """Every unit of the documents ``docs`` of a window, pooled at ``split``'s split point:
     documents batched by length (stable sort, ``batch_size`` at a time, a batch too large for the
-    device split and retried), each batch pooled (:func:`pool_batch`) and cast once to ``dtype``.
+    device split and retried), each batch pooled into the window's rows (:func:`pool_batch`,
+    cast once to ``dtype``).
 
     Returns:
         ``(values, predicted)``: ``(n_units, d_model)`` of ``dtype`` on the model's device (rows
@@ -275,17 +282,17 @@ def pool_documents(split: "SplitModel", tokens: WindowTokens, units: WindowUnits
     predicted = np.full(len(lengths), -1, np.int64)
     todo = sorted(np.asarray(docs, np.int64).tolist(), key=lambda j: lengths[j])
 
-    def forward(idx: Sequence[int]) -> tuple[np.ndarray, np.ndarray, torch.Tensor, torch.Tensor | None]:
+    def forward(idx: Sequence[int]) -> None:  # values and predicted change only once nothing can fail
         batch = np.asarray(idx, np.int64)
         ids, mask = padded_batch(tokens, batch, split.tokenizer.pad_token_id, split.loaded.device)
         h, pred = split.hidden_and_prediction(ids, mask) if predict else (split.hidden(ids, mask), None)
-        return (batch, *pool_batch(h, units, batch), pred)
+        pred = None if pred is None else pred.cpu().numpy()
+        pool_batch(h, units, batch, values)
+        if pred is not None:
+            predicted[batch] = pred
 
     for b in range(0, len(todo), batch_size):
-        for batch, rows, pooled, pred in split_on_oom(forward, todo[b: b + batch_size], what="extraction batch"):
-            if pred is not None:
-                predicted[batch] = pred.cpu().numpy()
-            values[torch.from_numpy(rows).to(values.device)] = pooled.to(values.dtype)
+        split_on_oom(forward, todo[b: b + batch_size], what="extraction batch")
         if progress is not None:
             progress(len(todo[b: b + batch_size]))
         gc.collect(1)  # nnsight's trace leaves reference cycles that hold the batch's tensors
@@ -297,26 +304,24 @@ def unit_texts(texts: Sequence[str], row_doc: np.ndarray, start: np.ndarray, end
     Python slices are), as an Arrow ``string`` array built from the documents' UTF-8 bytes: one
     gather of the rows' bytes, no Python string per row. ``row_doc`` must be non-decreasing."""
     row_doc = np.asarray(row_doc, np.int64)
-    bstart, bend = np.asarray(start, np.int64).copy(), np.asarray(end, np.int64).copy()
     docs = np.unique(row_doc)
     lo, hi = np.searchsorted(row_doc, docs, "left"), np.searchsorted(row_doc, docs, "right")
-    pieces, base = [], 0
-    for j, a, b in zip(docs.tolist(), lo.tolist(), hi.tolist()):
-        text = texts[j]
-        raw = text.encode("utf-8")
-        s = np.clip(bstart[a:b], 0, len(text))
-        e = np.clip(bend[a:b], s, len(text))
-        if len(raw) != len(text):  # characters -> bytes
-            cp = np.frombuffer(text.encode("utf-32-le"), np.uint32)
-            cum = csr(1 + (cp >= 0x80).astype(np.int64) + (cp >= 0x800) + (cp >= 0x10000))
-            s, e = cum[s], cum[e]
-        bstart[a:b], bend[a:b] = s + base, e + base
-        pieces.append(raw)
-        base += len(raw)
+    raw = [texts[j].encode("utf-8") for j in docs.tolist()]
+    n_chars = np.fromiter((len(texts[j]) for j in docs.tolist()), np.int64, len(docs))
+    n_bytes = np.fromiter(map(len, raw), np.int64, len(raw))
+    base = np.repeat(csr(n_bytes)[:-1], hi - lo)
+    limit = np.repeat(n_chars, hi - lo)
+    bstart = np.minimum(np.maximum(np.asarray(start, np.int64), 0), limit)
+    bend = np.minimum(np.maximum(np.asarray(end, np.int64), bstart), limit)
+    for k in np.flatnonzero(n_bytes != n_chars).tolist():  # non-ASCII documents
+        cp = np.frombuffer(texts[int(docs[k])].encode("utf-32-le"), np.uint32)
+        cum = csr(1 + (cp >= 0x80).astype(np.int64) + (cp >= 0x800) + (cp >= 0x10000))  # characters -> bytes
+        bstart[lo[k]: hi[k]], bend[lo[k]: hi[k]] = cum[bstart[lo[k]: hi[k]]], cum[bend[lo[k]: hi[k]]]
+    bstart, bend = bstart + base, bend + base
     offsets = csr(bend - bstart)
     if offsets[-1] >= 2**31:  # beyond a string array's 32-bit offsets: let Arrow decide
         return pa.array([texts[d][s:e] for d, s, e in zip(row_doc.tolist(), start, end)], pa.string())
-    data = np.frombuffer(b"".join(pieces), np.uint8)[concat_ranges(bstart, bend)]
+    data = np.frombuffer(b"".join(raw), np.uint8)[concat_ranges(bstart, bend)]
     return pa.Array.from_buffers(pa.string(), len(row_doc),
                                  [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(data)])
 

@@ -233,33 +233,54 @@ def padded_batch(tokens: WindowTokens, docs: np.ndarray, pad_token_id: int,
 
 def pool_batch(h: torch.Tensor, units: WindowUnits, docs: np.ndarray, values: torch.Tensor) -> None:
     """Pool each unit of the documents ``docs`` (the batch's rows, in order) from ``h``
-    ``(n_docs, n_tokens, d_model)`` into its row of ``values`` ``(n_units, d_model)``, on ``h``'s
-    device; a document's units are consecutive rows of ``values``, written with one copy each.
+    ``(n_docs, n_tokens, d_model)`` into its row of ``values`` ``(n_units, d_model)``; a
+    document's units are consecutive rows of ``values``, written with one copy each.
 
-    When every unit is one token and ``values`` has ``h``'s dtype, each document's rows are one
-    ``index_select`` from ``h`` straight into ``values``; else one ``index_select`` of the batch's
-    token rows, their float32 mean per unit when a unit has several (``index_add_`` in token
-    order, then a division by the counts), and one cast per document (round to nearest even).
+    When every unit is one token and ``values`` has ``h``'s dtype, each document's rows are
+    copied from ``h`` straight into ``values``; else the batch's token rows are gathered (one
+    ``index_select``), averaged per unit in float32 when a unit has several (``index_add_`` in
+    token order, then a division by the counts) and cast once (round to nearest even). On the
+    CPU the per-document copies are numpy's (one thread: no parallel region per document).
     """
     first, last = units.doc_units[docs], units.doc_units[docs + 1]
     rows = concat_ranges(first, last)
     m0, m1 = units.unit_members[rows], units.unit_members[rows + 1]
     sizes = m1 - m0
-    dev, flat_h = h.device, h.reshape(-1, h.shape[-1])
-    src = torch.from_numpy(np.repeat(np.repeat(np.arange(len(docs)), last - first), sizes) * h.shape[1]
-                           + units.member_pos[concat_ranges(m0, m1)]).to(dev)
+    flat_h = h.reshape(-1, h.shape[-1])
+    src = np.repeat(np.repeat(np.arange(len(docs)), last - first), sizes) * h.shape[1] \
+        + units.member_pos[concat_ranges(m0, m1)]
     at = csr(last - first).tolist()  # each document's rows in the batch's units
-    if len(src) == len(rows) and h.dtype == values.dtype:  # one token per unit: copies
-        for r, (a, b) in enumerate(zip(first.tolist(), last.tolist())):
-            torch.index_select(flat_h, 0, src[at[r]: at[r + 1]], out=values[a:b])
-        return
-    pooled = flat_h.index_select(0, src)
-    if len(src) != len(rows):
-        index = torch.from_numpy(np.repeat(np.arange(len(rows)), sizes)).to(dev)
-        sums = torch.zeros((len(rows), h.shape[-1]), dtype=torch.float32, device=dev).index_add_(0, index, pooled.float())
-        pooled = sums / torch.bincount(index, minlength=len(rows)).clamp_min(1)[:, None].float()
+    if len(src) == len(rows) and h.dtype == values.dtype:  # one token per unit: copies from h
+        source, take = flat_h, src
+    else:
+        dev = h.device
+        source, take = flat_h.index_select(0, torch.from_numpy(src).to(dev)), None
+        if len(src) != len(rows):
+            index = torch.from_numpy(np.repeat(np.arange(len(rows)), sizes)).to(dev)
+            sums = torch.zeros((len(rows), h.shape[-1]), dtype=torch.float32, device=dev).index_add_(0, index, source.float())
+            source = sums / torch.bincount(index, minlength=len(rows)).clamp_min(1)[:, None].float()
+        source = source.to(values.dtype)
+    out, inp = host_rows(values), host_rows(source)
+    if out is None or inp is None:
+        take = None if take is None else torch.from_numpy(take).to(h.device)
     for r, (a, b) in enumerate(zip(first.tolist(), last.tolist())):
-        values[a:b].copy_(pooled[at[r]: at[r + 1]])
+        lo, hi = at[r], at[r + 1]
+        if out is not None and inp is not None:
+            if take is None:
+                out[a:b] = inp[lo:hi]
+            else:
+                np.take(inp, take[lo:hi], axis=0, out=out[a:b], mode="clip")
+        elif take is None:
+            values[a:b].copy_(source[lo:hi])
+        else:
+            torch.index_select(source, 0, take[lo:hi], out=values[a:b])
+
+
+def host_rows(t: torch.Tensor) -> np.ndarray | None:
+    """A CPU tensor's numpy view (``bfloat16`` as its ``int16`` bits), or ``None`` on another device."""
+    if t.device.type != "cpu":
+        return None
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
 
 
 def pool_documents(split: "SplitModel", tokens: WindowTokens, units: WindowUnits, docs: np.ndarray, *,
@@ -462,5 +483,5 @@ def _libc():
 
 __all__ = ["FLOAT16_MAX", "GRANULARITIES", "WindowTokens", "WindowUnits", "concat_ranges", "csr", "document_issues",
            "float16_overflow_issues", "iter_windows", "mmap_large_allocations", "padded_batch",
-           "pool_batch", "pool_documents", "release_host_memory", "sample_units", "tokenize", "unit_texts",
+           "host_rows", "pool_batch", "pool_documents", "release_host_memory", "sample_units", "tokenize", "unit_texts",
            "window_table", "window_tokens", "window_units"]

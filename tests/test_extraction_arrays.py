@@ -156,3 +156,20 @@ def test_unit_texts_equal_python_slices():
     assert got.to_pylist() == [texts[d][max(s, 0):max(e, 0)] for d, s, e in zip(row_doc, start, end)]
     assert got.validate(full=True) is None
     assert concat_ranges(np.array([3, 0, 7]), np.array([5, 0, 9])).tolist() == [3, 4, 7, 8]
+
+
+def test_float16_overflow_counts_equal_the_reference(smollm):
+    """Values beyond float16's range: the same ``inf`` rows and per-document counts in the issues."""
+    split = SplitModel(smollm, 3)
+    real_hidden = split.hidden
+
+    def huge_first_doc(ids, mask):
+        h = real_hidden(ids, mask).clone()
+        h[0, :, :3] = 1e6  # the shortest document of each batch
+        return h
+
+    split.hidden = huge_first_doc
+    kw = {"granularity": "token", "batch_size": 3, "max_tokens": 48, "dtype": "float16"}
+    got = split.extract(TEXTS, IDS, **kw)
+    assert_same(got, reference(split, TEXTS, IDS, **kw))
+    assert sum(i["kind"] == "float16_overflow" for i in got[1]) == -(-len([t for t in TEXTS if t and t.strip()]) // 3)

@@ -173,3 +173,15 @@ def test_float16_overflow_counts_equal_the_reference(smollm):
     got = split.extract(TEXTS, IDS, **kw)
     assert_same(got, reference(split, TEXTS, IDS, **kw))
     assert sum(i["kind"] == "float16_overflow" for i in got[1]) == -(-len([t for t in TEXTS if t and t.strip()]) // 3)
+
+
+@pytest.mark.parametrize("granularity, dtype", [("token", "float32"), ("token", "float16"), ("word", "float32")])
+def test_device_copies_equal_the_host_copies(smollm, monkeypatch, granularity, dtype):
+    """The torch copies used off the CPU (GPU) write the same rows as numpy's on the CPU."""
+    import raylens.models.extraction as extraction
+
+    split = SplitModel(smollm, 3)
+    kw = {"granularity": granularity, "batch_size": 3, "max_tokens": 48, "dtype": dtype, "exclude_first_tokens": 1}
+    host = split.extract(TEXTS, IDS, **kw)
+    monkeypatch.setattr(extraction, "host_rows", lambda t: None)
+    assert_same(split.extract(TEXTS, IDS, **kw), host)

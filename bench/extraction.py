@@ -13,6 +13,10 @@
    share of shard time spent splitting and writing (Parquet), median of 3 fresh processes. It
    bounds what a background writer thread could save (the rest of the time is Python work on
    rows, which holds the GIL). Measured 20.0-20.7% (13.6k rows/s, 600 documents, 64 MiB budget).
+   It also prints the share of the forward (time in ``SplitModel.hidden``) and of the rest (host
+   work: tokenizing, units, pooling, the Arrow table), and rows per CPU second of the process.
+   With units and columns built as arrays (raylens/models/extraction.py) host work per row fell
+   from about 61 to 23 us and rows per CPU second doubled (bench/extraction_results.txt).
    A writer thread with one window in flight (windows a third of the budget instead of a half)
    ran at 11.0-14.2k rows/s against 12.8-13.8k without, on this loaded 2-core machine: no gain,
    so extraction writes in its own thread.
@@ -101,6 +105,16 @@ def memory_child(n_docs: int, layer: int | str, batch_size: int, max_tokens: int
         shards.append(f"shard-{i:05d}")
         store.write_shard("documents", shards[-1], chunk)
     worker = ConceptModelWorker(cfg.model_dump(), extraction_only=True)
+    forward = [0.0]  # seconds in the split model's forward (SplitModel.hidden), the rest is host work
+    hidden = worker.split.hidden
+
+    def timed_hidden(*a, **kw):
+        t0 = time.perf_counter()
+        out = hidden(*a, **kw)
+        forward[0] += time.perf_counter() - t0
+        return out
+
+    worker.split.hidden = timed_hidden
     base = _rss_mib()
     peak = [base]
     stop = threading.Event()
@@ -112,7 +126,9 @@ def memory_child(n_docs: int, layer: int | str, batch_size: int, max_tokens: int
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
+    cpu0 = time.process_time()
     rows = [worker.run_shard(s) for s in shards]
+    cpu = time.process_time() - cpu0  # this process's CPU seconds: less sensitive to other processes' load
     stop.set()
     sampler.join()
     metas = [store.shard_meta("activations", s) for s in shards]
@@ -120,7 +136,8 @@ def memory_child(n_docs: int, layer: int | str, batch_size: int, max_tokens: int
     print(json.dumps({"n_docs": n_docs, "activation_rows": sum(r["n_rows"] for r in rows)
                       + sum(m["n_heldout_rows"] for m in metas), "rss_after_model_load_mib": base,
                       "peak_rss_mib": peak[0], "seconds": seconds,
-                      "write_share": sum(m["write_seconds"] for m in metas) / max(seconds, 1e-9)}))
+                      "write_share": sum(m["write_seconds"] for m in metas) / max(seconds, 1e-9),
+                      "forward_share": forward[0] / max(seconds, 1e-9), "cpu_seconds": cpu}))
 
 
 def cheap_write_share(args) -> None:
@@ -144,10 +161,13 @@ def cheap_write_share(args) -> None:
                               "--max-host-bytes", str(args.max_host_bytes)], capture_output=True, text=True, check=True)
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
     share = statistics.median(r["write_share"] for r in runs)
-    rate = statistics.median(r["activation_rows"] / r["seconds"] for r in runs)
+    fwd = statistics.median(r["forward_share"] for r in runs)
+    rates = sorted(r["activation_rows"] / r["seconds"] for r in runs)
+    per_cpu = statistics.median(r["activation_rows"] / r["cpu_seconds"] for r in runs)
     print(f"# cheap compute: random Llama d_model 2048 read at its embeddings, {args.cheap} docs, median of 3")
-    print(f"{runs[0]['activation_rows']:>8} rows  {rate:8.0f} rows/s  writing (split + Parquet) {100 * share:.1f}% of "
-          f"shard time: a background writer could save at most {1 / (1 - share):.2f}x")
+    print(f"{runs[0]['activation_rows']:>8} rows  {rates[1]:8.0f} rows/s (runs {', '.join(f'{r:.0f}' for r in rates)})  "
+          f"shard time: forward {100 * fwd:.1f}%, writing (split + Parquet) {100 * share:.1f}%, host work "
+          f"(tokenize, units, pooling, table) {100 * (1 - fwd - share):.1f}%; {per_cpu:.0f} rows per CPU second")
     shutil.rmtree(folder, ignore_errors=True)
 
 

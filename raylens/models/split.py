@@ -20,11 +20,9 @@ Granularities (one activation row per *unit*; coarser units average their tokens
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import difflib
-import functools
-import gc
+import itertools
 import logging
 from collections.abc import Callable, Iterator, Sequence
 
@@ -32,14 +30,14 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from raylens.io.schemas import activation_array, activations_schema
-from raylens.models.batching import split_on_oom
+from raylens.io.schemas import activations_schema
+from raylens.models.extraction import (FLOAT16_MAX, GRANULARITIES, WindowTokens, WindowUnits,  # noqa: F401 (re-exported)
+                                       csr, float16_overflow_issues, iter_windows, mmap_large_allocations,
+                                       pool_documents, release_host_memory, tokenize)
 from raylens.models.loading import LoadedModel, load_model, meta_model
 from raylens.text import TEXT_UNITS, group_tokens
 
 log = logging.getLogger(__name__)
-
-GRANULARITIES = ("token", "word", "sentence", "sample_mean", "cls")
 
 
 def layer_stack(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
@@ -81,39 +79,6 @@ def resolve_split_point(model: torch.nn.Module, split_point: int | str) -> str:
         close = difflib.get_close_matches(split_point, list(modules), n=3)
         raise ValueError(f"split_point {split_point!r} is not a module of {type(model).__name__}; close: {close}")
     return split_point
-
-
-#: The largest finite float16 value; bfloat16 and float32 activations can exceed it.
-FLOAT16_MAX = 65504.0
-
-
-def float16_overflow_issues(values: torch.Tensor, row_docs: np.ndarray) -> list[dict]:
-    """One issue per document whose activations exceed float16's range (``|x| > 65,504``):
-    stored as float16 they become ``inf`` (those rows are left out of the fit by
-    :class:`raylens.io.readers.ActivationStream`). Bfloat16 models reach such values (a massive
-    activation); ``extraction.activation_dtype: float32`` or ``bfloat16`` stores them.
-
-    Args:
-        values: ``(n_rows, d_model)`` float32 activations, or their float16 copy (where an
-            overflow is already ``inf``), on any device.
-        row_docs: ``(n_rows,)`` the document id of each row.
-    """
-    def count(block: torch.Tensor) -> np.ndarray:
-        if block.dtype == torch.float16 and block.device.type == "cpu":  # inf bits: 13x torch's CPU half ops
-            return np.count_nonzero((block.numpy().view(np.uint16) & 0x7FFF) == 0x7C00, axis=1)
-        return (block.abs() > FLOAT16_MAX).sum(1).cpu().numpy()
-
-    # in blocks of 2**22 values: a window-sized temporary would double the window's memory
-    step = max(1, 2**22 // max(1, values.shape[1]))
-    over = np.concatenate([count(values[i: i + step]) for i in range(0, len(values), step)] or [np.zeros(0, np.int64)])
-    if not over.any():
-        return []
-    docs, inverse = np.unique(row_docs, return_inverse=True)
-    counts = np.bincount(inverse, weights=over, minlength=len(docs))
-    return [{"doc_id": int(d), "stage": "extract", "kind": "float16_overflow",
-             "error": f"{int(n)} activation values beyond float16's range (|x| > 65,504) stored as inf; "
-                      "those rows are left out of the fit; use extraction.activation_dtype: float32"}
-            for d, n in zip(docs, counts) if n]
 
 
 def block_index(model: torch.nn.Module, module_path: str) -> int | None:
@@ -199,15 +164,7 @@ class SplitModel:
     def encode(self, texts: Sequence[str], max_tokens: int) -> list[Encoded]:
         """Tokenise each text alone (no padding), once, with character offsets, truncated to
         ``max_tokens`` (``truncated`` from the fast tokenizer's overflow, else a second pass)."""
-        enc = self.tokenizer(
-            list(texts), add_special_tokens=True, truncation=True, max_length=max_tokens,
-            return_offsets_mapping=True, return_special_tokens_mask=True, return_overflowing_tokens=False,
-        )
-        if getattr(enc, "encodings", None):  # fast tokenizers: the cut-off tail is kept as `overflowing`
-            truncated = [bool(e.overflowing) for e in enc.encodings]
-        else:
-            full = self.tokenizer(list(texts), add_special_tokens=True, truncation=False)["input_ids"]
-            truncated = [len(f) > len(ids) for f, ids in zip(full, enc["input_ids"])]
+        enc, truncated = tokenize(self.tokenizer, texts, max_tokens)
         return [
             Encoded(list(ids), [tuple(o) for o in offs], list(sp), t)
             for ids, offs, sp, t in zip(enc["input_ids"], enc["offset_mapping"], enc["special_tokens_mask"], truncated)
@@ -281,7 +238,9 @@ class SplitModel:
     # ---- units -------------------------------------------------------------------
     def units(self, text: str, enc: Encoded, granularity: str, exclude_first_tokens: int = 0) -> list[Unit]:
         """The units of one document at ``granularity`` with their token positions; token
-        positions below ``exclude_first_tokens`` and special tokens are left out."""
+        positions below ``exclude_first_tokens`` and special tokens are left out. The plain,
+        one-document statement of the rules that extraction applies to whole windows as arrays
+        (:func:`raylens.models.extraction.window_units`; tests check that the two agree)."""
         keep = [i for i, (sp, (s, e)) in enumerate(zip(enc.special, enc.offsets))
                 if not sp and e > s and i >= exclude_first_tokens]
         if granularity == "cls":
@@ -338,8 +297,10 @@ class SplitModel:
 
         Each text is tokenised once. Within a window documents are batched by length (right
         padding, see the module docstring), and the units are gathered and mean-pooled on the
-        model's device with one ``index_add_`` per batch; only the stored values (2 or 4 bytes per
-        value) cross to the host.
+        model's device with one ``index_select`` (and one ``index_add_`` when units hold several
+        tokens) per batch; only the stored values (2 or 4 bytes per value) cross to the host. The
+        units and the other columns are built as arrays, not per row
+        (:mod:`raylens.models.extraction`, where this runs).
 
         Args:
             texts: ``n_docs`` strings.
@@ -370,41 +331,9 @@ class SplitModel:
         Raises:
             ValueError: unknown granularity, or ``texts`` and ``doc_ids`` of different lengths.
         """
-        if granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-        if len(texts) != len(doc_ids):
-            raise ValueError(f"{len(texts)} texts but {len(doc_ids)} doc_ids")
-        texts = [t if isinstance(t, str) else "" for t in texts]
-        # A classifier's prediction costs the rest of the forward: only at granularity cls, where
-        # the row is the one the classification head reads (the forward then does not stop early).
-        predict = granularity == "cls" and self.loaded.task == "sequence_classification"
-        order = sorted(range(len(texts)), key=lambda i: int(doc_ids[i]))
-        # a document has at most max_tokens units: windows of whole documents hold <= window_rows rows
-        per_window = len(order) if window_rows is None else max(1, window_rows // max_tokens)
-        for w in range(0, len(order), max(1, per_window)):
-            window = order[w: w + per_window]
-            encoded = self.encode([texts[i] for i in window], max_tokens)
-            units = [self.units(texts[i], e, granularity, exclude_first_tokens) if texts[i].strip() else []
-                     for i, e in zip(window, encoded)]
-            ids = [int(doc_ids[i]) for i in window]
-            kept = [np.arange(len(u)) if sampling is None else sampling.keep(len(u), d) for u, d in zip(units, ids)]
-            issues = [_document_issue(d, texts[i], e, u, max_tokens) for d, i, e, u in zip(ids, window, encoded, units)]
-            issues = [i for i in issues if i is not None]
-            docs = [j for j in range(len(window)) if len(kept[j])]
-            values, predicted = self.pooled_activations(
-                [encoded[j] for j in docs], [[units[j][k].tokens for k in kept[j]] for j in docs],
-                batch_size=batch_size, predict=predict, progress=progress, dtype=dtype)
-            row_docs = np.repeat(np.asarray([ids[j] for j in docs], np.int64), [len(kept[j]) for j in docs])
-            if dtype == "float16":
-                issues += float16_overflow_issues(values, row_docs)
-            table = self.activation_table(row_docs, [[(int(k), units[j][k]) for k in kept[j]] for j in docs],
-                                          values, predicted, dtype)
-            # the window's float32 copy and Python units go before the table is handed over, and the
-            # table when the caller asks for the next window: never two windows alive at once
-            del values, encoded, units
-            yield table, issues
-            del table
-            release_host_memory()
+        return iter_windows(self, texts, doc_ids, granularity=granularity, batch_size=batch_size,
+                            max_tokens=max_tokens, dtype=dtype, exclude_first_tokens=exclude_first_tokens,
+                            window_rows=window_rows, sampling=sampling, progress=progress)
 
     def pooled_activations(self, encoded: Sequence[Encoded], tokens: Sequence[Sequence[Sequence[int]]], *,
                            batch_size: int, predict: bool = False, progress: Callable[[int], None] | None = None,
@@ -424,72 +353,23 @@ class SplitModel:
             units in document then unit order; per document its predicted class when ``predict``
             (a sequence classifier's full forward), else ``None``.
         """
-        starts = np.cumsum([0] + [len(t) for t in tokens])
-        values = torch.empty((int(starts[-1]), self.d_model), dtype=getattr(torch, dtype), device=self.loaded.device)
-        predicted: list[int | None] = [None] * len(encoded)
-        todo = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
-        def forward(idx: Sequence[int]) -> tuple[Sequence[int], torch.Tensor, torch.Tensor | None]:
-            ids, mask = self.pad([encoded[i] for i in idx])
-            h, pred = self.hidden_and_prediction(ids, mask) if predict else (self.hidden(ids, mask), None)
-            return idx, pool_units(h, [tokens[i] for i in idx]), pred
-
-        for b in range(0, len(todo), batch_size):  # a batch too large for the device is split and retried
-            for idx, pooled, pred in split_on_oom(forward, todo[b: b + batch_size], what="extraction batch"):
-                for row, i in enumerate(idx if pred is not None else ()):
-                    predicted[i] = int(pred[row])
-                dest = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in idx])
-                values[torch.from_numpy(dest).to(values.device)] = pooled.to(values.dtype)
-            if progress is not None:
-                progress(len(todo[b: b + batch_size]))
-            gc.collect(1)  # nnsight's trace leaves reference cycles that hold the batch's tensors
-        return values, predicted
-
-    def activation_table(self, row_docs: np.ndarray, units: Sequence[Sequence[tuple[int, Unit]]],
-                         values: torch.Tensor, predicted: Sequence[int | None], dtype: str) -> pa.Table:
-        """The activation table (schema :func:`raylens.io.schemas.activations_schema`) of
-        :meth:`pooled_activations`' output: ``row_docs`` ``(n_units,)`` doc ids, ``units`` per
-        document its ``(unit index, Unit)`` pairs, ``values`` ``(n_units, d_model)``."""
-        flat = [(k, u, p) for doc, pred in zip(units, predicted) for k, u in doc for p in (pred,)]
-        cols = {"doc_id": row_docs, "unit": [k for k, _, _ in flat],
-                "char_start": [u.char_start for _, u, _ in flat], "char_end": [u.char_end for _, u, _ in flat],
-                "token_start": [min(u.tokens) for _, u, _ in flat],
-                "token_end": [max(u.tokens) + 1 for _, u, _ in flat],
-                "text": [u.text for _, u, _ in flat], "predicted_class": [p for _, _, p in flat]}
-        schema = activations_schema(self.d_model, dtype)
-        arrays = [pa.array(cols[f.name], f.type) for f in schema if f.name != "activation"]
-        return pa.Table.from_arrays(arrays + [activation_array(values, dtype)], schema=schema)
-
-
-def pool_units(h: torch.Tensor, tokens: Sequence[Sequence[Sequence[int]]]) -> torch.Tensor:
-    """Mean of each unit's token activations, on ``h``'s device in float32.
-
-    Args:
-        h: ``(n_samples, n_tokens, d_model)`` activations of a batch.
-        tokens: per sample, the token positions of each of its units (non-empty lists).
-
-    Returns:
-        ``(n_units, d_model)`` float32, units in sample then unit order: one gather, then one
-        ``index_add_`` and a division by the token counts when a unit has several tokens.
-    """
-    rows, pos, unit = [], [], []
-    j = 0
-    for r, units in enumerate(tokens):
-        for toks in units:
-            rows += [r] * len(toks)
-            pos += toks
-            unit += [j] * len(toks)
-            j += 1
-    dev = h.device
-    flat = h[torch.tensor(rows, device=dev), torch.tensor(pos, device=dev)].float()
-    if len(rows) == j:  # one token per unit (token, cls)
-        return flat
-    index = torch.tensor(unit, device=dev)
-    sums = torch.zeros((j, h.shape[-1]), dtype=torch.float32, device=dev).index_add_(0, index, flat)
-    return sums / torch.bincount(index, minlength=j).clamp_min(1)[:, None].float()
+        chain = itertools.chain.from_iterable
+        start = csr([len(e.input_ids) for e in encoded])
+        window = WindowTokens(np.fromiter(chain(e.input_ids for e in encoded), np.int64, int(start[-1])),
+                              np.zeros((int(start[-1]), 2), np.int64), np.zeros(int(start[-1]), bool), start,
+                              np.zeros(len(encoded), bool))
+        units = [u for doc in tokens for u in doc]
+        sizes = np.asarray([len(u) for u in units], np.int64)
+        no_span = np.zeros(len(units), np.int64)  # pooling reads only the token positions
+        unit_index = WindowUnits(csr([len(t) for t in tokens]), no_span, no_span, no_span, no_span, no_span,
+                                 csr(sizes), np.fromiter(chain(units), np.int64, int(sizes.sum())))
+        values, predicted = pool_documents(self, window, unit_index, np.arange(len(encoded)), batch_size=batch_size,
+                                           predict=predict, progress=progress, dtype=dtype)
+        return values, ([None] * len(encoded) if predicted is None else [int(p) for p in predicted])
 
 
 #: The byte budget over a window's rows: the window itself (pooled batch by batch straight into
-#: the stored dtype, :meth:`SplitModel.pooled_activations`, with its Python units) takes a third;
+#: the stored dtype, :func:`raylens.models.extraction.pool_documents`, with its unit arrays) takes a third;
 #: the slice being written (:func:`write_slice_rows`: at most a sixth of the budget) is held twice,
 #: its train / held-out split and the Parquet writer's encoding of it; the last third is left to
 #: what the allocators and Python keep (measured 10-20 MiB: tests/test_activation_storage.py).
@@ -522,46 +402,6 @@ def write_slice_rows(max_host_bytes: int, row_group_bytes: int, d_model: int, dt
     :data:`WINDOW_COPIES`), so the copies made to write a window stay within its budget. At least 1."""
     budget = min(int(row_group_bytes), int(max_host_bytes) // (2 * WINDOW_COPIES))
     return max(1, budget // row_host_bytes(d_model, dtype))
-
-
-def release_host_memory() -> None:
-    """Hand the host memory freed by a finished window back to the OS: pyarrow's pool keeps
-    freed pages (``release_unused``) and glibc keeps freed heap memory (``malloc_trim(0)``;
-    skipped with another C library). Without this the resident memory between windows stays
-    about 15-30 MiB higher per 64 MiB of window and grows with fragmentation."""
-    pa.default_memory_pool().release_unused()
-    if _libc() is not None:
-        _libc().malloc_trim(0)
-
-
-def mmap_large_allocations(threshold: int = 2**20) -> bool:
-    """Make glibc serve every allocation of ``threshold`` bytes or more with its own ``mmap``
-    (``mallopt(M_MMAP_THRESHOLD)``, process-wide; it turns off glibc's dynamic threshold), given
-    back to the OS when freed. Else glibc raises its threshold after the first large free (up to
-    32 MiB) and batches' tensors and windows come from the heap, whose freed holes stay resident
-    (extraction then grew to about twice its budget). Called once by an extraction worker.
-    Returns whether it was applied (False with another C library)."""
-    lib = _libc()
-    return bool(lib is not None and lib.mallopt(-3, int(threshold)))  # -3: M_MMAP_THRESHOLD
-
-
-@functools.cache
-def _libc():
-    try:
-        lib = ctypes.CDLL("libc.so.6")
-        lib.malloc_trim, lib.mallopt  # noqa: B018 (glibc only)
-        return lib
-    except (OSError, AttributeError):
-        return None
-
-
-def _document_issue(doc_id: int, text: str, enc: Encoded, units: Sequence[Unit], max_tokens: int) -> dict | None:
-    if not text.strip() or not units:
-        return {"doc_id": doc_id, "stage": "extract", "kind": "empty", "error": "empty text: no tokens, skipped"}
-    if enc.truncated:
-        return {"doc_id": doc_id, "stage": "extract", "kind": "truncated",
-                "error": f"truncated to max_tokens={max_tokens}"}
-    return None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -128,7 +128,7 @@ def run_size(model: Path, corpus: Path, n: int, out: Path, *, cpus_per_worker: i
     the peak RSS per role."""
     import ray
 
-    from pipelines.concepts import extract, fit, write_documents
+    from pipelines.concepts import extract, fit, top_inputs, write_documents
     from raylens.config import load_config
     from raylens.io.store import OutputStore
 
@@ -158,9 +158,9 @@ def run_size(model: Path, corpus: Path, n: int, out: Path, *, cpus_per_worker: i
         stages["fit + metrics"] = (time.perf_counter() - t0, rows)
         rss.mark("top-k scan")
         t0 = time.perf_counter()
-        ray.get(trainer.top_examples.remote())
+        ray.kill(trainer)  # as pipelines.concepts.interpret does
+        top_inputs(store, cfg)
         stages["top-k scan"] = (time.perf_counter() - t0, rows)
-        ray.kill(trainer)
     return {"stages": stages, "rss": dict(rss.peak), "rows": rows, "rss_by_stage": rss.by_stage}
 
 

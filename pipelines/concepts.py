@@ -155,18 +155,34 @@ def distributed_scan(store: OutputStore, cfg: ConceptJobConfig):
         ray.kill(writer)
 
 
+def top_inputs(store: OutputStore, cfg: ConceptJobConfig) -> list[float]:
+    """The top-k scan of the fitted concept model, in processes of its own: the parallel tasks of
+    :func:`distributed_scan` when ``interpretation.scan_tasks > 1``, else one pass in a fresh
+    trainer actor (``resources.trainer_gpus`` GPUs). Not in the actor that fitted: a long fit
+    leaves host memory resident that grows with the corpus (freed blocks the allocator keeps:
+    scanning in the fitting actor, its peak RSS grew 1.18-1.22x from 10k to 60k-300k documents in
+    ``bench/scale.py``; a scan alone in a fresh process did not grow). Returns each concept's
+    firing frequency."""
+    if cfg.interpretation.scan_tasks > 1:
+        return distributed_scan(store, cfg)
+    res = cfg.resources
+    scanner = ray.remote(ConceptTrainer).options(num_gpus=res.trainer_gpus, num_cpus=res.cpus_per_worker) \
+        .remote(cfg.model_dump())
+    try:
+        return ray.get(scanner.top_examples.remote())
+    finally:
+        ray.kill(scanner)
+
+
 def interpret(store: OutputStore, cfg: ConceptJobConfig, trainer):
-    """Top activating inputs (trainer) and the vocabulary projection (a new model worker); returns
-    each concept's firing frequency, the model-worker actor and the vocabulary table. The trainer
-    is gone before the model worker asks for its GPUs (on one GPU both cannot hold one)."""
+    """Top activating inputs (:func:`top_inputs`) and the vocabulary projection (a new model
+    worker); returns each concept's firing frequency, the model-worker actor and the vocabulary
+    table. The fitting ``trainer`` is gone first: its memory and GPUs go to the scan, then to
+    the model worker (on one GPU two actors cannot each hold one)."""
     res = cfg.resources
     say("interpret: top activating inputs")
-    if cfg.interpretation.scan_tasks > 1:
-        ray.kill(trainer)  # its GPUs go to the scan tasks
-        frequency = distributed_scan(store, cfg)
-    else:
-        frequency = ray.get(trainer.top_examples.remote())
-        ray.kill(trainer)
+    ray.kill(trainer)
+    frequency = top_inputs(store, cfg)
     worker = ray.remote(ConceptModelWorker).options(num_gpus=res.gpus_per_worker, num_cpus=res.cpus_per_worker) \
         .remote(cfg.model_dump())
     say("interpret: vocabulary projection")

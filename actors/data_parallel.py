@@ -50,7 +50,8 @@ class RankTrainer(ConceptTrainer):
             self.fit(d_model)
         elif self.finished_fit(d_model) is None:
             model, kwargs = self.fit_setup(d_model)
-            self.fit_model(model, self.train_stream(), **kwargs)
+            with self.train_stream(model) as stream:
+                self.fit_model(model, stream, **kwargs)
 
 
 def train_rank(loop_config: dict) -> None:

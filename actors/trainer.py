@@ -77,15 +77,17 @@ class ConceptTrainer:
         torch.set_num_threads(max(1, int(self.cfg.resources.cpus_per_worker)))
         self._fitting = None  # the model being fitted, read by fit_progress from another thread
 
-    def _stream(self, split: str, shuffle: bool) -> ActivationStream:
+    def _stream(self, split: str, shuffle: bool, epochs: int | None = None) -> ActivationStream:
         c = self.cfg.concepts
         return ActivationStream(self.store, split=split, heldout_fraction=c.heldout_fraction,
                                 batch_rows=c.batch_rows, shuffle_buffer=16 * c.batch_rows if shuffle else 0,
-                                seed=self.cfg.seed, readers=c.readers)
+                                seed=self.cfg.seed, readers=c.readers, epochs=epochs)
 
-    def train_stream(self) -> ActivationStream:
-        """The shuffled stream of train rows the fit reads (the same order in every process)."""
-        return self._stream("train", shuffle=True)
+    def train_stream(self, model: ConceptModel) -> ActivationStream:
+        """The shuffled stream of train rows ``model``'s fit reads (the same order in every
+        process), reading each pass ahead of the fit when the model streams several (its
+        ``epochs``); close it after the fit."""
+        return self._stream("train", shuffle=True, epochs=getattr(model, "epochs", None) if model.streaming else None)
 
     def fit_key(self, d_model: int) -> dict:
         """What a fitted concept model depends on: a finished fit or a checkpoint of another key
@@ -129,7 +131,8 @@ class ConceptTrainer:
         model, kwargs = self.fit_setup(d_model)
         train_acc, checkpoint = kwargs.get("observer"), kwargs.get("checkpoint")
         t0 = time.perf_counter()
-        self.fit_model(model, self.train_stream(), **kwargs)
+        with self.train_stream(model) as stream:
+            self.fit_model(model, stream, **kwargs)
         fit_s = time.perf_counter() - t0
         with tempfile.TemporaryDirectory() as tmp:
             model.save(tmp)

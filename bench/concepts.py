@@ -174,7 +174,7 @@ def stream_vs_memory(args, table, train, test) -> None:
         for i in range(n_shards):
             store.write_shard("activations", f"shard-{i:05d}", table.slice(i * per, per))
         stream = ActivationStream(store, split="train", heldout_fraction=0.2, batch_rows=1024,
-                                  shuffle_buffer=16 * 1024, seed=0)
+                                  shuffle_buffer=16 * 1024, seed=0, epochs=args.epochs)  # as the trainer's
         n_stream = sum(b.shape[0] for b in stream)
         assert n_stream == train.shape[0], (n_stream, train.shape[0])
         # pure read speed of the stream (one pass)

@@ -82,6 +82,23 @@ def test_layout_helpers_and_the_older_tensor_layout():
     assert write_slice_rows(2**30, 2**20, 576) == 2**20 // (576 * 2 + 1536)  # the row-group cap
 
 
+def test_write_table_stores_activations_as_the_extraction_does(tmp_path):
+    """A table with an activation column written by ``write_table`` / ``write_shard`` (the
+    benches', the tests', the class-wise outputs') gets the extraction's layout options: the
+    activation column plain (no compression, dictionary or statistics), the others zstd."""
+    store = OutputStore(str(tmp_path))
+    x, _ = _values("float16", n=200, d=32)
+    table = pa.table({"doc_id": pa.array(np.arange(200), pa.int64()), "activation": activation_array(x)})
+    store.write_shard("activations", "shard-00000", table)
+    meta = pq.ParquetFile(str(tmp_path / "activations" / "shard-00000.parquet")).metadata.row_group(0)
+    doc, act = meta.column(0), meta.column(1)
+    assert (act.compression, act.is_stats_set, act.has_dictionary_page) == ("UNCOMPRESSED", False, False)
+    assert doc.compression == "ZSTD" and doc.is_stats_set
+    assert np.array_equal(tensor_column_to_numpy(store.read_table("activations/shard-00000.parquet")["activation"]), x)
+    store.write_table("plain.parquet", pa.table({"a": [1, 2]}), compression="snappy")
+    assert pq.ParquetFile(str(tmp_path / "plain.parquet")).metadata.row_group(0).column(0).compression == "SNAPPY"
+
+
 def test_part_files_past_max_file_bytes(tmp_path):
     store = OutputStore(str(tmp_path))
     x, _ = _values("float16", n=1000, d=64)

@@ -170,3 +170,71 @@ def test_stream_memory_does_not_grow_with_the_corpus(tmp_path):
     print({n: round(g / 2**20, 1) for n, g in growth.items()}, "MiB; bound", bound / 2**20)
     assert max(growth.values()) < bound, growth
     assert abs(growth[8] - growth[2]) < 16 * 2**20, growth
+
+
+def _stream_threads() -> int:
+    import threading
+
+    return sum(t.name == "activation-stream" and t.is_alive() for t in threading.enumerate())
+
+
+def _wait_for(cond, seconds: float = 5.0) -> bool:
+    import time
+
+    end = time.monotonic() + seconds
+    while not cond():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_read_ahead_gives_the_same_passes_and_stops_on_close(tmp_path):
+    """A stream told its ``epochs`` reads the next pass while the consumer is on the current
+    one (a producer thread is alive once pass 0 is consumed, none without ``epochs``), gives
+    exactly the batches of a stream without read-ahead for every pass (also after a
+    ``set_epoch`` that skips the pass read ahead), and ``close()`` stops the read-ahead."""
+    import time
+
+    rng = np.random.default_rng(2)
+    store = OutputStore(str(tmp_path / "out"))
+    for s in range(4):
+        store.write_shard("activations", f"shard-{s:05d}", _table(_docs(s), rng))
+    kw = dict(batch_rows=10, shuffle_buffer=100, seed=3, readers=2, prefetch=2)  # 84 batches, queue of 4
+    plain = ActivationStream(store, **kw)
+    expected = []
+    for e in range(4):
+        plain.set_epoch(e)
+        expected.append(_rows(plain))
+    assert _wait_for(lambda: _stream_threads() == 0)
+    with ActivationStream(store, epochs=4, **kw) as ahead:
+        assert np.array_equal(_rows(ahead), expected[0])
+        time.sleep(0.3)  # pass 0's producer has ended; pass 1's waits on its full queue
+        assert _stream_threads() == 1  # pass 1, produced before anyone asked
+        assert np.array_equal(_rows(ahead), expected[1])
+        ahead.set_epoch(3)  # pass 2 was read ahead: dropped, pass 3 read instead
+        assert np.array_equal(_rows(ahead), expected[3])
+        assert _wait_for(lambda: _stream_threads() == 0)  # no pass 4: nothing read ahead
+        ahead.set_epoch(0)
+        batches = iter(ahead)
+        assert np.array_equal(next(batches).numpy(), expected[0][:10])
+        del batches  # a consumer that stops early: its producer stops
+    assert _wait_for(lambda: _stream_threads() == 0)  # the read-ahead of pass 1 stopped by close()
+    assert not list(ActivationStream(store, split="heldout", heldout_fraction=0.0, epochs=2))
+
+
+def test_finite_rows_on_float16_bits():
+    """The float16 bit test keeps exactly the rows ``np.isfinite`` keeps, over every bit
+    pattern (infinities, NaNs of any payload, subnormals, the largest finite value)."""
+    from raylens.io.readers import finite_rows
+
+    bits = np.arange(2**16, dtype=np.uint16)
+    rng = np.random.default_rng(0)
+    x = np.concatenate([bits, rng.permutation(bits)]).reshape(-1, 64).view(np.float16)
+    x = np.concatenate([x, rng.normal(size=(50, 64)).astype(np.float16)])
+    with np.errstate(invalid="ignore"):
+        assert np.array_equal(finite_rows(x), np.isfinite(x).all(axis=1))
+        assert 50 < finite_rows(x).sum() < len(x) - 50  # both kinds, many of each
+        assert np.array_equal(finite_rows(x[:, :0]), np.ones(len(x), bool))
+    y = x.astype(np.float32)
+    assert np.array_equal(finite_rows(y), np.isfinite(y).all(axis=1))

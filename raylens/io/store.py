@@ -43,6 +43,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raylens.io.safety import check_under_root
+from raylens.io.schemas import ActivationType, activation_parquet_options
 
 
 def shard_name(index: int) -> str:
@@ -100,9 +101,17 @@ class OutputStore:
             self.fs.move(staged, self.path(rel))
 
     def write_table(self, rel: str, table: pa.Table, *, compression: str = "zstd") -> None:
-        """Write ``table`` to ``rel``, never visible half-written (see the module docstring)."""
+        """Write ``table`` to ``rel``, never visible half-written (see the module docstring).
+        ``compression`` applies to every column but an activation column (``ActivationType``),
+        which is written as the extraction writes it
+        (:func:`raylens.io.schemas.activation_parquet_options`: no compression, dictionary or
+        statistics)."""
         staged = self.staging_path(rel)
-        pq.write_table(table, staged, filesystem=self.fs, compression=compression)
+        options: dict = {"compression": compression}
+        if "activation" in table.schema.names and isinstance(table.schema.field("activation").type, ActivationType):
+            options = activation_parquet_options(table.schema)
+            options["compression"] = {n: (compression if n != "activation" else "none") for n in table.schema.names}
+        pq.write_table(table, staged, filesystem=self.fs, **options)
         self.commit(staged, rel)
 
     def read_table(self, rel: str, columns: list[str] | None = None) -> pa.Table:

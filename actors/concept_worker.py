@@ -16,12 +16,12 @@ import pyarrow.compute as pc
 
 from actors.model_worker import ModelWorker
 from raylens.config import ConceptJobConfig
+from raylens.io.memory import mmap_large_allocations
 from raylens.io.readers import heldout_mask
 from raylens.io.schemas import activation_parquet_options, activations_schema
 from raylens.models.batching import take_oom_events
 from raylens.models.loading import LoadedModel, model_task
-from raylens.models.split import (RowSampling, SplitModel, load_split_model, mmap_large_allocations, window_rows,
-                                  write_slice_rows)
+from raylens.models.split import RowSampling, SplitModel, load_split_model, window_rows, write_slice_rows
 
 
 class ConceptModelWorker(ModelWorker):
@@ -50,7 +50,7 @@ class ConceptModelWorker(ModelWorker):
 
     def setup(self) -> None:
         """The model split at the configured layer (`raylens.models.split.SplitModel`); large
-        host allocations served by ``mmap`` (`raylens.models.split.mmap_large_allocations`), so
+        host allocations served by ``mmap`` (`raylens.io.memory.mmap_large_allocations`), so
         the resident memory of extraction follows its byte budget."""
         mmap_large_allocations()
         if self.split is None:

@@ -27,7 +27,6 @@ from raylens.io.schemas import METRICS_SCHEMA
 from raylens.config import ConceptJobConfig
 from raylens.io.readers import ActivationStream, heldout_paths, split_paths
 from raylens.io.store import OutputStore
-from raylens.models.extraction import release_host_memory
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +149,6 @@ class ConceptTrainer:
                                            "n_fit_rows": model.n_fit_rows})
         if checkpoint is not None:
             checkpoint.clear()
-        release_host_memory()  # what the stream freed goes back to the OS before the scan allocates
         return {"fit_seconds": fit_s, "metrics": rows, "n_fit_rows": model.n_fit_rows, "gpus": assigned_gpus()}
 
     def fit_setup(self, d_model: int) -> tuple[ConceptModel, dict]:

@@ -161,7 +161,7 @@ from raylens.config import load_config
 from raylens.data.corpora import iter_corpus
 from raylens.io.store import OutputStore
 from raylens.models.builtins import builtin_model_path
-from raylens.models.split import release_host_memory
+from raylens.io.memory import release_host_memory
 from actors.concept_worker import ConceptModelWorker
 
 out, folder, budget, group, n_docs = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])

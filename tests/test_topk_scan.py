@@ -199,3 +199,12 @@ def test_parallel_scan_tasks_write_the_trainers_tables(tmp_path, ray_session):
         assert a.equals(b), name
     top = pq.read_table(os.path.join(tmp_path, "a", "concepts", "top_examples.parquet"))
     assert set(top["doc_id"].to_pylist()) & {s * 20 + i for s in range(4) for i in range(16, 20)}  # held-out rows too
+
+
+def test_ranks_in_runs():
+    from raylens.concepts.topk_scan import ranks_in_runs
+
+    assert ranks_in_runs(np.array([4, 4, 4, 7, 9, 9])).tolist() == [0, 1, 2, 0, 0, 1]
+    assert ranks_in_runs(np.array([], np.int64)).tolist() == []
+    keys = np.sort(np.random.default_rng(0).integers(0, 50, 1000))
+    assert np.array_equal(ranks_in_runs(keys), np.arange(len(keys)) - np.searchsorted(keys, keys, side="left"))

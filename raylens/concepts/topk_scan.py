@@ -40,7 +40,7 @@ import torch
 from raylens.io.schemas import tensor_column_to_numpy
 
 __all__ = ["DENSE_ABOVE", "META", "WAITING_ENTRIES", "ScanPartial", "finish_scan", "hash_keys", "merge_scans", "quiet_runs",
-           "quiet_runs_sparse", "scan_partial"]
+           "quiet_runs_sparse", "ranks_in_runs", "scan_partial"]
 
 #: The row metadata kept with each example.
 META = ("doc_id", "unit", "char_start", "char_end")
@@ -92,6 +92,15 @@ def _order_key(cols: dict[str, np.ndarray]) -> np.ndarray:
     return (cols["concept"] << _KEY_BITS) | (cols["key"] * 2.0 ** _KEY_BITS).astype(np.int64)
 
 
+def ranks_in_runs(keys: np.ndarray) -> np.ndarray:
+    """Each entry's position within its run of equal ``keys`` ``(n,)`` (sorted, or at least
+    grouped): ``[0, 1, 2, 0, 0, 1]`` for ``[4, 4, 4, 7, 9, 9]``; int64."""
+    if not len(keys):
+        return np.zeros(0, np.int64)
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+    return np.arange(len(keys)) - np.repeat(starts, np.diff(np.r_[starts, len(keys)]))
+
+
 def _keep_smallest(cols: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
     """Of flat entries (``concept``, ``key``, ...), the ``n`` smallest keys per concept, sorted by
     (concept, key), ties to the earlier entry. Entries that are already sorted runs (a kept
@@ -103,9 +112,7 @@ def _keep_smallest(cols: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]
     conc = cols["concept"][order]
     if not len(conc):
         return cols
-    starts = np.flatnonzero(np.r_[True, conc[1:] != conc[:-1]])
-    rank = np.arange(len(conc)) - np.repeat(starts, np.diff(np.r_[starts, len(conc)]))
-    keep = order[rank < n]
+    keep = order[ranks_in_runs(conc) < n]
     return {name: v[keep] for name, v in cols.items()}
 
 
@@ -303,8 +310,7 @@ def _merge_best(best: dict[str, np.ndarray], new: dict[str, np.ndarray], tie: np
     desc = ~np.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # int32, in the values' descending order
     idx = np.argsort((conc << 32) | (desc.astype(np.int64) + 2 ** 31), kind="stable")  # ties: array order
     conc = conc[idx]
-    starts = np.flatnonzero(np.r_[True, conc[1:] != conc[:-1]])
-    rank = np.arange(len(conc)) - np.repeat(starts, np.diff(np.r_[starts, len(conc)]))
+    rank = ranks_in_runs(conc)
     keep = rank < k  # every column in cols has k entries of its own
     for name, v in vals.items():
         best[name][rank[keep], conc[keep]] = v[idx[keep]]
@@ -538,7 +544,7 @@ def _slots(flat: dict[str, np.ndarray], names: tuple[str, ...], n: int, C: int) 
         out["value"] = np.full((n, C), -np.inf, np.float32)
     if len(flat["key"]):
         conc = flat["concept"]
-        slot = np.arange(len(conc)) - np.searchsorted(conc, conc, side="left")
+        slot = ranks_in_runs(conc)
         for name in out:
             out[name][slot, conc] = flat[name]
     return {name: torch.from_numpy(v) for name, v in out.items()}

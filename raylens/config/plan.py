@@ -36,7 +36,7 @@ from typing import Any
 RUNTIME_BYTES = 0.7 * 2**30
 #: Host memory the allocators (glibc, pyarrow, tokenizers, Python objects) keep beyond the model,
 #: one batch and the window's budget: the plan's margin. Extraction hands freed memory back between
-#: windows and serves large blocks with mmap (raylens.models.split.release_host_memory,
+#: windows and serves large blocks with mmap (raylens.io.memory.release_host_memory,
 #: mmap_large_allocations): growth over one batch's peak measured under the budget itself at 10x
 #: the budget (tests/test_activation_storage.py), so this is a small margin only (it was 96 MiB
 #: when the growth was 106-183 MiB over a 16 MiB budget; the plan then read 1.21-1.27x a real

@@ -15,9 +15,7 @@ time, kept as the plain reference; tests/test_extraction_arrays.py checks the tw
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import functools
 import gc
 import itertools
 from collections.abc import Callable, Iterator, Sequence
@@ -27,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from raylens.io.memory import release_host_memory
 from raylens.io.schemas import activation_array, activations_schema
 from raylens.models.batching import split_on_oom
 from raylens.text import TEXT_UNITS, group_tokens
@@ -450,38 +449,7 @@ def iter_windows(split: "SplitModel", texts: Sequence[str], doc_ids: Sequence[in
         release_host_memory()
 
 
-def release_host_memory() -> None:
-    """Hand the host memory freed by a finished window back to the OS: pyarrow's pool keeps
-    freed pages (``release_unused``) and glibc keeps freed heap memory (``malloc_trim(0)``;
-    skipped with another C library). Without this the resident memory between windows stays
-    about 15-30 MiB higher per 64 MiB of window and grows with fragmentation."""
-    pa.default_memory_pool().release_unused()
-    if _libc() is not None:
-        _libc().malloc_trim(0)
-
-
-def mmap_large_allocations(threshold: int = 2**20) -> bool:
-    """Make glibc serve every allocation of ``threshold`` bytes or more with its own ``mmap``
-    (``mallopt(M_MMAP_THRESHOLD)``, process-wide; it turns off glibc's dynamic threshold), given
-    back to the OS when freed. Else glibc raises its threshold after the first large free (up to
-    32 MiB) and batches' tensors and windows come from the heap, whose freed holes stay resident
-    (extraction then grew to about twice its budget). Called once by an extraction worker.
-    Returns whether it was applied (False with another C library)."""
-    lib = _libc()
-    return bool(lib is not None and lib.mallopt(-3, int(threshold)))  # -3: M_MMAP_THRESHOLD
-
-
-@functools.cache
-def _libc():
-    try:
-        lib = ctypes.CDLL("libc.so.6")
-        lib.malloc_trim, lib.mallopt  # noqa: B018 (glibc only)
-        return lib
-    except (OSError, AttributeError):
-        return None
-
-
 __all__ = ["FLOAT16_MAX", "GRANULARITIES", "WindowTokens", "WindowUnits", "concat_ranges", "csr", "document_issues",
-           "float16_overflow_issues", "iter_windows", "mmap_large_allocations", "padded_batch",
-           "host_rows", "pool_batch", "pool_documents", "release_host_memory", "sample_units", "tokenize", "unit_texts",
+           "float16_overflow_issues", "iter_windows", "padded_batch",
+           "host_rows", "pool_batch", "pool_documents", "sample_units", "tokenize", "unit_texts",
            "window_table", "window_tokens", "window_units"]

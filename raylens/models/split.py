@@ -32,8 +32,7 @@ import torch
 
 from raylens.io.schemas import activations_schema
 from raylens.models.extraction import (FLOAT16_MAX, GRANULARITIES, WindowTokens, WindowUnits,  # noqa: F401 (re-exported)
-                                       csr, float16_overflow_issues, iter_windows, mmap_large_allocations,
-                                       pool_documents, release_host_memory, tokenize)
+                                       csr, float16_overflow_issues, iter_windows, pool_documents, tokenize)
 from raylens.models.loading import LoadedModel, load_model, meta_model
 from raylens.text import TEXT_UNITS, group_tokens
 
@@ -392,7 +391,7 @@ def window_rows(max_host_bytes: int, d_model: int, dtype: str = "float16") -> in
     :data:`WINDOW_COPIES` x (the stored values + :data:`ROW_OVERHEAD_BYTES`), i.e.
     ``3 x (d_model x bytes(dtype) + 1536)`` bytes per row (29,184 at d_model 4,096 in float16: a
     512 MiB budget holds 18,396 rows, 143 documents of 128 tokens). Freed memory is handed back to the OS between windows
-    (:func:`release_host_memory`). At least 1."""
+    (:func:`raylens.io.memory.release_host_memory`). At least 1."""
     return max(1, int(max_host_bytes) // (WINDOW_COPIES * row_host_bytes(d_model, dtype)))
 
 

@@ -76,17 +76,20 @@ class ConceptTrainer:
         torch.set_num_threads(max(1, int(self.cfg.resources.cpus_per_worker)))
         self._fitting = None  # the model being fitted, read by fit_progress from another thread
 
-    def _stream(self, split: str, shuffle: bool, epochs: int | None = None) -> ActivationStream:
+    def _stream(self, split: str, shuffle: bool, epochs: int | None = None, float32: bool = True) -> ActivationStream:
         c = self.cfg.concepts
         return ActivationStream(self.store, split=split, heldout_fraction=c.heldout_fraction,
                                 batch_rows=c.batch_rows, shuffle_buffer=16 * c.batch_rows if shuffle else 0,
-                                seed=self.cfg.seed, readers=c.readers, epochs=epochs)
+                                seed=self.cfg.seed, readers=c.readers, epochs=epochs, float32=float32)
 
     def train_stream(self, model: ConceptModel) -> ActivationStream:
         """The shuffled stream of train rows ``model``'s fit reads (the same order in every
         process), reading each pass ahead of the fit when the model streams several (its
-        ``epochs``); close it after the fit."""
-        return self._stream("train", shuffle=True, epochs=getattr(model, "epochs", None) if model.streaming else None)
+        ``epochs``); close it after the fit. A streaming model on a GPU gets the rows in their
+        stored dtype and casts them there (its ``fit_stream`` re-cuts batches on its device)."""
+        streams = model.streaming
+        return self._stream("train", shuffle=True, epochs=getattr(model, "epochs", None) if streams else None,
+                            float32=not (streams and self.device != "cpu"))
 
     def fit_key(self, d_model: int) -> dict:
         """What a fitted concept model depends on: a finished fit or a checkpoint of another key

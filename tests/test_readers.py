@@ -238,3 +238,31 @@ def test_finite_rows_on_float16_bits():
         assert np.array_equal(finite_rows(x[:, :0]), np.ones(len(x), bool))
     y = x.astype(np.float32)
     assert np.array_equal(finite_rows(y), np.isfinite(y).all(axis=1))
+
+
+def test_stored_dtype_stream_trains_the_same_model(tmp_path):
+    """``float32=False`` yields the float16 rows as stored (for a GPU trainer to cast on its
+    device); an SAE fitted on it equals, bit for bit, one fitted on the float32 stream (the
+    SAE's re-batching casts after the copy to its device)."""
+    from raylens.concepts.models import build_concept_model
+    from raylens.io.schemas import activation_array
+
+    rng = np.random.default_rng(4)
+    store = OutputStore(str(tmp_path / "out"))
+    for s in range(2):
+        doc = _docs(s)
+        x = rng.normal(size=(len(doc), 16)).astype(np.float16)
+        store.write_shard("activations", f"shard-{s:05d}",
+                          pa.table({"doc_id": pa.array(doc, pa.int64()), "activation": activation_array(x)}))
+    kw = dict(batch_rows=64, shuffle_buffer=128, seed=1, epochs=2)
+    stored, cast = ActivationStream(store, float32=False, **kw), ActivationStream(store, **kw)
+    b16, b32 = list(stored), list(cast)
+    assert {b.dtype for b in b16} == {torch.float16} and {b.dtype for b in b32} == {torch.float32}
+    assert all(torch.equal(a.float(), b) for a, b in zip(b16, b32)) and len(b16) == len(b32)
+    models = []
+    for stream in (stored, cast):
+        m = build_concept_model("topk_sae", nb_concepts=24, d_model=16, top_k=4, epochs=2, batch_size=32, seed=0)
+        m.fit_stream(stream, progress=False)
+        models.append(m)
+    a, b = (m.sae.state_dict() for m in models)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -163,8 +163,15 @@ def as_float32(rows: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(rows.astype(np.float32))
 
 
+def as_stored(rows: np.ndarray) -> torch.Tensor:
+    """A batch of rows ``(n_rows, d_model)`` as a tensor of the same dtype that owns its memory
+    (copied when ``rows`` is a view)."""
+    return torch.from_numpy(rows if rows.flags.owndata and rows.flags.c_contiguous else rows.copy())
+
+
 class ActivationStream:
-    """A re-iterable stream of ``(batch_rows, d_model)`` float32 activation batches.
+    """A re-iterable stream of ``(batch_rows, d_model)`` activation batches, float32 (or in the
+    stored dtype, ``float32=False``).
 
     Each ``iter()`` re-reads the finished shards of ``kind`` (so a trainer can make
     several epochs without holding the data), keeps the ``split`` rows (``"train"``,
@@ -178,7 +185,8 @@ class ActivationStream:
     counted in ``n_nonfinite`` (rows dropped by the last full pass).
 
     Memory is bounded whatever the corpus: rows stay in their stored dtype (float16: 2 bytes
-    per value) from the file to the cut of a batch, which is then a float32 copy; in flight are
+    per value) from the file to the cut of a batch, which is then a float32 copy (or a copy in
+    that dtype); in flight are
     ``readers * prefetch`` row groups, the shuffle buffer (about twice ``shuffle_buffer`` rows)
     and ``readers * prefetch`` float32 batches waiting for the consumer.
 
@@ -200,6 +208,10 @@ class ActivationStream:
             shuffle buffer). Memory: during that overlap a second pass's row groups, shuffle
             block and queued batches. Call :meth:`close` (or use the stream as a context
             manager) when done, which stops a read-ahead that no pass will take.
+        float32: cast batches to float32 here, in the stream's background thread (True), or
+            yield them in the stored dtype (False: float16 and float32 as stored, bfloat16 as
+            float32, its exact decoding) for a consumer that casts them itself, e.g. on a GPU
+            after the copy (half the bytes over PCIe, no host cast).
     """
 
     def __init__(
@@ -216,12 +228,13 @@ class ActivationStream:
         readers: int = 4,
         prefetch: int = 2,
         epochs: int | None = None,
+        float32: bool = True,
     ):
         self.store, self.kind, self.split = store, kind, split
         self.heldout_fraction, self.batch_rows = heldout_fraction, batch_rows
         self.shuffle_buffer, self.seed, self.max_rows = shuffle_buffer, seed, max_rows
         self.readers, self.prefetch = max(1, int(readers)), max(1, int(prefetch))
-        self.epochs = epochs
+        self.epochs, self.float32 = epochs, float32
         self._epoch = 0
         self.n_nonfinite = 0
         self._ahead: tuple[int, Background, threading.Event] | None = None  # the pass read ahead (_start)
@@ -346,8 +359,9 @@ class ActivationStream:
         self.close()
 
     def _batches(self, rng: np.random.Generator) -> Iterator[torch.Tensor]:
-        """float32 batches of ``batch_rows`` rows (the last one shorter), cut across blocks."""
+        """Batches of ``batch_rows`` rows (the last one shorter), cut across blocks."""
         blocks = self._shuffled(rng) if self.shuffle_buffer > 0 else ((x, None) for x in self._blocks())
+        as_tensor = as_float32 if self.float32 else as_stored
         size = self.batch_rows
         head: np.ndarray | None = None  # rows short of a batch, carried into the next block (a copy)
         for block, order in blocks:
@@ -357,15 +371,15 @@ class ActivationStream:
                 head = np.concatenate([head, take_rows(block, order, 0, start)])
                 if len(head) < size:
                     continue
-                yield as_float32(head)
+                yield as_tensor(head)
                 head = None
             end = start + (len(block) - start) // size * size
             for i in range(start, end, size):
-                yield as_float32(take_rows(block, order, i, i + size))
+                yield as_tensor(take_rows(block, order, i, i + size))
             if end < len(block):  # copied, so that no view keeps the whole block alive
                 head = take_rows(block, order, end, len(block)).copy()
         if head is not None:
-            yield as_float32(head)
+            yield as_tensor(head)
 
 
 def take_rows(block: np.ndarray, order: np.ndarray | None, start: int, stop: int) -> np.ndarray:
@@ -374,5 +388,5 @@ def take_rows(block: np.ndarray, order: np.ndarray | None, start: int, stop: int
     return block[start:stop] if order is None else block[order[start:stop]]
 
 
-__all__ = ["HELDOUT_KIND", "ActivationStream", "Background", "as_float32", "background", "finite_rows", "heldout_mask",
-           "heldout_paths", "split_paths", "take_rows"]
+__all__ = ["HELDOUT_KIND", "ActivationStream", "Background", "as_float32", "as_stored", "background", "finite_rows",
+           "heldout_mask", "heldout_paths", "split_paths", "take_rows"]

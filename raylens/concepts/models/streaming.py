@@ -42,8 +42,9 @@ def seeded(seed: int):
         yield
 
 
-def as_rows(x: Any, d_model: int, what: str = "activations") -> Tensor:
-    """``x`` as a float32 tensor ``(n_rows, d_model)`` (numpy arrays work).
+def as_rows(x: Any, d_model: int, what: str = "activations", *, cast: bool = True) -> Tensor:
+    """``x`` as a float32 tensor ``(n_rows, d_model)`` (numpy arrays work; ``cast=False``: in its
+    own dtype, checked only).
 
     Raises:
         ValueError: ``x`` is not 2-D with ``d_model`` columns (the message names ``what``).
@@ -52,7 +53,7 @@ def as_rows(x: Any, d_model: int, what: str = "activations") -> Tensor:
         x = torch.as_tensor(x)
     if x.ndim != 2 or x.shape[1] != d_model:
         raise ValueError(f"{what} must have shape (n_rows, d_model={d_model}), got {tuple(x.shape)}")
-    if x.dtype != torch.float32:
+    if cast and x.dtype != torch.float32:
         x = x.to(torch.float32)
     return x
 
@@ -208,7 +209,8 @@ def robust_stats(x: Tensor, center: bool, outlier_factor: float) -> tuple[Tensor
 
 def rebatch(batches: Iterable, batch_size: int, d_model: int, device: str) -> Iterator[Tensor]:
     """Re-cut a stream of batches ``(batch, d_model)`` into float32 batches of exactly
-    ``batch_size`` rows on ``device`` (the last one may be smaller).
+    ``batch_size`` rows on ``device`` (the last one may be smaller). Batches are cast after
+    the copy to ``device``: float16 batches cross to a GPU in half the bytes.
 
     Raises:
         ValueError: a batch that is not ``(batch, d_model)``.
@@ -216,7 +218,7 @@ def rebatch(batches: Iterable, batch_size: int, d_model: int, device: str) -> It
     pending: list[Tensor] = []
     n_pending = 0
     for batch in batches:
-        batch = as_rows(batch, d_model, "batch").detach().to(device)
+        batch = as_rows(batch, d_model, "batch", cast=False).detach().to(device).to(torch.float32)
         while batch.shape[0]:
             take = min(batch_size - n_pending, batch.shape[0])
             pending.append(batch[:take])

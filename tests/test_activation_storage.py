@@ -212,8 +212,9 @@ def test_extraction_peak_rss_stays_under_the_byte_budget(tmp_path):
     the real worker (streamed windows, held-out split, row groups capped at 8 MiB), with a
     random-weight Llama of d_model 2048 read at its embeddings (the forward is nearly free, so
     the run is all windows and writing): the process's peak RSS exceeds its peak over the model
-    and one forward batch of the longest documents by less than the budget. Measured 37-39 MiB
-    (3 runs, 647 MiB payload; 43-69 MiB with windows of half the budget instead of a third); before
+    and one forward batch of the longest documents by less than the budget. Measured 35-46 MiB
+    (3 runs, 647 MiB payload, Arrow on glibc's allocator; 48-69 MiB on Arrow's default mimalloc
+    pool, which failed once; 37-39 MiB before the array-based extraction; 43-69 MiB with windows of half the budget instead of a third); before
     this change (float32 windows, the window-wide split, glibc's dynamic mmap threshold, nnsight's
     uncollected cycles) 131-145 MiB over the RSS before the shard with a 64 MiB budget (d_model
     1024), and 106-183 MiB over a small shard's peak with a 16 MiB budget (SmolLM2)."""

@@ -131,10 +131,6 @@ def test_reader_memory_follows_the_row_group_cap_not_the_window(tmp_path):
     group read and its float32 decode, + a batch) + 64 MiB, and does not depend on the window.
     Without the cap a row group is a whole window: measured 325 MiB with 32 MiB windows, 85 MiB
     with 4 MiB ones (59-73 MiB with the cap, either window; 35 MiB with one reader, prefetch 1)."""
-    import json
-    import subprocess
-    import sys
-
     import pyarrow.parquet as pq
 
     d, cap, readers, prefetch = 2048, 2 * 2**20, 2, 2

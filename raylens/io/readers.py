@@ -142,12 +142,6 @@ def _produce(items: Iterator, q: queue.Queue, stop: threading.Event, on_done: Ca
     _put(q, stop, (_END, None))
 
 
-def background(items: Iterator, depth: int) -> Iterator:
-    """The items of ``items``, produced by a background thread at most ``depth`` items ahead
-    (a :class:`Background`, stopped when the consumer drops it)."""
-    return Background(items, depth)
-
-
 def finite_rows(x: np.ndarray) -> np.ndarray:
     """True for the rows of ``x`` ``(n_rows, d_model)`` without a NaN or an infinite value.
     float16 rows are tested on their bits (an exponent of all ones), about 3x faster than
@@ -293,11 +287,10 @@ class ActivationStream:
             if self.max_rows is not None and emitted >= self.max_rows:
                 return
 
-    def _shuffled(self, rng: np.random.Generator) -> Iterator[tuple[np.ndarray, None]]:
+    def _shuffled(self, rng: np.random.Generator) -> Iterator[np.ndarray]:
         """Blocks of exactly ``shuffle_buffer`` rows (the last shorter), each permuted in place by
-        ``rng`` (a gather by a permutation at the batch cut was 5-7x faster but its peak memory
-        over a long stream was up to 16 MiB higher and less steady, in
-        ``tests/test_readers.py``)."""
+        ``rng`` (a gather by a permutation was 5-7x faster, but the stream's peak memory in
+        ``tests/test_readers.py`` was then up to 16 MiB higher and less steady)."""
         buf: list[np.ndarray] = []
         n_buf = 0
         for x in self._blocks():
@@ -307,12 +300,12 @@ class ActivationStream:
                 block = np.concatenate(buf)
                 head, rest = block[: self.shuffle_buffer], block[self.shuffle_buffer:]
                 rng.shuffle(head)
-                yield head, None
+                yield head
                 buf, n_buf = [rest], len(rest)
         if n_buf:
             block = np.concatenate(buf)
             rng.shuffle(block)
-            yield block, None
+            yield block
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         epoch = self._epoch
@@ -365,33 +358,27 @@ class ActivationStream:
 
     def _batches(self, rng: np.random.Generator) -> Iterator[torch.Tensor]:
         """Batches of ``batch_rows`` rows (the last one shorter), cut across blocks."""
-        blocks = self._shuffled(rng) if self.shuffle_buffer > 0 else ((x, None) for x in self._blocks())
+        blocks = self._shuffled(rng) if self.shuffle_buffer > 0 else self._blocks()
         as_tensor = as_float32 if self.float32 else as_stored
         size = self.batch_rows
         head: np.ndarray | None = None  # rows short of a batch, carried into the next block (a copy)
-        for block, order in blocks:
+        for block in blocks:
             start = 0
             if head is not None:
                 start = min(size - len(head), len(block))
-                head = np.concatenate([head, take_rows(block, order, 0, start)])
+                head = np.concatenate([head, block[:start]])
                 if len(head) < size:
                     continue
                 yield as_tensor(head)
                 head = None
             end = start + (len(block) - start) // size * size
             for i in range(start, end, size):
-                yield as_tensor(take_rows(block, order, i, i + size))
+                yield as_tensor(block[i: i + size])
             if end < len(block):  # copied, so that no view keeps the whole block alive
-                head = take_rows(block, order, end, len(block)).copy()
+                head = block[end:].copy()
         if head is not None:
             yield as_tensor(head)
 
 
-def take_rows(block: np.ndarray, order: np.ndarray | None, start: int, stop: int) -> np.ndarray:
-    """Rows ``start:stop`` of ``block`` ``(n_rows, d_model)`` in ``order`` (a permutation of its
-    rows; None: stored order, a view)."""
-    return block[start:stop] if order is None else block[order[start:stop]]
-
-
-__all__ = ["HELDOUT_KIND", "ActivationStream", "Background", "as_float32", "as_stored", "background", "finite_rows",
-           "heldout_mask", "heldout_paths", "split_paths", "take_rows"]
+__all__ = ["HELDOUT_KIND", "ActivationStream", "Background", "as_float32", "as_stored", "finite_rows", "heldout_mask",
+           "heldout_paths", "split_paths"]

@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export RAY_AUTH_MODE=disabled TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
-exec .venv/bin/python -m pytest -v "$@"
+exec .venv/bin/python -m pytest -v --durations=40 "$@"

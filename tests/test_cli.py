@@ -125,7 +125,7 @@ def test_concept_job_console(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     lines = run.stdout.splitlines()
     assert lines[0] == f"[raylens] log: {out}/logs/job.log (Ray's output; --verbose shows it here)"
-    for pattern in (r"documents: 8 documents in 2 shards", r"extract: 2/2 shards, \d+ rows/s, about 0s left",
+    for pattern in (r"documents: 8 documents in 2 shards", r"extract: 2/2 shards, \d+(\.\d\d)? rows/s, about 0s left",
                     r"extract: 2 shards, \d+ activation rows", r"fit: epoch 2/2, loss \S+",
                     r"fit: .*held-out explained variance", r"labels: disabled", r"done in \d+s"):
         assert any(re.fullmatch(r"\[raylens\] " + pattern + ".*", x) for x in lines), (pattern, run.stdout)

@@ -151,21 +151,26 @@ def test_reader_memory_follows_the_row_group_cap_not_the_window(tmp_path):
 
 def test_stream_memory_does_not_grow_with_the_corpus(tmp_path):
     """The trainer's shuffled stream over 2 and over 8 shards (64 and 256 MiB of float16, row
-    groups of 2 MiB): the peak RSS growth of the pass is the same within 16 MiB, and under
+    groups of 2 MiB), two fresh processes each: every pass's peak RSS growth stays under
     readers x prefetch x (a row group in its stored dtype + a float32 batch) + twice the
-    shuffle buffer in float16 + 64 MiB. Before rows stayed float16 to the batch cut, the
-    row groups in flight and the shuffle blocks were float32 and each block was copied once
-    more when its batches were cut: measured 195 / 204 MiB then, 85-87 MiB now."""
+    shuffle buffer in float16 + 64 MiB, and the least growth of each size is the same within
+    16 MiB. Least of two: a peak is a maximum over the pass, and a longer pass samples more
+    interleavings of the reader threads with the consumer; single passes over 8 shards measured
+    85-99 MiB, over 2 shards 81-85 (the least of two: within 5 MiB). Before rows stayed float16
+    to the batch cut, the row groups in flight and the shuffle blocks were float32 and each
+    block was copied once more when its batches were cut: measured 195 / 204 MiB then."""
     d, cap, readers, prefetch, shuffle = 2048, 2 * 2**20, 2, 2, 16 * 256
     growth = {}
     for n in (2, 8):
-        r = _read_growth(tmp_path / f"s{n}", d, 1024, cap, readers, prefetch, n_shards=n, shuffle=shuffle)
-        assert r["rows"] == r["expected"] == n * 8192
-        growth[n] = r["growth"]
+        growth[n] = []
+        for run in range(2):
+            r = _read_growth(tmp_path / f"s{n}-{run}", d, 1024, cap, readers, prefetch, n_shards=n, shuffle=shuffle)
+            assert r["rows"] == r["expected"] == n * 8192
+            growth[n].append(r["growth"])
     bound = readers * prefetch * (cap + 256 * d * 4) + 2 * shuffle * d * 2 + 64 * 2**20
-    print({n: round(g / 2**20, 1) for n, g in growth.items()}, "MiB; bound", bound / 2**20)
-    assert max(growth.values()) < bound, growth
-    assert abs(growth[8] - growth[2]) < 16 * 2**20, growth
+    print({n: [round(g / 2**20, 1) for g in gs] for n, gs in growth.items()}, "MiB; bound", bound / 2**20)
+    assert max(max(gs) for gs in growth.values()) < bound, growth
+    assert abs(min(growth[8]) - min(growth[2])) < 16 * 2**20, growth
 
 
 def _stream_threads() -> int:

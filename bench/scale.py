@@ -158,8 +158,8 @@ def run_size(model: Path, corpus: Path, n: int, out: Path, *, cpus_per_worker: i
         stages["fit + metrics"] = (time.perf_counter() - t0, rows)
         rss.mark("top-k scan")
         t0 = time.perf_counter()
-        ray.kill(trainer)  # as pipelines.concepts.interpret does
-        top_inputs(store, cfg)
+        ray.kill(trainer)  # a fresh scanner at every size: the large-run path (the job scans in the
+        top_inputs(store, cfg)  # fitting trainer under pipelines.concepts.SCAN_IN_TRAINER_BYTES)
         stages["top-k scan"] = (time.perf_counter() - t0, rows)
     return {"stages": stages, "rss": dict(rss.peak), "rows": rows, "rss_by_stage": rss.by_stage}
 

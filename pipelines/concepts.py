@@ -28,6 +28,7 @@ from raylens.concepts.models import concept_model_class
 from raylens.concepts.models.data_parallel import data_parallel_ranks
 from raylens.concepts.topk_scan import merge_scans
 from raylens.config import ConceptJobConfig
+from raylens.io.readers import split_paths
 from raylens.io.schemas import IMPORTANCE_SCHEMA, activation_width, importance_per_doc_schema, tensor_array
 from raylens.io.store import OutputStore
 from raylens.models.loading import model_task
@@ -155,14 +156,29 @@ def distributed_scan(store: OutputStore, cfg: ConceptJobConfig):
         ray.kill(writer)
 
 
-def top_inputs(store: OutputStore, cfg: ConceptJobConfig) -> list[float]:
-    """The top-k scan of the fitted concept model, in processes of its own: the parallel tasks of
-    :func:`distributed_scan` when ``interpretation.scan_tasks > 1``, else one pass in a fresh
-    trainer actor (``resources.trainer_gpus`` GPUs). Not in the actor that fitted: a long fit
-    leaves host memory resident that grows with the corpus (freed blocks the allocator keeps:
-    scanning in the fitting actor, its peak RSS grew 1.18-1.22x from 10k to 60k-300k documents in
-    ``bench/scale.py``; a scan alone in a fresh process did not grow). Returns each concept's
-    firing frequency."""
+#: Activations on disk (bytes) up to which the top-k scan runs in the trainer that fitted: a
+#: fresh actor costs a process start and its imports (6-8 s on 2 CPU cores, most of a small job's
+#: scan), and what a fit leaves resident grows only with large corpora (see :func:`top_inputs`).
+SCAN_IN_TRAINER_BYTES = 2**30
+
+
+def top_inputs(store: OutputStore, cfg: ConceptJobConfig, trainer=None) -> list[float]:
+    """The top-k scan of the fitted concept model: the parallel tasks of :func:`distributed_scan`
+    when ``interpretation.scan_tasks > 1``, else one pass in a trainer actor. That actor is
+    ``trainer`` (the one that fitted, given) when the activations take at most
+    :data:`SCAN_IN_TRAINER_BYTES` on disk, else a fresh one (``resources.trainer_gpus`` GPUs): a
+    long fit leaves host memory resident that grows with the corpus (freed blocks the allocator
+    keeps: scanning in the fitting actor, its peak RSS grew 1.18-1.22x from 10k to 60k-300k
+    documents in ``bench/scale.py``; a scan alone in a fresh process did not grow). ``trainer``
+    is killed before a scan elsewhere and after its own. Returns each concept's firing frequency."""
+    if trainer is not None and cfg.interpretation.scan_tasks == 1 and \
+            store.file_bytes(split_paths(store, "all")[0]) <= SCAN_IN_TRAINER_BYTES:
+        try:
+            return ray.get(trainer.top_examples.remote())
+        finally:
+            ray.kill(trainer)
+    if trainer is not None:
+        ray.kill(trainer)
     if cfg.interpretation.scan_tasks > 1:
         return distributed_scan(store, cfg)
     res = cfg.resources
@@ -177,12 +193,11 @@ def top_inputs(store: OutputStore, cfg: ConceptJobConfig) -> list[float]:
 def interpret(store: OutputStore, cfg: ConceptJobConfig, trainer):
     """Top activating inputs (:func:`top_inputs`) and the vocabulary projection (a new model
     worker); returns each concept's firing frequency, the model-worker actor and the vocabulary
-    table. The fitting ``trainer`` is gone first: its memory and GPUs go to the scan, then to
-    the model worker (on one GPU two actors cannot each hold one)."""
+    table. The fitting ``trainer`` is gone before the model worker starts (on one GPU two actors
+    cannot each hold one)."""
     res = cfg.resources
     say("interpret: top activating inputs")
-    ray.kill(trainer)
-    frequency = top_inputs(store, cfg)
+    frequency = top_inputs(store, cfg, trainer)
     worker = ray.remote(ConceptModelWorker).options(num_gpus=res.gpus_per_worker, num_cpus=res.cpus_per_worker) \
         .remote(cfg.model_dump())
     say("interpret: vocabulary projection")

@@ -212,11 +212,11 @@ def test_gallery_in_chromium(cls_job, tmp_path):
 
 
 def test_generation_job_explains_its_own_output(tmp_path, ray_session, smollm):
-    """SmolLM2 over 200 real reviews, two actors: it generates its continuation once per document
-    and explains it; one row per (document, method); scores equal the library's."""
+    """SmolLM2 over 100 real reviews (4 shards), two actors: it generates its continuation once
+    per document and explains it; one row per (document, method); scores equal the library's."""
     from pipelines.attribute import run_attribution_job
 
-    texts = _reviews(200, 25, skip=240)
+    texts = _reviews(100, 25, skip=240)
     cfg = load_config(None, {
         "output_uri": str(tmp_path / "out"),
         "model.name": "smollm2-135m",

@@ -201,6 +201,40 @@ def test_parallel_scan_tasks_write_the_trainers_tables(tmp_path, ray_session):
     assert set(top["doc_id"].to_pylist()) & {s * 20 + i for s in range(4) for i in range(16, 20)}  # held-out rows too
 
 
+def test_top_inputs_scans_in_the_fitting_trainer_when_small_else_in_a_fresh_actor(tmp_path, ray_session, monkeypatch):
+    """`pipelines.concepts.top_inputs` with the fitting trainer given: under
+    ``SCAN_IN_TRAINER_BYTES`` of activations that trainer scans (no new actor), above it a fresh
+    trainer actor does; the tables and frequencies are the same, and the given trainer is gone
+    after either."""
+    import ray
+
+    import pipelines.concepts as job
+    from actors.trainer import ConceptTrainer
+    from raylens.config import ConceptJobConfig
+
+    store, rng = _store(tmp_path / "a", heldout=True)
+    _model(rng).save(store.path("concept_model"))
+    shutil.copytree(store.path(), str(tmp_path / "b"))
+    interp = {"top_k_examples": K, "sample_pool_size": N_POOL, "sampled_per_quantile": 2, "sample_quantiles": 2,
+              "non_activating_per_concept": 0}
+    cfgs = [ConceptJobConfig.model_validate({"output_uri": str(tmp_path / x), "interpretation": interp,
+                                             "concepts": {"nb_concepts": C}}) for x in "ab"]
+    made, real_remote = [], ray.remote
+    monkeypatch.setattr(ray, "remote", lambda *a, **kw: (made.append(a[0]), real_remote(*a, **kw))[1])
+    freqs = []
+    for cfg, limit in zip(cfgs, (job.SCAN_IN_TRAINER_BYTES, 0)):
+        monkeypatch.setattr(job, "SCAN_IN_TRAINER_BYTES", limit)
+        trainer = real_remote(ConceptTrainer).remote(cfg.model_dump())
+        freqs.append(job.top_inputs(OutputStore(cfg.output_uri), cfg, trainer))
+        assert made == ([] if limit else [ConceptTrainer]), made
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(trainer.fit_progress.remote(), timeout=60)
+    assert freqs[0] == freqs[1]
+    for name in ("top_examples", "sampled_examples"):
+        a, b = (pq.read_table(os.path.join(tmp_path, x, "concepts", f"{name}.parquet")) for x in "ab")
+        assert a.equals(b), name
+
+
 def test_ranks_in_runs():
     from raylens.concepts.topk_scan import ranks_in_runs
 

@@ -170,7 +170,8 @@ class InterpretationConfig(Section):
     non_activating_min_chars: int = Field(120, ge=1, description="shortest such run (characters)")
     scan_tasks: int = Field(
         1, ge=1, description="parallel Ray tasks of the top-k scan, one shard each, merged (on a GPU each when "
-                             "resources.trainer_gpus > 0); 1 = one pass in a fresh trainer actor (not the one that fitted)")
+                             "resources.trainer_gpus > 0); 1 = one pass in a trainer actor (a fresh one above 1 GiB of "
+                             "activations, else the one that fitted)")
     labels: LabelsConfig = Field(default_factory=LabelsConfig)
 
     @model_validator(mode="after")

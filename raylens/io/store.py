@@ -181,6 +181,19 @@ class OutputStore:
         then part order; unfinished shards are excluded."""
         return [self.path(f) for s in self.done_shards(kind) for f in self.shard_files(kind, s, folder)]
 
+    def file_bytes(self, paths: list[str]) -> int:
+        """Total size in bytes of the files ``paths`` (filesystem paths, as :meth:`shard_paths`
+        gives them).
+
+        Raises:
+            FileNotFoundError: one of them does not exist.
+        """
+        infos = self.fs.get_file_info(list(paths))
+        missing = [i.path for i in infos if i.type == pafs.FileType.NotFound]
+        if missing:
+            raise FileNotFoundError(f"no such file(s): {missing[:3]}")
+        return int(sum(i.size for i in infos))
+
     def iter_shard_batches(
         self, kind: str, *, columns: list[str] | None = None, batch_rows: int = 4096, folder: str | None = None,
     ) -> Iterator[pa.RecordBatch]:

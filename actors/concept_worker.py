@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 from actors.model_worker import ModelWorker
 from raylens.config import ConceptJobConfig
 from raylens.io.memory import mmap_large_allocations
-from raylens.io.readers import heldout_mask
+from raylens.io.readers import heldout_mask, rows_where
 from raylens.io.schemas import activation_parquet_options, activations_schema
 from raylens.models.batching import take_oom_events
 from raylens.models.loading import LoadedModel, model_task
@@ -91,8 +91,8 @@ class ConceptModelWorker(ModelWorker):
                     part = table.slice(start, step)
                     if held > 0:
                         mask = heldout_mask(part["doc_id"].to_numpy(), held)
-                        writers["heldout"].write(part.filter(mask))
-                        part = part.filter(~mask)
+                        writers["heldout"].write(rows_where(part, mask))
+                        part = rows_where(part, ~mask)
                     writers["train"].write(part)
                     del part
                 del table  # this window's rows are on disk: freed before the next window is computed

@@ -24,6 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Literal
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -44,6 +45,27 @@ def heldout_mask(doc_ids: np.ndarray, fraction: float) -> np.ndarray:
         return np.zeros(len(doc_ids), dtype=bool)
     h = (doc_ids.astype(np.uint64) * np.uint64(2654435761)) % np.uint64(1 << 32)
     return h < np.uint64(int(fraction * (1 << 32)))
+
+
+def rows_where(table: pa.Table, mask: np.ndarray) -> pa.Table:
+    """The rows of ``table`` where ``mask`` ``(n_rows,)`` is True, in order, as zero-copy slices
+    of its runs of True (a chunked table; Parquet writers read across the chunks). Rows come in
+    runs when the mask is per document (held-out documents): ``Table.filter`` copies every
+    kept row instead, a fresh allocation that cost 1.2 us per row at d_model 2048 (3.9 us with
+    large allocations from ``mmap``, as extraction workers make them), more than half of
+    writing the rows to Parquet.
+
+    Raises:
+        ValueError: ``mask`` does not have one entry per row.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape != (table.num_rows,):
+        raise ValueError(f"mask of shape {mask.shape} for a table of {table.num_rows} rows")
+    edges = np.flatnonzero(np.diff(np.concatenate([[False], mask, [False]]).astype(np.int8)))
+    starts, stops = edges[0::2].tolist(), edges[1::2].tolist()
+    if not starts:
+        return table.slice(0, 0)
+    return pa.concat_tables([table.slice(a, b - a) for a, b in zip(starts, stops)])
 
 
 def heldout_paths(store: OutputStore, shard: str, kind: str = "activations") -> list[str]:
@@ -381,4 +403,4 @@ class ActivationStream:
 
 
 __all__ = ["HELDOUT_KIND", "ActivationStream", "Background", "as_float32", "as_stored", "finite_rows", "heldout_mask",
-           "heldout_paths", "split_paths"]
+           "heldout_paths", "rows_where", "split_paths"]

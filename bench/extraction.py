@@ -19,7 +19,9 @@
    from about 61 to 23 us and rows per CPU second doubled (bench/extraction_results.txt).
    A writer thread with one window in flight (windows a third of the budget instead of a half)
    ran at 11.0-14.2k rows/s against 12.8-13.8k without, on this loaded 2-core machine: no gain,
-   so extraction writes in its own thread.
+   so extraction writes in its own thread. With the held-out split as zero-copy slices
+   (``raylens.io.readers.rows_where``) instead of ``Table.filter`` copies: writing 34-35% -> 26-27%
+   of shard time, 1.24x rows/s (bench/extraction_results.txt, 2026-12-02).
 
 Usage: python bench/extraction.py [--docs 64] [--layer 15] [--repeats 5] [--sizes 100,400] [--cheap 600]
 """

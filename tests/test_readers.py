@@ -271,22 +271,25 @@ def test_stored_dtype_stream_trains_the_same_model(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_rows_where_equals_filter_without_copying_the_rows():
-    """`rows_where` gives the rows `Table.filter` gives (per-document masks, empty, full), as
-    slices of the table's own buffers, and refuses a mask of another length."""
-    from raylens.io.readers import heldout_mask, rows_where
+def test_rows_where_equals_filter_without_copying_long_runs():
+    """`rows_where` gives the rows `Table.filter` gives (per-document masks, empty, full); with
+    runs of at least ``MIN_RUN_ROWS`` rows as slices of the table's own buffers; and refuses a
+    mask of another length."""
+    from raylens.io.readers import MIN_RUN_ROWS, heldout_mask, rows_where
     from raylens.io.schemas import activation_array
 
     rng = np.random.default_rng(0)
-    docs = np.repeat(np.arange(40), rng.integers(1, 30, 40))
-    table = pa.table({"doc_id": docs}).append_column(
-        "activation", activation_array(rng.standard_normal((len(docs), 32)).astype(np.float16)))
-    base = table["activation"].chunk(0).buffers()[1].address
-    end = base + table["activation"].chunk(0).buffers()[1].size
-    for mask in (heldout_mask(docs, 0.3), ~heldout_mask(docs, 0.3), np.zeros(len(docs), bool),
-                 np.ones(len(docs), bool)):
-        got = rows_where(table, mask)
-        assert got.equals(table.filter(mask)) and got.num_rows == mask.sum()
-        assert all(base <= c.buffers()[1].address < end for c in got["activation"].chunks if len(c))
-    with pytest.raises(ValueError, match="mask of shape"):
-        rows_where(table, np.ones(len(docs) - 1, bool))
+    for rows_per_doc in (1, 2 * MIN_RUN_ROWS):  # copied (short runs), sliced (long runs)
+        docs = np.repeat(np.arange(200), rows_per_doc)
+        table = pa.table({"doc_id": docs}).append_column(
+            "activation", activation_array(rng.standard_normal((len(docs), 32)).astype(np.float16)))
+        buf = table["activation"].chunk(0).buffers()[1]
+        for mask in (heldout_mask(docs, 0.3), ~heldout_mask(docs, 0.3), np.zeros(len(docs), bool),
+                     np.ones(len(docs), bool)):
+            got = rows_where(table, mask)
+            assert got.equals(table.filter(mask)) and got.num_rows == mask.sum()
+            shared = [buf.address <= c.buffers()[1].address < buf.address + buf.size
+                      for c in got["activation"].chunks if len(c)]
+            assert all(shared) if rows_per_doc > 1 else not any(shared[:1]) or mask.all()
+        with pytest.raises(ValueError, match="mask of shape"):
+            rows_where(table, np.ones(len(docs) - 1, bool))

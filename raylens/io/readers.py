@@ -47,13 +47,19 @@ def heldout_mask(doc_ids: np.ndarray, fraction: float) -> np.ndarray:
     return h < np.uint64(int(fraction * (1 << 32)))
 
 
+#: Least mean run length (rows) for which :func:`rows_where` slices instead of copying.
+MIN_RUN_ROWS = 32
+
+
 def rows_where(table: pa.Table, mask: np.ndarray) -> pa.Table:
-    """The rows of ``table`` where ``mask`` ``(n_rows,)`` is True, in order, as zero-copy slices
-    of its runs of True (a chunked table; Parquet writers read across the chunks). Rows come in
-    runs when the mask is per document (held-out documents): ``Table.filter`` copies every
-    kept row instead, a fresh allocation that cost 1.2 us per row at d_model 2048 (3.9 us with
-    large allocations from ``mmap``, as extraction workers make them), more than half of
-    writing the rows to Parquet.
+    """The rows of ``table`` where ``mask`` ``(n_rows,)`` is True, in order. When they come in
+    runs of at least :data:`MIN_RUN_ROWS` rows on average (a per-document mask, such as the
+    held-out split, at token granularity), as zero-copy slices of the runs (a chunked table;
+    Parquet writers read across the chunks); else copied by ``Table.filter``. Filter copies cost
+    1.2 us per row at d_model 2048 (4.1 us with large allocations from ``mmap``, as extraction
+    workers make them), more than half of writing the rows to Parquet; but the writer pays per
+    chunk: runs of one row (one row per document) wrote 1.5-3x slower as slices, runs of about
+    10 rows up to 2x slower at d_model 256.
 
     Raises:
         ValueError: ``mask`` does not have one entry per row.
@@ -65,6 +71,8 @@ def rows_where(table: pa.Table, mask: np.ndarray) -> pa.Table:
     starts, stops = edges[0::2].tolist(), edges[1::2].tolist()
     if not starts:
         return table.slice(0, 0)
+    if len(starts) * MIN_RUN_ROWS > int(mask.sum()):
+        return table.filter(mask)
     return pa.concat_tables([table.slice(a, b - a) for a, b in zip(starts, stops)])
 
 
@@ -402,5 +410,5 @@ class ActivationStream:
             yield as_tensor(head)
 
 
-__all__ = ["HELDOUT_KIND", "ActivationStream", "Background", "as_float32", "as_stored", "finite_rows", "heldout_mask",
+__all__ = ["HELDOUT_KIND", "MIN_RUN_ROWS", "ActivationStream", "Background", "as_float32", "as_stored", "finite_rows", "heldout_mask",
            "heldout_paths", "rows_where", "split_paths"]

@@ -79,6 +79,10 @@ class ConceptTrainer:
         self._fitting = None  # the model being fitted, read by fit_progress from another thread
 
     def _stream(self, split: str, shuffle: bool, epochs: int | None = None, float32: bool = True) -> ActivationStream:
+        # row groups and shuffle blocks from mmap, given back when freed: with glibc's heap and
+        # Arrow's mimalloc the stream's peak grew with the corpus (83-87 / 90 / 93-103 MiB over
+        # 2 / 8 / 16 shards, tests/test_readers.py), flat with it (75-80 / 78-83 / 77-78)
+        mmap_large_allocations()
         c = self.cfg.concepts
         return ActivationStream(self.store, split=split, heldout_fraction=c.heldout_fraction,
                                 batch_rows=c.batch_rows, shuffle_buffer=16 * c.batch_rows if shuffle else 0,

@@ -104,6 +104,8 @@ for s in range(n_shards):  # shards of 32 MiB of float16, written in windows of 
 def status(key):
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key + ":"))
 del x, w
+from raylens.io.memory import mmap_large_allocations
+mmap_large_allocations()  # as the trainer's streams do (actors.trainer.ConceptTrainer._stream)
 open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS
 base = status("VmRSS")
 seen = sum(len(b) for b in ActivationStream(store, batch_rows=256, readers=readers, prefetch=prefetch,
@@ -132,7 +134,8 @@ def test_reader_memory_follows_the_row_group_cap_not_the_window(tmp_path):
     peak memory (a fresh process's VmHWM) stays under readers x prefetch x (the cap x 3: the row
     group read and its float32 decode, + a batch) + 64 MiB, and does not depend on the window.
     Without the cap a row group is a whole window: measured 325 MiB with 32 MiB windows, 85 MiB
-    with 4 MiB ones (59-73 MiB with the cap, either window; 35 MiB with one reader, prefetch 1)."""
+    with 4 MiB ones (59-73 MiB with the cap, either window; 35 MiB with one reader, prefetch 1;
+    39-41 MiB since the child serves large allocations from mmap, as the trainer does)."""
     import pyarrow.parquet as pq
 
     d, cap, readers, prefetch = 2048, 2 * 2**20, 2, 2
@@ -157,8 +160,10 @@ def test_stream_memory_does_not_grow_with_the_corpus(tmp_path):
     readers x prefetch x (a row group in its stored dtype + a float32 batch) + twice the
     shuffle buffer in float16 + 64 MiB, and the least growth of each size is the same within
     16 MiB. Least of two: a peak is a maximum over the pass, and a longer pass samples more
-    interleavings of the reader threads with the consumer; single passes over 8 shards measured
-    85-99 MiB, over 2 shards 81-85 (the least of two: within 5 MiB). Before rows stayed float16
+    interleavings of the reader threads with the consumer. The child serves large allocations
+    from mmap, as the trainer does: with glibc's heap and Arrow's mimalloc the growth rose with
+    the corpus (83-87 / 90 / 93-103 MiB over 2 / 8 / 16 shards), with mmap it is flat (75-80 /
+    78-83 / 77-78). Before rows stayed float16
     to the batch cut, the row groups in flight and the shuffle blocks were float32 and each
     block was copied once more when its batches were cut: measured 195 / 204 MiB then."""
     d, cap, readers, prefetch, shuffle = 2048, 2 * 2**20, 2, 2, 16 * 256

@@ -56,12 +56,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--sections", default="1,2,3")
+    ap.add_argument("--mmap", action="store_true", help="large allocations from mmap (as the trainer's streams)")
     ap.add_argument("--scan-concepts", type=int, default=1024)
     ap.add_argument("--scan-copies", type=int, default=4, help="the rows scanned, this many times (other doc ids)")
     ap.add_argument("--scan-large", type=int, default=16384, help="section 3 again at this many concepts (0: not)")
     ap.add_argument("--scan-large-copies", type=int, default=1)
     args = ap.parse_args()
     sections = {int(x) for x in args.sections.split(",")}
+    if args.mmap:  # large allocations from mmap, as the concept trainer's streams make them
+        from raylens.io.memory import mmap_large_allocations
+
+        mmap_large_allocations()
     torch.set_num_threads(args.threads)
 
     from raylens.concepts.metrics import explained_variance, frechet_distance, mean_l0

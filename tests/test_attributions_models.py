@@ -134,7 +134,8 @@ def _deletion_vs_random(lm, texts, **call) -> dict[str, tuple[float, float]]:
                 targets = [(o.targets, o.elements) for o in outputs]
             assert [(o.targets, o.elements) for o in outputs] == targets, f"{label}: other targets or elements"
             results = (with_random if first else without)(outputs)
-            random_auc = mean(results, "random_auc") if first else random_auc
+            if first:
+                random_auc = mean(results, "random_auc")
             out[label] = (mean(results, "auc"), random_auc)
     for label, (a, b) in out.items():
         print(f"  {label:34s} deletion AUC {a:8.3f}   random {b:8.3f}")

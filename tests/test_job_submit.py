@@ -19,10 +19,17 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parents[1]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports: every socket stays bound until all are chosen (one at a time, the
+    OS may hand the same port out twice: CI once gave the dashboard and its agent the same one)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def _stop_cluster(temp_dir: Path) -> None:
@@ -58,12 +65,12 @@ def test_ray_job_submit_against_ray_start_head(tmp_path):
     ray_cli = str(venv_bin / "ray") if (venv_bin / "ray").exists() else shutil.which("ray")
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{venv_bin}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
-    port, dash = _free_port(), _free_port()
+    names = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+             "runtime-env-agent-port", "node-manager-port", "object-manager-port", "ray-client-server-port")
+    port, dash, *free = _free_ports(2 + len(names))
     # Every per-node port explicit: the session's own Ray (other tests) holds the defaults,
     # and a second node's dashboard agent on a taken port never comes up.
-    ports = [f"--{name}={_free_port()}" for name in (
-        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
-        "runtime-env-agent-port", "node-manager-port", "object-manager-port", "ray-client-server-port")]
+    ports = [f"--{name}={p}" for name, p in zip(names, free)]
     temp_dir = Path(tempfile.mkdtemp(prefix="rl-", dir="/tmp"))  # Unix socket paths must stay short
     start = subprocess.run(
         [ray_cli, "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",

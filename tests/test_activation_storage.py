@@ -76,9 +76,9 @@ def test_layout_helpers_and_the_older_tensor_layout():
         activations_schema(4, "int8")
     with pytest.raises(ValueError, match="no activation column"):
         activation_width(pa.schema([pa.field("x", pa.int32())]))
-    assert window_rows(2**20, 576, "float16") == 2**20 // (3 * (576 * 2 + 1536))  # the docstring's bytes per row
-    assert window_rows(2**20, 576, "float32") == 2**20 // (3 * (576 * 4 + 1536))
-    assert write_slice_rows(2**20, 2**30, 576) == 2**20 // 6 // (576 * 2 + 1536)  # a sixth of the budget
+    assert window_rows(2**20, 576, "float16") == 2**20 // (4 * (576 * 2 + 1536))  # the docstring's bytes per row
+    assert window_rows(2**20, 576, "float32") == 2**20 // (4 * (576 * 4 + 1536))
+    assert write_slice_rows(2**20, 2**30, 576) == 2**20 // 8 // (576 * 2 + 1536)  # an eighth of the budget
     assert write_slice_rows(2**30, 2**20, 576) == 2**20 // (576 * 2 + 1536)  # the row-group cap
 
 

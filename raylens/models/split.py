@@ -367,12 +367,14 @@ class SplitModel:
         return values, ([None] * len(encoded) if predicted is None else [int(p) for p in predicted])
 
 
-#: The byte budget over a window's rows: the window itself (pooled batch by batch straight into
-#: the stored dtype, :func:`raylens.models.extraction.pool_documents`, with its unit arrays) takes a third;
-#: the slice being written (:func:`write_slice_rows`: at most a sixth of the budget) is held twice,
-#: its train / held-out split and the Parquet writer's encoding of it; the last third is left to
-#: what the allocators and Python keep (measured 10-20 MiB: tests/test_activation_storage.py).
-WINDOW_COPIES = 3
+#: The byte budget over a window's rows, in quarters: the window being computed (pooled batch by
+#: batch straight into the stored dtype, :func:`raylens.models.extraction.pool_documents`, with its
+#: unit arrays); the window before it, being written in the background
+#: (:class:`raylens.io.activation_writer.ActivationShardWriter`); the slice of it being written
+#: (:func:`write_slice_rows`: at most an eighth of the budget) held twice, its train / held-out
+#: split and the Parquet writer's encoding of it; and what the allocators and Python keep
+#: (measured 10-20 MiB: tests/test_activation_storage.py).
+WINDOW_COPIES = 4
 #: Host bytes per row of a window besides its values: the token ids, offsets and unit objects in
 #: Python, the lists the other Arrow columns are built from, those columns (about 1.4 KiB
 #: measured at granularity token: tests/test_activation_storage.py).
@@ -389,15 +391,15 @@ def row_host_bytes(d_model: int, dtype: str = "float16") -> int:
 def window_rows(max_host_bytes: int, d_model: int, dtype: str = "float16") -> int:
     """Rows per extraction window so all of a window's host copies fit in ``max_host_bytes``:
     :data:`WINDOW_COPIES` x (the stored values + :data:`ROW_OVERHEAD_BYTES`), i.e.
-    ``3 x (d_model x bytes(dtype) + 1536)`` bytes per row (29,184 at d_model 4,096 in float16: a
-    512 MiB budget holds 18,396 rows, 143 documents of 128 tokens). Freed memory is handed back to the OS between windows
+    ``4 x (d_model x bytes(dtype) + 1536)`` bytes per row (38,912 at d_model 4,096 in float16: a
+    512 MiB budget holds 13,797 rows, 107 documents of 128 tokens). Freed memory is handed back to the OS between windows
     (:func:`raylens.io.memory.release_host_memory`). At least 1."""
     return max(1, int(max_host_bytes) // (WINDOW_COPIES * row_host_bytes(d_model, dtype)))
 
 
 def write_slice_rows(max_host_bytes: int, row_group_bytes: int, d_model: int, dtype: str = "float16") -> int:
     """Rows of a window split (train / held-out) and written at a time: at most
-    ``row_group_bytes`` and a sixth of ``max_host_bytes`` of stored values (see
+    ``row_group_bytes`` and an eighth of ``max_host_bytes`` of stored values (see
     :data:`WINDOW_COPIES`), so the copies made to write a window stay within its budget. At least 1."""
     budget = min(int(row_group_bytes), int(max_host_bytes) // (2 * WINDOW_COPIES))
     return max(1, budget // row_host_bytes(d_model, dtype))

@@ -9,8 +9,8 @@ Parquet encoder releases the GIL). One window is in flight at most, so the host 
 windows (:data:`raylens.models.split.WINDOW_COPIES` counts them).
 
 Measured with a nearly free forward, as on a GPU (``bench/extraction.py --cheap``, 300-document
-shards of about five windows): the time extraction waits on writing fell from 23-34% of shard
-time to 5-8%, rows/s 1.45x. A shard of a single window gains nothing (its write is waited for
+shards of about five windows, median of 5 interleaved pairs): the time extraction waits on
+writing fell from 26.8% of shard time to 7.0%, rows/s 1.09x (1.45x in an earlier 3-pair run). A shard of a single window gains nothing (its write is waited for
 at the end): large runs want shards of many windows (README, "Large runs").
 """
 

@@ -211,8 +211,9 @@ class ActivationStream:
     Memory is bounded whatever the corpus: rows stay in their stored dtype (float16: 2 bytes
     per value) from the file to the cut of a batch, which is then a float32 copy (or a copy in
     that dtype); in flight are
-    ``readers * prefetch`` row groups, the shuffle buffer (about twice ``shuffle_buffer`` rows)
-    and ``readers * prefetch`` float32 batches waiting for the consumer.
+    ``readers * prefetch`` row groups, the shuffle buffer (``shuffle_buffer`` rows, one array
+    reused for the whole pass, and a scratch batch) and ``readers * prefetch`` float32 batches
+    waiting for the consumer.
 
     Args:
         store: the job's output store.
@@ -317,25 +318,30 @@ class ActivationStream:
             if self.max_rows is not None and emitted >= self.max_rows:
                 return
 
-    def _shuffled(self, rng: np.random.Generator) -> Iterator[np.ndarray]:
-        """Blocks of exactly ``shuffle_buffer`` rows (the last shorter), each permuted in place by
-        ``rng`` (a gather by a permutation was 5-7x faster, but the stream's peak memory in
-        ``tests/test_readers.py`` was then up to 16 MiB higher and less steady)."""
-        buf: list[np.ndarray] = []
-        n_buf = 0
+    def _shuffled(self, rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Blocks of exactly ``shuffle_buffer`` rows (the last shorter), each with its order: a
+        permutation drawn from ``rng`` (the order ``rng.shuffle`` would give the block's rows,
+        with the same draws). The rows are copied into one buffer per pass, reused from block to
+        block, and gathered in that order when batches are cut: a block is valid only until the
+        next one is asked for. Against a fresh concatenated block per ``shuffle_buffer`` rows,
+        shuffled in place, it saves a copy and the fresh pages (a page fault per 4 KiB with the
+        trainer's mmap allocations), and the stream's peak memory stays as steady (bound in
+        ``tests/test_readers.py``)."""
+        size = self.shuffle_buffer
+        block: np.ndarray | None = None
+        n = 0
         for x in self._blocks():
-            buf.append(x)
-            n_buf += len(x)
-            while n_buf >= self.shuffle_buffer:
-                block = np.concatenate(buf)
-                head, rest = block[: self.shuffle_buffer], block[self.shuffle_buffer:]
-                rng.shuffle(head)
-                yield head
-                buf, n_buf = [rest], len(rest)
-        if n_buf:
-            block = np.concatenate(buf)
-            rng.shuffle(block)
-            yield block
+            if block is None:
+                block = np.empty((size, *x.shape[1:]), dtype=x.dtype)
+            while len(x):
+                k = min(len(x), size - n)
+                block[n: n + k] = x[:k]
+                n, x = n + k, x[k:]
+                if n == size:
+                    yield block, rng.permutation(size)
+                    n = 0
+        if n:
+            yield block[:n], rng.permutation(n)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         epoch = self._epoch
@@ -387,25 +393,38 @@ class ActivationStream:
         self.close()
 
     def _batches(self, rng: np.random.Generator) -> Iterator[torch.Tensor]:
-        """Batches of ``batch_rows`` rows (the last one shorter), cut across blocks."""
-        blocks = self._shuffled(rng) if self.shuffle_buffer > 0 else self._blocks()
+        """Batches of ``batch_rows`` rows (the last one shorter), cut across blocks; shuffled
+        blocks' rows are gathered in their order into a reused scratch array, so a batch costs
+        one fresh array: the yielded tensor."""
+        blocks = self._shuffled(rng) if self.shuffle_buffer > 0 else ((b, None) for b in self._blocks())
         as_tensor = as_float32 if self.float32 else as_stored
         size = self.batch_rows
+        scratch: np.ndarray | None = None
+
+        def rows(block: np.ndarray, order: np.ndarray | None, a: int, b: int) -> np.ndarray:
+            """Rows ``a:b`` of ``block`` in ``order``: a view (of the block, or of the scratch)."""
+            nonlocal scratch
+            if order is None:
+                return block[a:b]
+            if scratch is None:
+                scratch = np.empty((size, *block.shape[1:]), dtype=block.dtype)
+            return np.take(block, order[a:b], axis=0, out=scratch[: b - a])
+
         head: np.ndarray | None = None  # rows short of a batch, carried into the next block (a copy)
-        for block in blocks:
+        for block, order in blocks:
             start = 0
             if head is not None:
                 start = min(size - len(head), len(block))
-                head = np.concatenate([head, block[:start]])
+                head = np.concatenate([head, rows(block, order, 0, start)])
                 if len(head) < size:
                     continue
                 yield as_tensor(head)
                 head = None
             end = start + (len(block) - start) // size * size
             for i in range(start, end, size):
-                yield as_tensor(block[i: i + size])
-            if end < len(block):  # copied, so that no view keeps the whole block alive
-                head = block[end:].copy()
+                yield as_tensor(rows(block, order, i, i + size))
+            if end < len(block):  # copied: the block (or the scratch) is reused, and no view keeps it alive
+                head = rows(block, order, end, len(block)).copy()
         if head is not None:
             yield as_tensor(head)
 

@@ -25,7 +25,7 @@ from raylens.concepts.models import ConceptModel, build_concept_model, load_conc
 from raylens.concepts.models.data_parallel import data_parallel_ranks
 from raylens.io.schemas import METRICS_SCHEMA
 from raylens.config import ConceptJobConfig
-from raylens.io.memory import mmap_large_allocations
+from raylens.io.memory import limit_malloc_arenas, mmap_large_allocations
 from raylens.io.readers import ActivationStream, heldout_paths, split_paths
 from raylens.io.store import OutputStore
 
@@ -79,10 +79,10 @@ class ConceptTrainer:
         self._fitting = None  # the model being fitted, read by fit_progress from another thread
 
     def _stream(self, split: str, shuffle: bool, epochs: int | None = None, float32: bool = True) -> ActivationStream:
-        # row groups and shuffle blocks from mmap, given back when freed: with glibc's heap and
-        # Arrow's mimalloc the stream's peak grew with the corpus (83-87 / 90 / 93-103 MiB over
-        # 2 / 8 / 16 shards, tests/test_readers.py), flat with it (75-80 / 78-83 / 77-78)
-        mmap_large_allocations()
+        # reader threads share two malloc arenas: the stream's peak stays flat with the corpus
+        # (tests/test_readers.py: 32-38 MiB over 2 to 64 shards; 51-61 with every large block
+        # from mmap, which read 2.1x slower; 57-69 and rising with glibc's defaults)
+        limit_malloc_arenas(2)
         c = self.cfg.concepts
         return ActivationStream(self.store, split=split, heldout_fraction=c.heldout_fraction,
                                 batch_rows=c.batch_rows, shuffle_buffer=16 * c.batch_rows if shuffle else 0,

@@ -10,7 +10,8 @@
    (``--stream-copies`` copies of the rows, float16, written as extraction writes them, held-out
    rows apart, and read back with ``ActivationStream`` as the concept trainer does, shuffle
    buffer included) versus from an in-memory tensor, same rows, same epochs; median of
-   ``--repeats`` runs, interleaved. ``--mmap``: large allocations from mmap, as in the trainer.
+   ``--repeats`` runs, interleaved; ``--alloc``: the host allocator settings (the trainer's:
+   two malloc arenas).
    Goal (issue 11): >= 0.9x.
 3. The top-k scan (``scan_concepts`` with the job's pools: 10 top rows, 256 sampled, 20
    non-activating runs per concept) versus the concept model's own ``encode`` over the same
@@ -57,7 +58,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--sections", default="1,2,3")
-    ap.add_argument("--mmap", action="store_true", help="large allocations from mmap (as the trainer's streams)")
+    ap.add_argument("--alloc", choices=["arenas", "mmap", "default"], default="arenas",
+                    help="host allocator settings: two malloc arenas (as the trainer's streams), large blocks from "
+                         "mmap (as extraction and the scan), or glibc's and Arrow's defaults")
     ap.add_argument("--stream-copies", type=int, default=4,
                     help="section 2 trains on this many copies of the rows (other doc ids): epochs longer than the "
                          "16k-row shuffle buffer")
@@ -67,10 +70,9 @@ def main() -> None:
     ap.add_argument("--scan-large-copies", type=int, default=1)
     args = ap.parse_args()
     sections = {int(x) for x in args.sections.split(",")}
-    if args.mmap:  # large allocations from mmap, as the concept trainer's streams make them
-        from raylens.io.memory import mmap_large_allocations
+    from raylens.io.memory import limit_malloc_arenas, mmap_large_allocations
 
-        mmap_large_allocations()
+    {"arenas": lambda: limit_malloc_arenas(2), "mmap": mmap_large_allocations, "default": lambda: None}[args.alloc]()
     torch.set_num_threads(args.threads)
 
     from raylens.concepts.metrics import explained_variance, frechet_distance, mean_l0
@@ -233,7 +235,7 @@ def stream_vs_memory(args, table) -> None:
         ev_par = explained_variance(test, m2.decode(m2.encode(test)))
     print(f"# 2. TopK SAE training throughput, nb_concepts={k}, top_k=8, batch 256, {args.epochs} epochs over "
           f"{train.shape[0]} float16 rows ({args.stream_copies} copies of the bench's rows), median of {args.repeats} "
-          f"(interleaved)")
+          f"(interleaved), allocator: {args.alloc}")
     print(f"in-memory tensor (fit)            {statistics.median(mem):10.0f} rows/s   held-out EV {ev_mem:.3f}")
     print(f"Parquet ActivationStream (fit_stream, {n_shards} shards, shuffle buffer 16384) "
           f"{statistics.median(par):10.0f} rows/s   held-out EV {ev_par:.3f}")

@@ -103,8 +103,8 @@ for s in range(n_shards):  # shards of 32 MiB of float16, written in windows of 
 def status(key):
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key + ":"))
 del x, w
-from raylens.io.memory import mmap_large_allocations
-mmap_large_allocations()  # as the trainer's streams do (actors.trainer.ConceptTrainer._stream)
+from raylens.io.memory import limit_malloc_arenas
+limit_malloc_arenas(2)  # as the trainer's streams do (actors.trainer.ConceptTrainer._stream)
 open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS
 base = status("VmRSS")
 seen = sum(len(b) for b in ActivationStream(store, batch_rows=256, readers=readers, prefetch=prefetch,
@@ -159,14 +159,13 @@ def test_stream_memory_does_not_grow_with_the_corpus(tmp_path):
     readers x prefetch x (a row group in its stored dtype + a float32 batch) + twice the
     shuffle buffer in float16 + 64 MiB, and the least growth of each size is the same within
     16 MiB. Least of two: a peak is a maximum over the pass, and a longer pass samples more
-    interleavings of the reader threads with the consumer. The child serves large allocations
-    from mmap, as the trainer does: with glibc's heap and Arrow's mimalloc the growth rose with
-    the corpus (83-87 / 90 / 93-103 MiB over 2 / 8 / 16 shards), with mmap it is flat (75-80 /
-    78-83 / 77-78). Before rows stayed float16 to the batch cut, the row groups in flight and
-    the shuffle blocks were float32 and each block was copied once more when its batches were
-    cut: measured 195 / 204 MiB then. With a shuffle buffer reused for the whole pass (rows
-    copied into it, gathered in a permuted order at the batch cut) instead of a fresh block per
-    ``shuffle_buffer`` rows shuffled in place: 48-56 MiB (it was 78-84)."""
+    interleavings of the reader threads with the consumer. The child caps glibc at two malloc
+    arenas, as the trainer does. History of the growth (2 / 8 / 16 shards): float32 row groups
+    and shuffle blocks, each block copied once more at the batch cut: 195 / 204 MiB; float16 to
+    the batch cut: 83-87 / 90 / 93-103 with glibc's and Arrow's default allocators, 75-80 /
+    78-83 / 77-78 with every large block from mmap; a shuffle buffer reused for the whole pass
+    (rows gathered in a permuted order at the batch cut) instead of a fresh block shuffled in
+    place: 48-56 with mmap, 32-38 with two arenas (2 to 64 shards; mmap read 2.1x slower)."""
     d, cap, readers, prefetch, shuffle = 2048, 2 * 2**20, 2, 2, 16 * 256
     growth = {}
     for n in (2, 8):

@@ -325,7 +325,7 @@ class ActivationStream:
         block, and gathered in that order when batches are cut: a block is valid only until the
         next one is asked for. Against a fresh concatenated block per ``shuffle_buffer`` rows,
         shuffled in place, it saves a copy and the fresh pages (a page fault per 4 KiB with the
-        trainer's mmap allocations), and the stream's peak memory stays as steady (bound in
+        allocations from mmap, as in extraction workers), and the stream's peak memory is lower (bound in
         ``tests/test_readers.py``)."""
         size = self.shuffle_buffer
         block: np.ndarray | None = None

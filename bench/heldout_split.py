@@ -1,16 +1,19 @@
 """Where the held-out split of an extraction window should slice instead of copy: the
-constant ``raylens.io.readers.MIN_RUN_ROWS``.
+constant ``raylens.io.readers.MIN_RUN_BYTES``.
 
 Extraction splits each window of activation rows by document into train and held-out rows
 (`raylens.io.readers.rows_where`) and writes both to Parquet
 (`raylens.io.activation_writer.ActivationShardWriter`). The rows of a document come in a run,
 so the split can be zero-copy slices of the runs (one chunk per run: the Parquet writer then
 pays per chunk) or a copy by ``Table.filter`` (one copy per row, contiguous output). This bench
-times both, split plus write of both parts, on the same window (``--rows`` rows of float16,
-the job's Parquet options), for documents of 1 to 256 rows, at d_model 256 and 2048, with
-large allocations from mmap as in an extraction worker (``--no-mmap``: glibc's defaults). It
-prints seconds per window (median of ``--repeats``, interleaved) and slices / filter: below 1
-slicing is faster. ``rows_where`` slices when the mean run is at least ``MIN_RUN_ROWS`` rows.
+times both, selection plus write of each part (held-out, 10% of the documents, and train), on
+the same window (``--rows`` rows of float16, the job's Parquet options), for documents of 1 to
+256 rows, at d_model 256 and 2048, with large allocations from mmap as in an extraction worker
+(``--no-mmap``: glibc's defaults). A part's runs are what matters: consecutive train documents
+merge into one run, so train runs are about ten times a document's rows. It prints, per part,
+the mean run of its mask, seconds (median of ``--repeats``, interleaved), slices / filter
+(below 1 slicing is faster) and ``rows_where`` (slices from a mean run of ``MIN_RUN_BYTES``)
+against the faster of the two (about 1 when it picks right).
 
     python bench/heldout_split.py [--rows 65536] [--repeats 5] [--dims 256,2048] [--no-mmap]
 """
@@ -32,7 +35,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from raylens.io.readers import MIN_RUN_ROWS, heldout_mask  # noqa: E402
+from raylens.io.readers import MIN_RUN_BYTES, heldout_mask, rows_where  # noqa: E402
 from raylens.io.schemas import activation_array, activation_parquet_options, activations_schema  # noqa: E402
 
 
@@ -51,16 +54,20 @@ def sliced(table: pa.Table, mask: np.ndarray) -> pa.Table:
     return pa.concat_tables([table.slice(a, b - a) for a, b in zip(edges[0::2].tolist(), edges[1::2].tolist())])
 
 
-def split_and_write(table: pa.Table, mask: np.ndarray, folder: str, select) -> float:
-    """Seconds to select the held-out and the train rows with ``select`` and write each to its
-    Parquet file with the job's options."""
-    opts = activation_parquet_options(table.schema)
+def mean_run(mask: np.ndarray) -> float:
+    """Mean length of the runs of True in ``mask``."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[False], mask, [False]]).astype(np.int8)))
+    return float(mask.sum()) / max(1, len(edges) // 2)
+
+
+def select_and_write(table: pa.Table, mask: np.ndarray, path: str, select) -> float:
+    """Seconds to select the rows of ``mask`` with ``select`` and write them to a Parquet file
+    with the job's options."""
     t = time.perf_counter()
-    for name, m in (("heldout", mask), ("train", ~mask)):
-        part = select(table, m)
-        with pq.ParquetWriter(os.path.join(folder, f"{name}.parquet"), table.schema, **opts) as w:
-            w.write_table(part)
-        del part
+    part = select(table, mask)
+    with pq.ParquetWriter(path, table.schema, **activation_parquet_options(table.schema)) as w:
+        w.write_table(part)
+    del part
     return time.perf_counter() - t
 
 
@@ -69,7 +76,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=65536)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--dims", default="256,2048")
-    ap.add_argument("--runs", default="1,4,8,16,32,64,256", help="rows per document")
+    ap.add_argument("--runs", default="1,2,3,4,8,32,256", help="rows per document")
     ap.add_argument("--no-mmap", action="store_true")
     args = ap.parse_args()
     if not args.no_mmap:
@@ -79,18 +86,23 @@ def main() -> None:
     print(f"# bench/heldout_split.py on {platform.node()}: {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M')}, "
           f"load {os.getloadavg()[0]:.2f}; {args.rows} rows per window, float16, held-out fraction 0.1, "
           f"{'glibc defaults' if args.no_mmap else 'mmap for allocations >= 1 MiB (as extraction workers)'}; "
-          f"median of {args.repeats}; rows_where slices from a mean run of {MIN_RUN_ROWS} rows")
-    print(f"{'d_model':>7s} {'rows/doc':>8s} {'filter s':>9s} {'slices s':>9s} {'slices/filter':>14s}")
+          f"median of {args.repeats}; rows_where slices from a mean run of {MIN_RUN_BYTES} bytes")
+    print(f"{'d_model':>7s} {'rows/doc':>8s} {'part':>8s} {'mean run':>9s} {'filter s':>9s} {'slices s':>9s} "
+          f"{'slices/filter':>14s} {'rows_where/best':>16s}")
     with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "part.parquet")
+        ways = {"filter": lambda t, m: t.filter(m), "slices": sliced, "rows_where": rows_where}
         for d in map(int, args.dims.split(",")):
             for run in map(int, args.runs.split(",")):
-                table, mask = window(args.rows, d, run)
-                times = {"filter": [], "slices": []}
-                for _ in range(args.repeats):
-                    times["filter"].append(split_and_write(table, mask, folder, lambda t, m: t.filter(m)))
-                    times["slices"].append(split_and_write(table, mask, folder, sliced))
-                f, s = (statistics.median(times[k]) for k in ("filter", "slices"))
-                print(f"{d:7d} {run:8d} {f:9.3f} {s:9.3f} {s / f:13.2f}x", flush=True)
+                table, held = window(args.rows, d, run)
+                for part, mask in (("heldout", held), ("train", ~held)):
+                    times = {k: [] for k in ways}
+                    for _ in range(args.repeats):
+                        for k, select in ways.items():
+                            times[k].append(select_and_write(table, mask, path, select))
+                    f, s, w = (statistics.median(times[k]) for k in ways)
+                    print(f"{d:7d} {run:8d} {part:>8s} {mean_run(mask):9.1f} {f:9.4f} {s:9.4f} {s / f:13.2f}x "
+                          f"{w / min(f, s):15.2f}x", flush=True)
 
 
 if __name__ == "__main__":

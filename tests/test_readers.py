@@ -278,16 +278,17 @@ def test_stored_dtype_stream_trains_the_same_model(tmp_path):
 
 def test_rows_where_equals_filter_without_copying_long_runs():
     """`rows_where` gives the rows `Table.filter` gives (per-document masks, empty, full); with
-    runs of at least ``MIN_RUN_ROWS`` rows as slices of the table's own buffers; and refuses a
-    mask of another length."""
-    from raylens.io.readers import MIN_RUN_ROWS, heldout_mask, rows_where
+    runs of at least ``MIN_RUN_BYTES`` on average as slices of the table's own buffers (the same
+    rows per document are copied when narrow, sliced when wide); and refuses a mask of another
+    length."""
+    from raylens.io.readers import MIN_RUN_BYTES, heldout_mask, rows_where
     from raylens.io.schemas import activation_array
 
     rng = np.random.default_rng(0)
-    for rows_per_doc in (1, 2 * MIN_RUN_ROWS):  # copied (short runs), sliced (long runs)
+    for d, rows_per_doc, sliced in ((32, 1, False), (32, 4, False), (2048, 4, True), (32, 4 * MIN_RUN_BYTES // 64, True)):
         docs = np.repeat(np.arange(200), rows_per_doc)
         table = pa.table({"doc_id": docs}).append_column(
-            "activation", activation_array(rng.standard_normal((len(docs), 32)).astype(np.float16)))
+            "activation", activation_array(rng.standard_normal((len(docs), d)).astype(np.float16)))
         buf = table["activation"].chunk(0).buffers()[1]
         for mask in (heldout_mask(docs, 0.3), ~heldout_mask(docs, 0.3), np.zeros(len(docs), bool),
                      np.ones(len(docs), bool)):
@@ -295,7 +296,9 @@ def test_rows_where_equals_filter_without_copying_long_runs():
             assert got.equals(table.filter(mask)) and got.num_rows == mask.sum()
             shared = [buf.address <= c.buffers()[1].address < buf.address + buf.size
                       for c in got["activation"].chunks if len(c)]
-            assert set(shared) <= {rows_per_doc > 1 or bool(mask.all())}, (rows_per_doc, shared)  # one run: a slice
+            assert set(shared) <= {sliced or bool(mask.all())}, (d, rows_per_doc, shared)  # one run: a slice
+            if sliced and mask.any():
+                assert all(shared), (d, rows_per_doc)
         with pytest.raises(ValueError, match="mask of shape"):
             rows_where(table, np.ones(len(docs) - 1, bool))
 

@@ -47,19 +47,21 @@ def heldout_mask(doc_ids: np.ndarray, fraction: float) -> np.ndarray:
     return h < np.uint64(int(fraction * (1 << 32)))
 
 
-#: Least mean run length (rows) for which :func:`rows_where` slices instead of copying.
-MIN_RUN_ROWS = 32
+#: Least mean run size (bytes of rows) for which :func:`rows_where` slices instead of copying.
+MIN_RUN_BYTES = 8 * 1024
 
 
 def rows_where(table: pa.Table, mask: np.ndarray) -> pa.Table:
     """The rows of ``table`` where ``mask`` ``(n_rows,)`` is True, in order. When they come in
-    runs of at least :data:`MIN_RUN_ROWS` rows on average (a per-document mask, such as the
-    held-out split, at token granularity), as zero-copy slices of the runs (a chunked table;
-    Parquet writers read across the chunks); else copied by ``Table.filter``. Filter copies cost
-    1.2 us per row at d_model 2048 (4.1 us with large allocations from ``mmap``, as extraction
-    workers make them), more than half of writing the rows to Parquet; but the writer pays per
-    chunk: runs of one row (one row per document) wrote 1.5-3x slower as slices, runs of about
-    10 rows up to 2x slower at d_model 256.
+    runs of at least :data:`MIN_RUN_BYTES` on average (a per-document mask, such as the held-out
+    split, at token granularity; consecutive train documents make one run), as zero-copy slices
+    of the runs (a chunked table; Parquet writers read across the chunks); else copied by
+    ``Table.filter``. The copy costs per byte, the writer pays per chunk: selecting and writing
+    a part of a 65,536-row float16 window (``bench/heldout_split.py``, large allocations from
+    mmap as in extraction workers) as slices took 6.6x the filter's time for runs of one row of
+    d_model 256 (512 B), 1.15x at 8 rows (4 KiB), 0.88x at 18 rows (9 KiB), 0.57x at 2,265
+    rows; at d_model 2048 1.17x for runs of one row (4 KiB), 0.84x at 2 rows (8 KiB), 0.50x for
+    long runs: the break-even is at about 6-8 KiB per run whatever the width.
 
     Raises:
         ValueError: ``mask`` does not have one entry per row.
@@ -71,7 +73,8 @@ def rows_where(table: pa.Table, mask: np.ndarray) -> pa.Table:
     starts, stops = edges[0::2].tolist(), edges[1::2].tolist()
     if not starts:
         return table.slice(0, 0)
-    if len(starts) * MIN_RUN_ROWS > int(mask.sum()):
+    row_bytes = table.nbytes / max(1, table.num_rows)
+    if len(starts) * MIN_RUN_BYTES > int(mask.sum()) * row_bytes:
         return table.filter(mask)
     return pa.concat_tables([table.slice(a, b - a) for a, b in zip(starts, stops)])
 
@@ -429,5 +432,5 @@ class ActivationStream:
             yield as_tensor(head)
 
 
-__all__ = ["HELDOUT_KIND", "MIN_RUN_ROWS", "ActivationStream", "Background", "as_float32", "as_stored", "finite_rows", "heldout_mask",
+__all__ = ["HELDOUT_KIND", "MIN_RUN_BYTES", "ActivationStream", "Background", "as_float32", "as_stored", "finite_rows", "heldout_mask",
            "heldout_paths", "rows_where", "split_paths"]

@@ -68,6 +68,14 @@ def scan_shard(config: dict, shard: str) -> ScanPartial:
     return scan_partial(model, scan_batches(trainer.store, paths), **scan_settings(trainer.cfg), device=device)
 
 
+#: Environment of the process of a :class:`ConceptTrainer` that fits (its Ray actor's
+#: ``runtime_env`` ``env_vars``): glibc capped at two malloc arenas from the start (the
+#: activation streams' reader threads then share them, see ``_stream``; a cap set later with
+#: ``mallopt`` does not bind once a process has made more than eight arenas, as a Ray worker's
+#: own threads may have).
+PROCESS_ENV = {"MALLOC_ARENA_MAX": "2"}
+
+
 class ConceptTrainer:
     """Args: config: the job config as a dict."""
 
@@ -81,7 +89,9 @@ class ConceptTrainer:
     def _stream(self, split: str, shuffle: bool, epochs: int | None = None, float32: bool = True) -> ActivationStream:
         # reader threads share two malloc arenas: the stream's peak stays flat with the corpus
         # (tests/test_readers.py: 32-38 MiB over 2 to 64 shards; 51-61 with every large block
-        # from mmap, which read 2.1x slower; 57-69 and rising with glibc's defaults)
+        # from mmap, which read 2.1x slower; 57-69 and rising with glibc's defaults). The job's
+        # trainer actor has the cap from its start (PROCESS_ENV); this call covers a process
+        # that starts its first threads here (a notebook, a Ray Train worker).
         limit_malloc_arenas(2)
         c = self.cfg.concepts
         return ActivationStream(self.store, split=split, heldout_fraction=c.heldout_fraction,

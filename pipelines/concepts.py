@@ -19,7 +19,7 @@ import ray
 
 from actors.concept_worker import ConceptModelWorker
 from actors.data_parallel import fit_data_parallel
-from actors.trainer import ConceptTrainer, scan_shard
+from actors.trainer import PROCESS_ENV, ConceptTrainer, scan_shard
 from pipelines.common import check_job_key, run_shard_stage, write_corpus_shards, write_issues
 from pipelines.console import TqdmLines, progress, say
 from pipelines.console import say as _say
@@ -116,7 +116,8 @@ def fit(store: OutputStore, cfg: ConceptJobConfig):
     fresh = ranks > 1 and fit_data_parallel(cfg, d_model, ranks)  # the actor below then finds the fit finished
     # two threads: fit_progress answers while fit runs
     trainer = ray.remote(ConceptTrainer).options(num_gpus=res.trainer_gpus, num_cpus=res.cpus_per_worker,
-                                                 max_concurrency=2).remote(cfg.model_dump())
+                                                 max_concurrency=2, runtime_env={"env_vars": PROCESS_ENV}) \
+        .remote(cfg.model_dump())
     ref = trainer.fit.remote(d_model)
     shown = 0
     while not ray.wait([ref], timeout=1.0)[0]:

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import torch
 
 from raylens.concepts.interpret import non_activating_table, quantile_sample, top_examples_table
-from raylens.concepts.topk_scan import ScanPartial, finish_scan, scan_partial
+from raylens.concepts.topk_scan import ScanPartial, finish_scan, scan_batch_rows, scan_partial
 from raylens.concepts.metrics import ReconstructionAccumulator, reconstruction_metrics
 from raylens.concepts.models.checkpoint import FitCheckpoint
 from actors.model_worker import assigned_gpus
@@ -49,10 +49,12 @@ def scan_settings(cfg: ConceptJobConfig) -> dict:
             "seed": cfg.seed}
 
 
-def scan_batches(store: OutputStore, paths: list[str]) -> Iterator[pa.RecordBatch]:
-    """The :data:`SCAN_COLUMNS` of the activation files ``paths``, batch by batch, in order."""
+def scan_batches(store: OutputStore, paths: list[str], model: ConceptModel) -> Iterator[pa.RecordBatch]:
+    """The :data:`SCAN_COLUMNS` of the activation files ``paths``, in order, in batches sized for
+    ``model``'s scan (:func:`raylens.concepts.topk_scan.scan_batch_rows`)."""
+    rows = scan_batch_rows(model.d_model, model.nb_concepts)
     for p in paths:
-        yield from pq.ParquetFile(p, filesystem=store.fs).iter_batches(columns=SCAN_COLUMNS)
+        yield from pq.ParquetFile(p, filesystem=store.fs).iter_batches(batch_size=rows, columns=SCAN_COLUMNS)
 
 
 def scan_shard(config: dict, shard: str) -> ScanPartial:
@@ -65,7 +67,7 @@ def scan_shard(config: dict, shard: str) -> ScanPartial:
     model = load_concept_model(trainer.store.download_dir("concept_model"), device=device)
     store = trainer.store  # the shard's files as its marker lists them (part files), then its held-out rows
     paths = [store.path(f) for f in store.shard_files("activations", shard)] + heldout_paths(store, shard)
-    return scan_partial(model, scan_batches(trainer.store, paths), **scan_settings(trainer.cfg), device=device)
+    return scan_partial(model, scan_batches(trainer.store, paths, model), **scan_settings(trainer.cfg), device=device)
 
 
 #: Environment of the process of a :class:`ConceptTrainer` that fits (its Ray actor's
@@ -219,7 +221,7 @@ class ConceptTrainer:
         mmap_large_allocations()
         if partial is None:
             model = load_concept_model(self.store.download_dir("concept_model"), device=self.device)
-            partial = scan_partial(model, scan_batches(self.store, split_paths(self.store, "all")[0]),
+            partial = scan_partial(model, scan_batches(self.store, split_paths(self.store, "all")[0], model),
                                    **scan_settings(self.cfg), device=self.device)
         scan = finish_scan(partial)
         interp = self.cfg.interpretation

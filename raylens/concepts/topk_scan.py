@@ -39,7 +39,7 @@ import torch
 
 from raylens.io.schemas import tensor_column_to_numpy
 
-__all__ = ["DENSE_ABOVE", "META", "WAITING_ENTRIES", "ScanPartial", "finish_scan", "hash_keys", "merge_scans", "quiet_runs",
+__all__ = ["DENSE_ABOVE", "META", "SCAN_BATCH_BYTES", "WAITING_ENTRIES", "ScanPartial", "finish_scan", "hash_keys", "merge_scans", "quiet_runs", "scan_batch_rows",
            "quiet_runs_sparse", "ranks_in_runs", "scan_partial"]
 
 #: The row metadata kept with each example.
@@ -48,6 +48,20 @@ META = ("doc_id", "unit", "char_start", "char_end")
 #: concepts, 4,096-row batches, k 10, pools 256 and 20; CPU ms per batch, sparse / dense): 37 /
 #: 131 at 2% non-zero, 102 / 150 at 10%, 186 / 214 at 20%, 280 / 240 at 30%, 492 / 307 at 50%.
 DENSE_ABOVE = 0.25
+
+#: Host bytes of one scan batch's float32 activations and dense codes (see :func:`scan_batch_rows`).
+SCAN_BATCH_BYTES = 32 * 2**20
+
+
+def scan_batch_rows(d_model: int, nb_concepts: int, max_bytes: int = SCAN_BATCH_BYTES) -> int:
+    """Rows per record batch of the scan: its float32 activations and codes
+    ``(rows, d_model + nb_concepts)`` within ``max_bytes``, between 1,024 and 65,536 rows.
+    Parquet's default batch (65,536 rows) swung a scanner's resident memory by 200-350 MiB per
+    batch at d_model 256 and 256 concepts (``bench/scale.py``): its peak was the highest swing
+    seen, so it rose with the length of the scan (906-1,005 MiB at 10k documents, 1,040-1,051
+    at 60k)."""
+    return int(min(65536, max(1024, max_bytes // (4 * (d_model + nb_concepts)))))
+
 _QUIET_COLS = ("doc_id", "char_start", "char_end")
 _KEY_BITS = 40
 _BINS = 64  # key bins per concept of the linear pre-selection before a sample's sort

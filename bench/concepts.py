@@ -117,24 +117,29 @@ def main() -> None:
         scan_vs_encode(args, table, train)
 
 
-def scan_vs_encode(args, table, train) -> None:
-    """Section 3: the top-k scan against the model's own encode on the same record batches, at
-    ``--scan-concepts`` concepts and (fewer rows) at ``--scan-large`` concepts."""
+def with_copies(table, n_copies: int):
+    """``n_copies`` copies of ``table`` one after the other, each under other document ids."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    offset = int(pc.max(table["doc_id"]).as_py()) + 1
+    return pa.concat_tables([table.set_column(table.schema.get_field_index("doc_id"), "doc_id",
+                                              pc.add(table["doc_id"], i * offset)) for i in range(n_copies)])
+
+
+def scan_vs_encode(args, table, train) -> None:
+    """Section 3: the top-k scan against the model's own encode on the same record batches, at
+    ``--scan-concepts`` concepts and (fewer rows) at ``--scan-large`` concepts."""
     from raylens.concepts.models import build_concept_model
 
     cols = ["doc_id", "unit", "char_start", "char_end", "activation"]
     one = table.select(cols)
-    offset = int(pc.max(one["doc_id"]).as_py()) + 1
     for C, n_copies in ((args.scan_concepts, args.scan_copies), (args.scan_large, args.scan_large_copies)):
         if not C:
             continue
         model = build_concept_model("topk_sae", nb_concepts=C, d_model=train.shape[1], top_k=16, epochs=1,
                                     batch_size=256).fit(train)
-        copies = [one.set_column(0, "doc_id", pc.add(one["doc_id"], i * offset)) for i in range(n_copies)]
-        scan_case(args, model, pa.concat_tables(copies).to_batches(max_chunksize=4096))
+        scan_case(args, model, with_copies(one, n_copies).to_batches(max_chunksize=4096))
 
 
 def scan_case(args, model, batches) -> None:
@@ -178,9 +183,6 @@ def stream_vs_memory(args, table) -> None:
     document ids (so that an epoch is longer than the trainer's 16k-row shuffle buffer, as in
     any real run), held-out documents' rows apart (``ActivationShardWriter``), committed by a
     marker. The in-memory fit gets the same train rows (the float16 values, as float32)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     from raylens.concepts.metrics import explained_variance
     from raylens.concepts.models import build_concept_model
     from raylens.io.activation_writer import ActivationShardWriter
@@ -192,9 +194,7 @@ def stream_vs_memory(args, table) -> None:
     x16 = tensor_column_to_numpy(table["activation"]).astype("float16")
     schema = activations_schema(x16.shape[1], "float16")
     one = table.set_column(table.schema.get_field_index("activation"), "activation", activation_array(x16, "float16"))
-    offset = int(pc.max(one["doc_id"]).as_py()) + 1
-    rows = pa.concat_tables([one.set_column(0, "doc_id", pc.add(one["doc_id"], i * offset))
-                             for i in range(args.stream_copies)]).cast(schema)
+    rows = with_copies(one, args.stream_copies).cast(schema)
     doc = rows["doc_id"].to_numpy()
     all_x = torch.from_numpy(tensor_column_to_numpy(rows["activation"]).astype("float32"))
     held = torch.from_numpy(heldout_mask(doc, 0.2))

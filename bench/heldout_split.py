@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from raylens.io.readers import MIN_RUN_BYTES, heldout_mask, rows_where  # noqa: E402
+from raylens.io.readers import MIN_RUN_BYTES, heldout_mask, mask_runs, rows_where  # noqa: E402
 from raylens.io.schemas import activation_array, activation_parquet_options, activations_schema  # noqa: E402
 
 
@@ -50,14 +50,12 @@ def window(n_rows: int, d: int, run: int) -> tuple[pa.Table, np.ndarray]:
 
 def sliced(table: pa.Table, mask: np.ndarray) -> pa.Table:
     """Zero-copy slices of the runs of ``mask``."""
-    edges = np.flatnonzero(np.diff(np.concatenate([[False], mask, [False]]).astype(np.int8)))
-    return pa.concat_tables([table.slice(a, b - a) for a, b in zip(edges[0::2].tolist(), edges[1::2].tolist())])
+    return pa.concat_tables([table.slice(a, b - a) for a, b in zip(*mask_runs(mask))])
 
 
 def mean_run(mask: np.ndarray) -> float:
     """Mean length of the runs of True in ``mask``."""
-    edges = np.flatnonzero(np.diff(np.concatenate([[False], mask, [False]]).astype(np.int8)))
-    return float(mask.sum()) / max(1, len(edges) // 2)
+    return float(mask.sum()) / max(1, len(mask_runs(mask)[0]))
 
 
 def select_and_write(table: pa.Table, mask: np.ndarray, path: str, select) -> float:

@@ -209,17 +209,16 @@ def main(argv: list[str] | None = None) -> int:
                  for n in args.sizes]
         print(f"{stage:<16}" + "".join(f"{r:>20,.0f}" for r in rates) + f"{rates[-1] / rates[0]:>18.2f}")
     print(f"{'fixed seconds':<16}" + "".join(f"{base['stages'][s][0]:>10.1f} {s[:9]:<9}" for s in lo["stages"]))
-    if len(args.sizes) >= 3:
-        steps = list(zip(args.sizes, args.sizes[1:]))
-        print("\nmarginal per-row rates between consecutive sizes: (rows_b - rows_a) / (seconds_b - seconds_a), "
-              "no fixed cost in them and no base run needed")
-        print(f"{'stage':<16}" + "".join(f"{f'{a:,} -> {b:,}':>20}" for a, b in steps) + f"{'last/first':>18}")
-        for stage in lo["stages"]:
-            if min(results[b]["stages"][stage][0] - results[a]["stages"][stage][0] for a, b in steps) < 1.0:
-                continue  # a stage of about a second
-            rates = [(results[b]["stages"][stage][1] - results[a]["stages"][stage][1])
-                     / max(results[b]["stages"][stage][0] - results[a]["stages"][stage][0], 1e-9) for a, b in steps]
-            print(f"{stage:<16}" + "".join(f"{r:>20,.0f}" for r in rates) + f"{rates[-1] / rates[0]:>18.2f}")
+    steps = list(zip(args.sizes, args.sizes[1:]))
+    print("\nmarginal per-row rates between consecutive sizes: (rows_b - rows_a) / (seconds_b - seconds_a), "
+          "no fixed cost in them and no base run needed")
+    print(f"{'stage':<16}" + "".join(f"{f'{a:,} -> {b:,}':>20}" for a, b in steps) + f"{'last/first':>18}")
+    for stage in lo["stages"]:
+        if min(results[b]["stages"][stage][0] - results[a]["stages"][stage][0] for a, b in steps) < 1.0:
+            continue  # a stage of about a second
+        rates = [(results[b]["stages"][stage][1] - results[a]["stages"][stage][1])
+                 / max(results[b]["stages"][stage][0] - results[a]["stages"][stage][0], 1e-9) for a, b in steps]
+        print(f"{stage:<16}" + "".join(f"{r:>20,.0f}" for r in rates) + f"{rates[-1] / rates[0]:>18.2f}")
     print()
     print(f"{'peak RSS (MiB)':<16}" + "".join(f"{f'{n:,} docs':>20}" for n in args.sizes) + f"{'largest/smallest':>18}")
     for role in sorted(set().union(*(r["rss"] for r in results.values()))):

@@ -47,6 +47,12 @@ def heldout_mask(doc_ids: np.ndarray, fraction: float) -> np.ndarray:
     return h < np.uint64(int(fraction * (1 << 32)))
 
 
+def mask_runs(mask: np.ndarray) -> tuple[list[int], list[int]]:
+    """The runs of True in ``mask`` ``(n_rows,)``: their starts and their ends (exclusive), in order."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[False], np.asarray(mask, dtype=bool), [False]]).astype(np.int8)))
+    return edges[0::2].tolist(), edges[1::2].tolist()
+
+
 #: Least mean run size (bytes of rows) for which :func:`rows_where` slices instead of copying.
 MIN_RUN_BYTES = 8 * 1024
 
@@ -69,8 +75,7 @@ def rows_where(table: pa.Table, mask: np.ndarray) -> pa.Table:
     mask = np.asarray(mask, dtype=bool)
     if mask.shape != (table.num_rows,):
         raise ValueError(f"mask of shape {mask.shape} for a table of {table.num_rows} rows")
-    edges = np.flatnonzero(np.diff(np.concatenate([[False], mask, [False]]).astype(np.int8)))
-    starts, stops = edges[0::2].tolist(), edges[1::2].tolist()
+    starts, stops = mask_runs(mask)
     if not starts:
         return table.slice(0, 0)
     row_bytes = table.nbytes / max(1, table.num_rows)
@@ -433,4 +438,4 @@ class ActivationStream:
 
 
 __all__ = ["HELDOUT_KIND", "MIN_RUN_BYTES", "ActivationStream", "Background", "as_float32", "as_stored", "finite_rows", "heldout_mask",
-           "heldout_paths", "rows_where", "split_paths"]
+           "heldout_paths", "mask_runs", "rows_where", "split_paths"]
